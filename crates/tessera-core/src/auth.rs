@@ -1,0 +1,79 @@
+//! Teams, roles and API tokens (stored as hashes only).
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The team created on first start; its admins administer everything.
+pub const ADMIN_TEAM: &str = "admin";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads its team's objects.
+    Viewer,
+    /// Reads, submits and cancels its team's jobs.
+    Member,
+    /// Manages its team's tokens; admins of the `admin` team manage everything.
+    Admin,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "member" => Some(Role::Member),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Member => "member",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Team {
+    pub name: String,
+    /// Fair-share weight (used by the fair-share policy).
+    pub weight: f64,
+    pub created_at: u64,
+}
+
+/// A token as stored: the secret itself is never kept, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub name: String,
+    pub team: String,
+    pub role: Role,
+    pub hash: String,
+    pub created_at: u64,
+}
+
+/// Who is calling, once a token has been checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub token_id: String,
+    pub team: String,
+    pub role: Role,
+}
+
+impl Principal {
+    /// Admins of the `admin` team see and manage every team.
+    pub fn is_superuser(&self) -> bool {
+        self.role == Role::Admin && self.team == ADMIN_TEAM
+    }
+
+    pub fn can_read_team(&self, team: &str) -> bool {
+        self.is_superuser() || self.team == team
+    }
+
+    pub fn can_write_team(&self, team: &str) -> bool {
+        self.role >= Role::Member && self.can_read_team(team)
+    }
+}

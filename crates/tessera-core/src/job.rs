@@ -1,0 +1,178 @@
+//! Jobs: the durable record, its lifecycle and its events.
+//!
+//! Lifecycle: `queued → scheduled → running → succeeded | failed | cancelled`.
+//! A replica lost with its node (or with the server that ran it) sends the
+//! job back to `queued` while `retries.on_node_loss` remain, else to `lost`.
+//! A failure sends it back to `queued` while `retries.on_failure` remain.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::spec::JobTemplate;
+
+pub type JobId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Scheduled,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Lost,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 7] = [
+        JobState::Queued,
+        JobState::Scheduled,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::Lost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Scheduled => "scheduled",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Lost
+        )
+    }
+
+    /// Holds resources on a node (placed and not yet finished).
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Scheduled | JobState::Running)
+    }
+}
+
+/// Where one replica of the current attempt runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReplicaPlacement {
+    pub replica: u32,
+    pub node: String,
+    /// GPU indices on that node, given to the replica as CUDA_VISIBLE_DEVICES.
+    pub gpus: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaState {
+    Pending,
+    Running,
+    Exited,
+}
+
+/// The state of one replica of the current attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReplicaStatus {
+    pub replica: u32,
+    pub state: ReplicaState,
+    pub pid: Option<u32>,
+    pub exit_code: Option<i32>,
+    /// Signal that ended it, when it was killed.
+    pub signal: Option<i32>,
+}
+
+/// The durable record of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Job {
+    pub id: JobId,
+    pub spec: JobTemplate,
+    pub state: JobState,
+    /// Token id of the submitter.
+    pub submitted_by: String,
+    /// All times are milliseconds since the Unix epoch.
+    pub submitted_at: u64,
+    /// Counts placements: 0 until first scheduled, then 1, 2, ... per try.
+    pub attempt: u32,
+    pub failures: u32,
+    pub node_losses: u32,
+    pub placement: Vec<ReplicaPlacement>,
+    pub replicas: Vec<ReplicaStatus>,
+    pub scheduled_at: Option<u64>,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    /// Exit code of the job: the first non-zero replica exit code, else 0.
+    pub exit_code: Option<i32>,
+    /// Why the job waits (while queued) or why it ended (when terminal).
+    pub reason: Option<String>,
+    /// Set when a cancel was asked for while replicas were running.
+    #[serde(default)]
+    pub cancel_requested: bool,
+}
+
+impl Job {
+    pub fn new(id: JobId, spec: JobTemplate, submitted_by: String, now: u64) -> Job {
+        Job {
+            id,
+            spec,
+            state: JobState::Queued,
+            submitted_by,
+            submitted_at: now,
+            attempt: 0,
+            failures: 0,
+            node_losses: 0,
+            placement: Vec::new(),
+            replicas: Vec::new(),
+            scheduled_at: None,
+            started_at: None,
+            finished_at: None,
+            exit_code: None,
+            reason: None,
+            cancel_requested: false,
+        }
+    }
+
+    pub fn team(&self) -> &str {
+        &self.spec.team
+    }
+
+    /// Nodes the current attempt runs on, comma-separated, for tables.
+    pub fn nodes_summary(&self) -> String {
+        let mut nodes: Vec<&str> = self.placement.iter().map(|p| p.node.as_str()).collect();
+        nodes.dedup();
+        nodes.join(",")
+    }
+}
+
+/// One transition or notable fact in a job's life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    pub job_id: JobId,
+    /// Milliseconds since the Unix epoch.
+    pub time: u64,
+    /// `submitted`, `scheduled`, `started`, `exited`, `succeeded`, `failed`,
+    /// `cancelled`, `lost`, `requeued`, `warning`.
+    pub kind: String,
+    pub message: String,
+}
+
+impl Event {
+    pub fn new(job_id: JobId, time: u64, kind: &str, message: impl Into<String>) -> Event {
+        Event {
+            job_id,
+            time,
+            kind: kind.to_string(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Nodes: machines that run replicas, with their inventory and state.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// One GPU as the agent discovered it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GpuInfo {
+    /// Index as CUDA and `nvidia-smi` number it (minor number).
+    pub index: u32,
+    pub uuid: String,
+    pub model: String,
+    pub memory_bytes: u64,
+    /// False when the GPU reports errors; unhealthy GPUs are not scheduled.
+    #[serde(default = "yes")]
+    pub healthy: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What an agent reports about its machine when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Inventory {
+    pub name: String,
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    pub gpus: Vec<GpuInfo>,
+    /// Where the GPU list came from: `nvml`, `nvidia-smi` or `none`.
+    pub gpu_source: String,
+    /// Whether CPU and memory limits are enforced (cgroups writable).
+    pub limits_enforced: bool,
+    /// Why limits are or are not enforced, for people.
+    pub limits_note: String,
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Ready,
+    Draining,
+    Cordoned,
+    Lost,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Ready => "ready",
+            NodeState::Draining => "draining",
+            NodeState::Cordoned => "cordoned",
+            NodeState::Lost => "lost",
+        }
+    }
+
+    /// Whether new work may be placed on a node in this state.
+    pub fn schedulable(self) -> bool {
+        matches!(self, NodeState::Ready)
+    }
+}
+
+/// A node as the control plane records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Node {
+    pub inventory: Inventory,
+    pub state: NodeState,
+    /// Milliseconds since the Unix epoch.
+    pub registered_at: u64,
+    pub last_heartbeat: u64,
+}
