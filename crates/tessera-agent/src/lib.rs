@@ -1,1 +1,452 @@
-//! placeholder
+//! Tessera's node agent: it reports what a machine has and runs replicas on it.
+//!
+//! This crate owns inventory (CPU cores, memory, GPUs through NVML or
+//! `nvidia-smi`), the process executor (one process group per replica, its
+//! own working directory, logs to files that outlive restarts, SIGTERM then
+//! SIGKILL on cancel or timeout) and cgroup limits. It speaks only the
+//! messages of [`tessera_core::protocol`]: it receives [`ToAgent`] and sends
+//! [`FromAgent`]. It knows nothing of HTTP, the store or scheduling.
+//!
+//! Files under the agent's home:
+//! - `logs/<job>/<attempt>/<replica>.log` — combined stdout and stderr;
+//! - `work/<job>.<attempt>.<replica>/` — the default working directory;
+//! - `agent/running/<job>.<attempt>.<replica>` — pid and start time of live
+//!   replicas, so a restarted agent can find what an earlier one left behind.
+
+pub mod cgroup;
+pub mod gpu;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tessera_core::node::Inventory;
+use tessera_core::protocol::{ExitCause, FromAgent, ReplicaKey, StartReplica, ToAgent};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+pub use cgroup::Cgroups;
+
+/// How an agent is set up.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Node name; defaults to the host name.
+    pub name: Option<String>,
+    /// Where logs, working directories and agent state live.
+    pub home: PathBuf,
+    /// Time between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    pub labels: BTreeMap<String, String>,
+    /// Override the detected CPU count (millicores) or memory (bytes).
+    pub cpu_milli: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    /// Read GPUs from this `nvidia-smi -q -x` output instead of probing.
+    pub gpu_xml: Option<PathBuf>,
+    /// Enforce limits with cgroups where possible.
+    pub cgroups: bool,
+}
+
+impl AgentConfig {
+    pub fn new(home: impl Into<PathBuf>) -> AgentConfig {
+        AgentConfig {
+            name: None,
+            home: home.into(),
+            kill_grace: Duration::from_secs(10),
+            labels: BTreeMap::new(),
+            cpu_milli: None,
+            memory_bytes: None,
+            gpu_xml: None,
+            cgroups: true,
+        }
+    }
+}
+
+/// Path of one replica's log file under `home`.
+pub fn log_path(home: &Path, key: ReplicaKey) -> PathBuf {
+    home.join("logs")
+        .join(key.job_id.to_string())
+        .join(key.attempt.to_string())
+        .join(format!("{}.log", key.replica))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn total_memory() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Discovers what this machine has.
+pub fn inventory(config: &AgentConfig, cgroups: &Cgroups) -> Inventory {
+    let cpu_milli = config.cpu_milli.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u64)
+            .unwrap_or(1)
+            * 1000
+    });
+    let (gpus, source) = match &config.gpu_xml {
+        Some(path) => match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|x| gpu::parse_nvidia_smi_xml(&x).map_err(|e| e.to_string()))
+        {
+            Ok(g) => (g, "nvidia-smi"),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot read GPU inventory file");
+                (Vec::new(), "none")
+            }
+        },
+        None => gpu::discover(),
+    };
+    Inventory {
+        name: config.name.clone().unwrap_or_else(hostname),
+        cpu_milli,
+        memory_bytes: config.memory_bytes.unwrap_or_else(total_memory),
+        gpus,
+        gpu_source: source.to_string(),
+        limits_enforced: cgroups.enforced(),
+        limits_note: cgroups.note(),
+        labels: config.labels.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+/// Start time of a process in clock ticks since boot (field 22 of
+/// `/proc/<pid>/stat`), to tell a process from a later one with the same pid.
+fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn running_dir(home: &Path) -> PathBuf {
+    home.join("agent").join("running")
+}
+
+/// Kills replicas that an earlier agent on this home left running (after a
+/// crash of the process that hosted it) and forgets them. Returns their keys
+/// as written (`job.attempt.replica`).
+pub fn reap_orphans(home: &Path) -> Vec<String> {
+    let dir = running_dir(home);
+    let mut reaped = Vec::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return reaped;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let body = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let mut parts = body.split_whitespace();
+        let pid = parts.next().and_then(|p| p.parse::<u32>().ok());
+        let start = parts.next().and_then(|p| p.parse::<u64>().ok());
+        if let (Some(pid), Some(start)) = (pid, start) {
+            if proc_start_time(pid) == Some(start) {
+                info!(replica = %name, pid, "stopping a replica left running by an earlier agent");
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+        let _ = std::fs::remove_file(entry.path());
+        reaped.push(name);
+    }
+    reaped
+}
+
+/// Finds `program` the way `execvp` would, so a missing program is reported
+/// as such rather than as an exit code.
+fn resolve_program(program: &str, env_path: Option<&str>) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return if executable(&p) {
+            Ok(p)
+        } else {
+            Err(format!("program `{program}` does not exist or is not executable"))
+        };
+    }
+    let path = env_path
+        .map(str::to_string)
+        .or_else(|| std::env::var("PATH").ok())
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(program);
+        if executable(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    Err(format!("program `{program}` was not found in PATH ({path})"))
+}
+
+/// The running agent: receives commands, runs replicas, reports back.
+pub struct Agent {
+    config: AgentConfig,
+    cgroups: Cgroups,
+    events: mpsc::UnboundedSender<FromAgent>,
+    stops: HashMap<ReplicaKey, oneshot::Sender<(u64, String)>>,
+    done_tx: mpsc::UnboundedSender<ReplicaKey>,
+    done_rx: mpsc::UnboundedReceiver<ReplicaKey>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("home", &self.config.home).finish()
+    }
+}
+
+impl Agent {
+    /// Prepares an agent: detects cgroups, reaps orphans, makes directories.
+    pub fn new(config: AgentConfig, events: mpsc::UnboundedSender<FromAgent>) -> std::io::Result<Agent> {
+        let cgroups = if config.cgroups {
+            Cgroups::detect()
+        } else {
+            Cgroups::disabled("disabled by configuration")
+        };
+        std::fs::create_dir_all(running_dir(&config.home))?;
+        std::fs::create_dir_all(config.home.join("logs"))?;
+        std::fs::create_dir_all(config.home.join("work"))?;
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Ok(Agent {
+            config,
+            cgroups,
+            events,
+            stops: HashMap::new(),
+            done_tx,
+            done_rx,
+        })
+    }
+
+    pub fn inventory(&self) -> Inventory {
+        inventory(&self.config, &self.cgroups)
+    }
+
+    /// Registers, then serves commands until the command channel closes.
+    pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<ToAgent>) {
+        let _ = self.events.send(FromAgent::Register(self.inventory()));
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(ToAgent::Start(start)) => self.start(start),
+                    Some(ToAgent::Stop { key, grace_ms, reason }) => {
+                        if let Some(stop) = self.stops.remove(&key) {
+                            let _ = stop.send((grace_ms, reason));
+                        } else {
+                            debug!(%key, "stop for a replica that is not running");
+                        }
+                    }
+                    None => break,
+                },
+                Some(key) = self.done_rx.recv() => {
+                    self.stops.remove(&key);
+                }
+            }
+        }
+        // The control plane is gone: stop everything we run.
+        for (_, stop) in self.stops.drain() {
+            let _ = stop.send((self.config.kill_grace.as_millis() as u64, "agent shutting down".into()));
+        }
+    }
+
+    fn start(&mut self, start: StartReplica) {
+        let key = start.key;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        self.stops.insert(key, stop_tx);
+        let ctx = ReplicaCtx {
+            home: self.config.home.clone(),
+            grace: self.config.kill_grace,
+            cgroups: self.cgroups.clone(),
+            events: self.events.clone(),
+        };
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            run_replica(ctx, start, stop_rx).await;
+            let _ = done.send(key);
+        });
+    }
+}
+
+struct ReplicaCtx {
+    home: PathBuf,
+    grace: Duration,
+    cgroups: Cgroups,
+    events: mpsc::UnboundedSender<FromAgent>,
+}
+
+const CGROUP_WRAPPER: &str = "IFS=:; for p in $TESSERA_CGROUP_PROCS; do echo $$ > \"$p\" || exit 125; done; unset IFS TESSERA_CGROUP_PROCS; exec \"$@\"";
+
+async fn run_replica(ctx: ReplicaCtx, start: StartReplica, stop_rx: oneshot::Receiver<(u64, String)>) {
+    let key = start.key;
+    let exited = |code, signal, cause| FromAgent::Exited {
+        key,
+        code,
+        signal,
+        cause,
+        at: now_ms(),
+    };
+    match spawn_replica(&ctx, &start) {
+        Err(msg) => {
+            warn!(%key, error = %msg, "replica could not start");
+            let log = log_path(&ctx.home, key);
+            let _ = std::fs::write(&log, format!("tessera: cannot start replica: {msg}\n"));
+            let _ = ctx.events.send(exited(None, None, ExitCause::SpawnFailed(msg)));
+        }
+        Ok((mut child, cg_name)) => {
+            let pid = child.id().unwrap_or(0);
+            let pidfile = running_dir(&ctx.home).join(key.to_string());
+            if let Some(st) = proc_start_time(pid) {
+                let _ = std::fs::write(&pidfile, format!("{pid} {st}\n"));
+            }
+            let _ = ctx.events.send(FromAgent::Started { key, pid, at: now_ms() });
+            let pgid = Pid::from_raw(pid as i32);
+            let deadline = start.max_runtime_ms.map(Duration::from_millis);
+            let timer = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let mut cause = ExitCause::Exited;
+            let status = tokio::select! {
+                status = child.wait() => status,
+                _ = timer => {
+                    cause = ExitCause::TimedOut;
+                    terminate(&mut child, pgid, ctx.grace).await
+                }
+                stop = stop_rx => {
+                    let grace = match stop {
+                        Ok((grace_ms, reason)) => {
+                            debug!(%key, %reason, "stopping replica");
+                            Duration::from_millis(grace_ms)
+                        }
+                        Err(_) => ctx.grace,
+                    };
+                    cause = ExitCause::Stopped;
+                    terminate(&mut child, pgid, grace).await
+                }
+            };
+            // Whatever the leader left behind in its group goes with it.
+            let _ = killpg(pgid, Signal::SIGKILL);
+            let (code, signal) = match status {
+                Ok(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    (s.code(), s.signal())
+                }
+                Err(e) => {
+                    warn!(%key, error = %e, "cannot wait for replica");
+                    (None, None)
+                }
+            };
+            if let Some(name) = cg_name {
+                if cause == ExitCause::Exited && signal == Some(9) && ctx.cgroups.oom_killed(&name) {
+                    cause = ExitCause::OutOfMemory;
+                }
+                let cg = ctx.cgroups.clone();
+                let _ = tokio::task::spawn_blocking(move || cg.remove(&name)).await;
+            }
+            let _ = std::fs::remove_file(&pidfile);
+            let _ = ctx.events.send(exited(code, signal, cause));
+        }
+    }
+}
+
+/// SIGTERM to the group, then SIGKILL after `grace`.
+async fn terminate(
+    child: &mut tokio::process::Child,
+    pgid: Pid,
+    grace: Duration,
+) -> std::io::Result<std::process::ExitStatus> {
+    let _ = killpg(pgid, Signal::SIGTERM);
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => status,
+        Err(_) => {
+            let _ = killpg(pgid, Signal::SIGKILL);
+            child.wait().await
+        }
+    }
+}
+
+fn spawn_replica(ctx: &ReplicaCtx, start: &StartReplica) -> Result<(tokio::process::Child, Option<String>), String> {
+    let key = start.key;
+    let workdir = match &start.workdir {
+        Some(w) => PathBuf::from(w),
+        None => ctx.home.join("work").join(key.to_string()),
+    };
+    std::fs::create_dir_all(&workdir)
+        .map_err(|e| format!("cannot create working directory {}: {e}", workdir.display()))?;
+    let log = log_path(&ctx.home, key);
+    if let Some(parent) = log.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create log directory {}: {e}", parent.display()))?;
+    }
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| format!("cannot open log {}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| format!("cannot open log: {e}"))?;
+    let env_path = start.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str());
+    let program = resolve_program(&start.argv[0], env_path)?;
+
+    let cg_name = key.to_string();
+    let procs = ctx
+        .cgroups
+        .create(&cg_name, start.cpu_milli, start.memory_bytes)
+        .map_err(|e| format!("cannot set up cgroup limits: {e}"))?;
+    let mut cmd = if procs.is_empty() {
+        let mut c = tokio::process::Command::new(&program);
+        c.args(&start.argv[1..]);
+        c
+    } else {
+        let mut c = tokio::process::Command::new("/bin/sh");
+        c.arg("-c").arg(CGROUP_WRAPPER).arg("tessera-replica").arg(&program).args(&start.argv[1..]);
+        let joined: Vec<String> = procs.iter().map(|p| p.display().to_string()).collect();
+        c.env("TESSERA_CGROUP_PROCS", joined.join(":"));
+        c
+    };
+    let cuda = start.gpus.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(",");
+    cmd.current_dir(&workdir)
+        .envs(start.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("TESSERA_JOB_ID", key.job_id.to_string())
+        .env("TESSERA_REPLICA", key.replica.to_string())
+        .env("TESSERA_NUM_REPLICAS", start.num_replicas.to_string())
+        .env("TESSERA_ATTEMPT", key.attempt.to_string())
+        .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        .env("CUDA_VISIBLE_DEVICES", cuda)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .kill_on_drop(false);
+    let child = cmd.spawn().map_err(|e| {
+        if !procs.is_empty() {
+            ctx.cgroups.remove(&cg_name);
+        }
+        format!("cannot start `{}`: {e}", program.display())
+    })?;
+    Ok((child, (!procs.is_empty()).then_some(cg_name)))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,191 @@
+//! Executor tests: real processes, real signals, real files.
+
+use super::*;
+use std::time::Duration;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    home: PathBuf,
+    cmd: mpsc::UnboundedSender<ToAgent>,
+    events: mpsc::UnboundedReceiver<FromAgent>,
+}
+
+fn harness(cgroups: bool) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().to_path_buf();
+    let mut config = AgentConfig::new(&home);
+    config.kill_grace = Duration::from_millis(300);
+    config.cgroups = cgroups;
+    config.name = Some("test-node".into());
+    let (etx, events) = mpsc::unbounded_channel();
+    let (cmd, crx) = mpsc::unbounded_channel();
+    let agent = Agent::new(config, etx).unwrap();
+    tokio::spawn(agent.run(crx));
+    Harness { _dir: dir, home, cmd, events }
+}
+
+fn start(job: u64, argv: &[&str]) -> StartReplica {
+    StartReplica {
+        key: ReplicaKey { job_id: job, attempt: 1, replica: 0 },
+        num_replicas: 1,
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![("GREETING".into(), "hello".into())],
+        workdir: None,
+        gpus: vec![],
+        cpu_milli: 1000,
+        memory_bytes: 256 << 20,
+        max_runtime_ms: None,
+    }
+}
+
+impl Harness {
+    async fn next(&mut self) -> FromAgent {
+        tokio::time::timeout(Duration::from_secs(20), self.events.recv())
+            .await
+            .expect("agent event in time")
+            .expect("agent alive")
+    }
+
+    /// Waits for the exit of `job`, skipping other events.
+    async fn exit_of(&mut self, job: u64) -> (Option<i32>, Option<i32>, ExitCause) {
+        loop {
+            if let FromAgent::Exited { key, code, signal, cause, .. } = self.next().await {
+                if key.job_id == job {
+                    return (code, signal, cause);
+                }
+            }
+        }
+    }
+
+    fn log(&self, job: u64) -> String {
+        std::fs::read_to_string(log_path(&self.home, ReplicaKey { job_id: job, attempt: 1, replica: 0 })).unwrap_or_default()
+    }
+}
+
+#[tokio::test]
+async fn registers_then_runs_with_env_and_logs() {
+    let mut h = harness(false);
+    match h.next().await {
+        FromAgent::Register(inv) => {
+            assert_eq!(inv.name, "test-node");
+            assert!(inv.cpu_milli >= 1000);
+            assert!(inv.memory_bytes > 0);
+            assert!(!inv.limits_enforced);
+            assert!(inv.limits_note.contains("NOT enforced"));
+        }
+        other => panic!("expected Register, got {other:?}"),
+    }
+    let mut s = start(1, &["/bin/sh", "-c", "echo out $GREETING $TESSERA_JOB_ID $TESSERA_REPLICA $TESSERA_NUM_REPLICAS [$CUDA_VISIBLE_DEVICES] $(pwd); echo err >&2; exit 3"]);
+    s.gpus = vec![];
+    h.cmd.send(ToAgent::Start(s)).unwrap();
+    assert!(matches!(h.next().await, FromAgent::Started { pid, .. } if pid > 0));
+    let (code, signal, cause) = h.exit_of(1).await;
+    assert_eq!((code, signal, cause), (Some(3), None, ExitCause::Exited));
+    let log = h.log(1);
+    let workdir = h.home.join("work").join("1.1.0");
+    assert!(log.contains(&format!("out hello 1 0 1 [] {}", workdir.display())), "{log}");
+    assert!(log.contains("err"), "stderr goes to the log too: {log}");
+}
+
+#[tokio::test]
+async fn gpus_are_passed_as_cuda_visible_devices() {
+    let mut h = harness(false);
+    let mut s = start(2, &["/bin/sh", "-c", "echo [$CUDA_VISIBLE_DEVICES]"]);
+    s.gpus = vec![1, 3];
+    h.cmd.send(ToAgent::Start(s)).unwrap();
+    assert_eq!(h.exit_of(2).await.0, Some(0));
+    assert!(h.log(2).contains("[1,3]"));
+}
+
+#[tokio::test]
+async fn max_runtime_kills_the_whole_group() {
+    let mut h = harness(false);
+    let marker = h.home.join("grandchild-alive");
+    let script = format!(
+        "(trap '' TERM; sleep 30; touch {}) & trap '' TERM; sleep 30",
+        marker.display()
+    );
+    let mut s = start(3, &["/bin/sh", "-c", &script]);
+    s.max_runtime_ms = Some(300);
+    let began = std::time::Instant::now();
+    h.cmd.send(ToAgent::Start(s)).unwrap();
+    let (_, signal, cause) = h.exit_of(3).await;
+    assert_eq!(cause, ExitCause::TimedOut);
+    assert_eq!(signal, Some(9), "TERM was ignored, so KILL after the grace period");
+    assert!(began.elapsed() < Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!marker.exists());
+    // No process of the group survives.
+    let out = std::process::Command::new("pgrep").arg("-f").arg(marker.to_str().unwrap()).output();
+    if let Ok(out) = out {
+        assert!(out.stdout.is_empty(), "a process of the group survived");
+    }
+}
+
+#[tokio::test]
+async fn stop_sends_term_first() {
+    let mut h = harness(false);
+    h.cmd.send(ToAgent::Start(start(4, &["/bin/sh", "-c", "trap 'echo got-term; exit 0' TERM; while true; do sleep 0.05; done"]))).unwrap();
+    assert!(matches!(h.next().await, FromAgent::Register(_)));
+    assert!(matches!(h.next().await, FromAgent::Started { .. }));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.cmd
+        .send(ToAgent::Stop { key: ReplicaKey { job_id: 4, attempt: 1, replica: 0 }, grace_ms: 5000, reason: "cancel".into() })
+        .unwrap();
+    let (code, _, cause) = h.exit_of(4).await;
+    assert_eq!(cause, ExitCause::Stopped);
+    assert_eq!(code, Some(0));
+    assert!(h.log(4).contains("got-term"));
+}
+
+#[tokio::test]
+async fn missing_program_is_a_spawn_failure_with_a_reason() {
+    let mut h = harness(false);
+    h.cmd.send(ToAgent::Start(start(5, &["no-such-program-xyz"]))).unwrap();
+    match h.exit_of(5).await.2 {
+        ExitCause::SpawnFailed(msg) => assert!(msg.contains("not found in PATH"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(h.log(5).contains("not found"));
+}
+
+#[tokio::test]
+async fn orphans_of_an_earlier_agent_are_reaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    std::fs::create_dir_all(running_dir(home)).unwrap();
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new("sleep").arg("30").process_group(0).spawn().unwrap();
+    let pid = child.id();
+    let st = proc_start_time(pid).unwrap();
+    std::fs::write(running_dir(home).join("9.1.0"), format!("{pid} {st}\n")).unwrap();
+    std::fs::write(running_dir(home).join("9.1.1"), "999999 1\n").unwrap();
+    let reaped = reap_orphans(home);
+    assert_eq!(reaped.len(), 2);
+    let status = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9));
+    assert!(std::fs::read_dir(running_dir(home)).unwrap().next().is_none());
+}
+
+#[tokio::test]
+async fn cgroup_limits_apply_where_writable() {
+    let cg = Cgroups::detect();
+    if !cg.enforced() {
+        eprintln!("skipping: {}", cg.note());
+        return;
+    }
+    let mut h = harness(true);
+    // 64 MiB limit; the replica tries to hold 256 MiB.
+    let mut s = start(6, &["python3", "-c", "b = bytearray(256 << 20); print('survived')"]);
+    s.memory_bytes = 64 << 20;
+    h.cmd.send(ToAgent::Start(s)).unwrap();
+    let (code, signal, cause) = h.exit_of(6).await;
+    assert!(!h.log(6).contains("survived"), "memory limit not enforced: {code:?} {signal:?}");
+    assert!(cause == ExitCause::OutOfMemory || code != Some(0), "{cause:?} {code:?}");
+    let mut s = start(7, &["/bin/sh", "-c", "echo fine"]);
+    s.memory_bytes = 64 << 20;
+    h.cmd.send(ToAgent::Start(s)).unwrap();
+    assert_eq!(h.exit_of(7).await.0, Some(0));
+    assert!(h.log(7).contains("fine"));
+}
