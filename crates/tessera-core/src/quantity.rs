@@ -93,7 +93,7 @@ pub fn format_memory(bytes: u64) -> String {
     ];
     for (name, size) in UNITS {
         if bytes >= size {
-            if bytes % size == 0 {
+            if bytes.is_multiple_of(size) {
                 return format!("{}{name}", bytes / size);
             }
             let v = bytes as f64 / size as f64;
