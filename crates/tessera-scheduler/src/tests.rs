@@ -169,8 +169,8 @@ fn arb_node(i: usize) -> impl Strategy<Value = NodeView> {
             n.free_cpu_milli = n.cpu_milli * (100 - used_pct) / 100;
             n.free_memory_bytes = n.memory_bytes * (100 - used_pct) / 100;
             for g in n.gpus.iter_mut() {
-                g.free = (g.index as u64 * 37 + used_pct) % 3 != 0;
-                g.healthy = (g.index as u64 + used_pct) % 11 != 0;
+                g.free = !(g.index as u64 * 37 + used_pct).is_multiple_of(3);
+                g.healthy = !(g.index as u64 + used_pct).is_multiple_of(11);
             }
             n.schedulable = schedulable || i == 0;
             n

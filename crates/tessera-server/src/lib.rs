@@ -1,1 +1,257 @@
-//! placeholder
+//! Tessera's control plane: the REST API, authentication, the scheduling
+//! loop, agent handling and metrics, and `tessera up`, which runs all of it
+//! with a local agent in one process.
+//!
+//! This crate owns the in-memory working state ([`state::ClusterState`]) and
+//! the order of effects: memory, then the store, then agents. It calls the
+//! pure scheduler, the store through its trait and agents through protocol
+//! messages; it does no scheduling, SQL or process management of its own.
+
+pub mod api;
+pub mod auth;
+pub mod control;
+pub mod error;
+pub mod logs;
+pub mod metrics;
+pub mod state;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tessera_agent::{Agent, AgentConfig};
+use tessera_core::auth::{Role, Team, ADMIN_TEAM};
+use tessera_core::protocol::ToAgent;
+use tessera_store::{commit, SqliteStore, Store, Write};
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::info;
+
+use crate::metrics::Metrics;
+use crate::state::ClusterState;
+
+/// Milliseconds since the Unix epoch: the only clock the control plane reads.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Everything the handlers and loops share.
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    pub state: Mutex<ClusterState>,
+    /// Wakes the scheduling loop.
+    pub wake: Notify,
+    /// Bumped whenever jobs change, for log followers.
+    pub changes: watch::Sender<u64>,
+    /// Connected agents by node name.
+    pub agents: Mutex<HashMap<String, mpsc::UnboundedSender<ToAgent>>>,
+    pub metrics: Metrics,
+    /// `$TESSERA_HOME`: logs live under it.
+    pub home: PathBuf,
+    pub next_id: AtomicU64,
+    pub kill_grace_ms: u64,
+    /// Serialises rare admin writes that check-then-insert (teams).
+    pub admin_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("home", &self.home).finish()
+    }
+}
+
+impl Shared {
+    pub fn new(store: Arc<dyn Store>, state: ClusterState, home: PathBuf, kill_grace: Duration) -> Shared {
+        let next = state.max_job_id() + 1;
+        Shared {
+            store,
+            state: Mutex::new(state),
+            wake: Notify::new(),
+            changes: watch::channel(0).0,
+            agents: Mutex::new(HashMap::new()),
+            metrics: Metrics::new(),
+            home,
+            next_id: AtomicU64::new(next),
+            kill_grace_ms: kill_grace.as_millis() as u64,
+            admin_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Tells log followers that jobs changed.
+    pub fn changed(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+/// Settings of `tessera up`.
+#[derive(Debug, Clone)]
+pub struct UpConfig {
+    pub home: PathBuf,
+    pub listen: SocketAddr,
+    pub agent_cpu_milli: Option<u64>,
+    pub agent_memory_bytes: Option<u64>,
+    pub agent_gpu_xml: Option<PathBuf>,
+    pub agent_name: Option<String>,
+    pub cgroups: bool,
+    pub kill_grace: Duration,
+}
+
+impl UpConfig {
+    pub fn new(home: PathBuf, listen: SocketAddr) -> UpConfig {
+        UpConfig {
+            home,
+            listen,
+            agent_cpu_milli: None,
+            agent_memory_bytes: None,
+            agent_gpu_xml: None,
+            agent_name: None,
+            cgroups: true,
+            kill_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Creates the `admin` team and an admin token on first start; writes the
+/// token to `admin.token` (mode 0600). Returns whether it did.
+async fn bootstrap(store: &dyn Store, state: &mut ClusterState, home: &Path) -> anyhow::Result<bool> {
+    if state.teams.contains_key(ADMIN_TEAM) {
+        return Ok(false);
+    }
+    let now = now_ms();
+    let team = Team {
+        name: ADMIN_TEAM.into(),
+        weight: 1.0,
+        created_at: now,
+    };
+    let (secret, record) = auth::mint("admin", ADMIN_TEAM, Role::Admin, now);
+    // The token file first: if we crash before the commit, the next start
+    // bootstraps again and overwrites it.
+    write_private(&home.join("admin.token"), &format!("{secret}\n"))?;
+    commit(store, vec![Write::Team(team.clone()), Write::Token(record.clone())])
+        .await
+        .context("storing the admin team")?;
+    state.teams.insert(team.name.clone(), team);
+    state.tokens.insert(record.hash.clone(), record);
+    Ok(true)
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Runs the whole platform in this process until SIGINT or SIGTERM.
+pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let home = config.home.clone();
+    std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;
+    let home = home.canonicalize()?;
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(home.join("tessera.db")).context("opening the database")?,
+    );
+    let loaded = store.load().context("loading state")?;
+    let mut state = ClusterState::from_loaded(loaded);
+    let first = bootstrap(store.as_ref(), &mut state, &home).await?;
+
+    // The local agent: reap what an earlier run left, learn the machine.
+    let reaped = tessera_agent::reap_orphans(&home);
+    if !reaped.is_empty() {
+        info!(count = reaped.len(), "stopped replicas left running by an earlier run");
+    }
+    let mut agent_config = AgentConfig::new(&home);
+    agent_config.name = config.agent_name.clone();
+    agent_config.cpu_milli = config.agent_cpu_milli;
+    agent_config.memory_bytes = config.agent_memory_bytes;
+    agent_config.gpu_xml = config.agent_gpu_xml.clone();
+    agent_config.cgroups = config.cgroups;
+    agent_config.kill_grace = config.kill_grace;
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let agent = Agent::new(agent_config, events_tx).context("starting the local agent")?;
+    let inventory = agent.inventory();
+    let node_name = inventory.name.clone();
+
+    let shared = Arc::new(Shared::new(store.clone(), state, home.clone(), config.kill_grace));
+    // Recover jobs the last run was running, and register the local node
+    // before the API answers, so submissions are checked against it.
+    let writes = {
+        let mut writes = Vec::new();
+        let mut state = shared.state.lock().expect("state lock");
+        writes.extend(control::recover_interrupted(&shared, &mut state, now_ms()));
+        let now = now_ms();
+        let prev = state.nodes.get(&node_name).cloned();
+        let node = tessera_core::node::Node {
+            inventory,
+            state: prev
+                .as_ref()
+                .map(|n| n.state)
+                .filter(|s| *s != tessera_core::node::NodeState::Lost)
+                .unwrap_or(tessera_core::node::NodeState::Ready),
+            registered_at: prev.map(|n| n.registered_at).unwrap_or(now),
+            last_heartbeat: now,
+        };
+        writes.push(Write::Node(Box::new(node.clone())));
+        state.nodes.insert(node_name.clone(), node);
+        writes
+    };
+    commit(store.as_ref(), writes).await.context("recovering state")?;
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    shared.agents.lock().expect("agents lock").insert(node_name.clone(), cmd_tx);
+    tokio::spawn(agent.run(cmd_rx));
+    tokio::spawn(control::agent_events_loop(shared.clone(), events_rx));
+    tokio::spawn(control::scheduling_loop(shared.clone()));
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let url = format!("http://{addr}");
+    std::fs::write(home.join("config"), format!("url = {url}\n")).context("writing the config file")?;
+    shared.wake.notify_one();
+    info!(
+        %url,
+        node = %node_name,
+        home = %home.display(),
+        ready_ms = started.elapsed().as_millis() as u64,
+        first_start = first,
+        "Tessera is up"
+    );
+    eprintln!(
+        "Tessera is up at {url} (node {node_name}; state in {}; admin token in {})",
+        home.display(),
+        home.join("admin.token").display()
+    );
+    axum::serve(listener, api::router(shared.clone()))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    info!("shutting down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

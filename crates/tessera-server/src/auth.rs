@@ -1,0 +1,111 @@
+//! Bearer tokens: minting, hashing (SHA-256; only hashes are stored) and the
+//! extractor that turns an `Authorization` header into a [`Principal`].
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tessera_core::auth::{Principal, Role, TokenRecord};
+
+use crate::error::ApiError;
+use crate::Shared;
+
+/// Prefix of every secret, so leaked tokens are easy to spot.
+pub const TOKEN_PREFIX: &str = "tsr_";
+
+pub fn hash_token(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// A new secret and its stored record (the secret itself is not in it).
+pub fn mint(name: &str, team: &str, role: Role, now: u64) -> (String, TokenRecord) {
+    let mut bytes = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    let secret = format!("{TOKEN_PREFIX}{}", hex::encode(bytes));
+    let mut id_bytes = [0u8; 6];
+    rand::thread_rng().fill_bytes(&mut id_bytes);
+    let record = TokenRecord {
+        id: format!("tok-{}", hex::encode(id_bytes)),
+        name: name.to_string(),
+        team: team.to_string(),
+        role,
+        hash: hash_token(&secret),
+        created_at: now,
+    };
+    (secret, record)
+}
+
+/// The authenticated caller of a `/v1` or seed API request.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<Arc<Shared>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, shared: &Arc<Shared>) -> Result<Caller, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "missing token: send `Authorization: Bearer <token>` (see $TESSERA_HOME/admin.token)",
+                )
+            })?;
+        let value = header
+            .to_str()
+            .map_err(|_| ApiError::unauthorized("the Authorization header is not valid text"))?;
+        let secret = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?
+            .trim();
+        let hash = hash_token(secret);
+        let state = shared.state.lock().expect("state lock");
+        let record = state
+            .tokens
+            .get(&hash)
+            .ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?;
+        Ok(Caller(Principal {
+            token_id: record.id.clone(),
+            team: record.team.clone(),
+            role: record.role,
+        }))
+    }
+}
+
+impl Caller {
+    pub fn require_read(&self, team: &str) -> Result<(), ApiError> {
+        if self.0.can_read_team(team) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "this token belongs to team `{}` and cannot see team `{team}`",
+                self.0.team
+            )))
+        }
+    }
+
+    pub fn require_write(&self, team: &str) -> Result<(), ApiError> {
+        self.require_read(team)?;
+        if self.0.role >= Role::Member {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "this token has role `{}`, which can only read; submitting and cancelling need `member` or `admin`",
+                self.0.role.as_str()
+            )))
+        }
+    }
+
+    pub fn require_superuser(&self, what: &str) -> Result<(), ApiError> {
+        if self.0.is_superuser() {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "{what} needs an admin token of the `admin` team"
+            )))
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! Control loops: the scheduling loop (snapshot → pure plan → checked,
+//! committed, dispatched), the handling of agent reports, and the recovery of
+//! jobs that were running when the server stopped.
+//!
+//! Order of effects, always: change memory, commit to the store, then tell
+//! agents. An agent is never asked to start a replica whose placement is not
+//! durable.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_core::job::{ReplicaPlacement, ReplicaState, ReplicaStatus};
+use tessera_core::node::{Node, NodeState};
+use tessera_core::protocol::{ExitCause, FromAgent, ReplicaKey, StartReplica, ToAgent};
+use tessera_core::quantity::{format_duration, format_memory};
+use tessera_core::{Event, Job, JobId, JobState};
+use tessera_store::{commit, Write};
+use tokio::sync::mpsc;
+use tracing::{error, warn};
+
+use crate::state::ClusterState;
+use crate::{now_ms, Shared};
+
+/// Longest pause between scheduling passes when nothing wakes the loop.
+const IDLE_TICK: Duration = Duration::from_millis(1000);
+
+pub async fn scheduling_loop(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(IDLE_TICK) => {}
+        }
+        if let Err(e) = run_cycle(&shared).await {
+            error!(error = %e, "scheduling cycle failed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// One pass: plan, apply, commit, dispatch.
+pub async fn run_cycle(shared: &Shared) -> Result<(), tessera_store::StoreError> {
+    let now = now_ms();
+    let snapshot = {
+        let state = shared.state.lock().expect("state lock");
+        if state.queued.is_empty() {
+            return Ok(());
+        }
+        state.snapshot()
+    };
+    let started = Instant::now();
+    let plan = tessera_scheduler::schedule(&snapshot, now);
+    shared.metrics.cycle_seconds.observe(started.elapsed().as_secs_f64());
+
+    let mut writes = Vec::new();
+    let mut placed: Vec<JobId> = Vec::new();
+    {
+        let mut state = shared.state.lock().expect("state lock");
+        for w in &plan.waiting {
+            if let Some(j) = state.jobs.get_mut(&w.job_id) {
+                if j.state == JobState::Queued {
+                    j.reason = Some(w.reason.clone());
+                }
+            }
+        }
+        for p in &plan.placements {
+            // Only the scheduling loop places work, so capacity seen in the
+            // snapshot can only have grown since; the job may have been
+            // cancelled meanwhile.
+            if state.jobs.get(&p.job_id).map(|j| j.state) != Some(JobState::Queued) {
+                continue;
+            }
+            let placement: Vec<ReplicaPlacement> = p
+                .assignments
+                .iter()
+                .map(|a| ReplicaPlacement {
+                    replica: a.replica,
+                    node: snapshot.nodes[a.node].name.clone(),
+                    gpus: a.gpus.clone(),
+                })
+                .collect();
+            state.update_job(p.job_id, &mut writes, |j| {
+                j.state = JobState::Scheduled;
+                j.attempt += 1;
+                j.scheduled_at = Some(now);
+                j.reason = None;
+                j.exit_code = None;
+                j.replicas = placement
+                    .iter()
+                    .map(|pl| ReplicaStatus {
+                        replica: pl.replica,
+                        state: ReplicaState::Pending,
+                        pid: None,
+                        exit_code: None,
+                        signal: None,
+                    })
+                    .collect();
+                let msg = describe_placement(&placement);
+                j.placement = placement;
+                Some(Event::new(j.id, now, "scheduled", msg))
+            });
+            placed.push(p.job_id);
+        }
+    }
+    if writes.is_empty() {
+        return Ok(());
+    }
+    commit(shared.store.as_ref(), writes).await?;
+    shared.metrics.placements.inc_by(placed.len() as u64);
+    dispatch_starts(shared, &placed).await
+}
+
+fn describe_placement(p: &[ReplicaPlacement]) -> String {
+    let parts: Vec<String> = p
+        .iter()
+        .map(|r| {
+            if r.gpus.is_empty() {
+                format!("replica {} on {}", r.replica, r.node)
+            } else {
+                let g: Vec<String> = r.gpus.iter().map(|g| g.to_string()).collect();
+                format!("replica {} on {} (GPU {})", r.replica, r.node, g.join(","))
+            }
+        })
+        .collect();
+    parts.join("; ")
+}
+
+/// Sends Start for every replica of freshly placed jobs, unless a cancel got
+/// there first (then the job is cancelled without running).
+async fn dispatch_starts(shared: &Shared, placed: &[JobId]) -> Result<(), tessera_store::StoreError> {
+    let now = now_ms();
+    let mut writes = Vec::new();
+    {
+        let mut state = shared.state.lock().expect("state lock");
+        let agents = shared.agents.lock().expect("agents lock");
+        for id in placed {
+            let Some(job) = state.jobs.get(id) else { continue };
+            if job.state != JobState::Scheduled {
+                continue;
+            }
+            if job.cancel_requested {
+                finish(&mut state, *id, JobState::Cancelled, None, "cancelled before it started".into(), now, &mut writes, shared);
+                continue;
+            }
+            for p in &job.placement {
+                let start = start_message(job, p);
+                match agents.get(&p.node) {
+                    Some(tx) if tx.send(ToAgent::Start(start)).is_ok() => {}
+                    _ => warn!(job = id, node = %p.node, "no connected agent for placement"),
+                }
+            }
+        }
+    }
+    if !writes.is_empty() {
+        commit(shared.store.as_ref(), writes).await?;
+        shared.changed();
+    }
+    Ok(())
+}
+
+fn start_message(job: &Job, p: &ReplicaPlacement) -> StartReplica {
+    StartReplica {
+        key: ReplicaKey {
+            job_id: job.id,
+            attempt: job.attempt,
+            replica: p.replica,
+        },
+        num_replicas: job.spec.replicas,
+        argv: job.spec.argv.clone(),
+        env: job.spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        workdir: job.spec.workdir.clone(),
+        gpus: p.gpus.clone(),
+        cpu_milli: job.spec.resources.cpu_milli,
+        memory_bytes: job.spec.resources.memory_bytes,
+        max_runtime_ms: job.spec.max_runtime_ms,
+    }
+}
+
+/// Ends the current attempt of a job: final state, or back to the queue when
+/// its retry policy allows. Appends writes; bumps metrics.
+#[allow(clippy::too_many_arguments)]
+pub fn finish(
+    state: &mut ClusterState,
+    id: JobId,
+    outcome: JobState,
+    exit_code: Option<i32>,
+    reason: String,
+    now: u64,
+    writes: &mut Vec<Write>,
+    shared: &Shared,
+) {
+    let Some(job) = state.jobs.get(&id) else { return };
+    let retry = match outcome {
+        JobState::Failed => job.failures < job.spec.retries.on_failure && !job.cancel_requested,
+        JobState::Lost => job.node_losses < job.spec.retries.on_node_loss && !job.cancel_requested,
+        _ => false,
+    };
+    if retry {
+        state.update_job(id, writes, |j| {
+            let (kind_count, limit, what) = if outcome == JobState::Lost {
+                j.node_losses += 1;
+                (j.node_losses, j.spec.retries.on_node_loss, "node loss")
+            } else {
+                j.failures += 1;
+                (j.failures, j.spec.retries.on_failure, "failure")
+            };
+            j.state = JobState::Queued;
+            j.placement.clear();
+            j.replicas.clear();
+            j.exit_code = exit_code;
+            j.reason = Some(format!("requeued after {what}: {reason}"));
+            Some(Event::new(
+                id,
+                now,
+                "requeued",
+                format!("{reason}; retry {kind_count} of {limit} on {what}"),
+            ))
+        });
+        shared.wake.notify_one();
+        return;
+    }
+    state.update_job(id, writes, |j| {
+        if outcome == JobState::Lost {
+            j.node_losses += 1;
+        } else if outcome == JobState::Failed {
+            j.failures += 1;
+        }
+        j.state = outcome;
+        j.finished_at = Some(now);
+        j.exit_code = exit_code;
+        j.reason = Some(reason.clone());
+        Some(Event::new(id, now, outcome.as_str(), reason))
+    });
+    shared
+        .metrics
+        .finished
+        .get_or_create(&crate::metrics::StateLabel {
+            state: outcome.as_str().into(),
+        })
+        .inc();
+    shared.wake.notify_one();
+}
+
+/// Applies agent reports in batches: one lock, one commit per batch.
+pub async fn agent_events_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<FromAgent>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+            if batch.len() >= 1024 {
+                break;
+            }
+        }
+        let mut writes = Vec::new();
+        let mut stops = Vec::new();
+        {
+            let mut state = shared.state.lock().expect("state lock");
+            for ev in batch {
+                handle_agent_event(&shared, &mut state, ev, &mut writes, &mut stops);
+            }
+            let agents = shared.agents.lock().expect("agents lock");
+            for (node, msg) in stops {
+                if let Some(tx) = agents.get(&node) {
+                    let _ = tx.send(msg);
+                }
+            }
+        }
+        if let Err(e) = commit(shared.store.as_ref(), writes).await {
+            error!(error = %e, "cannot store agent reports");
+        }
+        shared.changed();
+    }
+}
+
+fn handle_agent_event(
+    shared: &Shared,
+    state: &mut ClusterState,
+    ev: FromAgent,
+    writes: &mut Vec<Write>,
+    stops: &mut Vec<(String, ToAgent)>,
+) {
+    let now = now_ms();
+    match ev {
+        FromAgent::Register(inv) => {
+            let node = match state.nodes.get(&inv.name) {
+                Some(n) => Node {
+                    inventory: inv,
+                    state: if n.state == NodeState::Lost { NodeState::Ready } else { n.state },
+                    registered_at: n.registered_at,
+                    last_heartbeat: now,
+                },
+                None => Node {
+                    inventory: inv,
+                    state: NodeState::Ready,
+                    registered_at: now,
+                    last_heartbeat: now,
+                },
+            };
+            writes.push(Write::Node(Box::new(node.clone())));
+            state.nodes.insert(node.inventory.name.clone(), node);
+            shared.wake.notify_one();
+        }
+        FromAgent::Started { key, pid, at } => {
+            let Some(job) = state.jobs.get(&key.job_id) else { return };
+            if job.attempt != key.attempt || !job.state.is_active() {
+                return;
+            }
+            let first = job.state == JobState::Scheduled;
+            let replicas = job.spec.replicas;
+            let submitted_at = job.submitted_at;
+            state.update_job(key.job_id, writes, |j| {
+                if let Some(r) = j.replicas.iter_mut().find(|r| r.replica == key.replica) {
+                    r.state = ReplicaState::Running;
+                    r.pid = Some(pid);
+                }
+                if first {
+                    j.state = JobState::Running;
+                    j.started_at = Some(at);
+                }
+                let node = j
+                    .placement
+                    .iter()
+                    .find(|p| p.replica == key.replica)
+                    .map(|p| p.node.clone())
+                    .unwrap_or_default();
+                if replicas > 1 {
+                    Some(Event::new(j.id, at, "started", format!("replica {} started on {node} (pid {pid})", key.replica)))
+                } else {
+                    Some(Event::new(j.id, at, "started", format!("started on {node} (pid {pid})")))
+                }
+            });
+            if first {
+                shared
+                    .metrics
+                    .submit_to_start_seconds
+                    .observe(at.saturating_sub(submitted_at) as f64 / 1000.0);
+            }
+        }
+        FromAgent::Exited {
+            key,
+            code,
+            signal,
+            cause,
+            at,
+        } => {
+            let Some(job) = state.jobs.get(&key.job_id) else { return };
+            if job.attempt != key.attempt || !job.state.is_active() {
+                return;
+            }
+            let ok = cause == ExitCause::Exited && code == Some(0);
+            let what = describe_exit(job, key.replica, code, signal, &cause);
+            let mut ev = None;
+            if !ok || job.spec.replicas > 1 {
+                ev = Some(Event::new(key.job_id, at, "exited", what.clone()));
+            }
+            let first_failure = !ok && job.replicas.iter().all(|r| r.exit_code.unwrap_or(0) == 0 && r.signal.is_none());
+            let job_exit = code.or(signal.map(|s| 128 + s)).or(match cause {
+                ExitCause::SpawnFailed(_) => Some(127),
+                _ => None,
+            });
+            state.update_job(key.job_id, writes, |j| {
+                if let Some(r) = j.replicas.iter_mut().find(|r| r.replica == key.replica) {
+                    r.state = ReplicaState::Exited;
+                    r.exit_code = job_exit;
+                    r.signal = signal;
+                }
+                if first_failure && !j.cancel_requested {
+                    j.reason = Some(what.clone());
+                    j.exit_code = job_exit;
+                }
+                ev
+            });
+            let job = &state.jobs[&key.job_id];
+            // A gang fails together: stop the replicas still running.
+            if first_failure && !job.cancel_requested {
+                for r in &job.replicas {
+                    if r.state != ReplicaState::Exited {
+                        if let Some(p) = job.placement.iter().find(|p| p.replica == r.replica) {
+                            stops.push((
+                                p.node.clone(),
+                                ToAgent::Stop {
+                                    key: ReplicaKey { job_id: job.id, attempt: job.attempt, replica: r.replica },
+                                    grace_ms: shared.kill_grace_ms,
+                                    reason: format!("replica {} failed", key.replica),
+                                },
+                            ));
+                        }
+                    }
+                }
+            }
+            if job.replicas.iter().all(|r| r.state == ReplicaState::Exited) {
+                let failed = job.replicas.iter().any(|r| r.exit_code != Some(0));
+                let (outcome, exit, reason) = if job.cancel_requested {
+                    (JobState::Cancelled, job.exit_code.or(job_exit), "cancelled on request".to_string())
+                } else if failed {
+                    (JobState::Failed, job.exit_code, job.reason.clone().unwrap_or(what))
+                } else {
+                    let msg = if job.spec.replicas > 1 {
+                        format!("all {} replicas exited with code 0", job.spec.replicas)
+                    } else {
+                        "exited with code 0".to_string()
+                    };
+                    (JobState::Succeeded, Some(0), msg)
+                };
+                finish(state, key.job_id, outcome, exit, reason, now, writes, shared);
+            }
+        }
+    }
+}
+
+fn describe_exit(job: &Job, replica: u32, code: Option<i32>, signal: Option<i32>, cause: &ExitCause) -> String {
+    let who = if job.spec.replicas > 1 {
+        format!("replica {replica} ")
+    } else {
+        String::new()
+    };
+    match cause {
+        ExitCause::TimedOut => format!(
+            "{who}exceeded max_runtime of {}",
+            format_duration(job.spec.max_runtime_ms.unwrap_or(0))
+        ),
+        ExitCause::OutOfMemory => format!(
+            "{who}ran out of memory (limit {})",
+            format_memory(job.spec.resources.memory_bytes)
+        ),
+        ExitCause::SpawnFailed(msg) => format!("{who}could not start: {msg}"),
+        ExitCause::Stopped => format!("{who}stopped on request"),
+        ExitCause::Exited => match (code, signal) {
+            (Some(c), _) => format!("{who}exited with code {c}"),
+            (None, Some(s)) => format!("{who}killed by signal {s}"),
+            _ => format!("{who}ended"),
+        },
+    }
+}
+
+/// At start-up: jobs that were placed when the server stopped lost their
+/// processes with it (the agent reaps them). Mark them lost and requeue them
+/// per their retry policy.
+pub fn recover_interrupted(shared: &Shared, state: &mut ClusterState, now: u64) -> Vec<Write> {
+    let mut writes = Vec::new();
+    let interrupted: Vec<JobId> = state.active.iter().copied().collect();
+    for id in interrupted {
+        let cancel = state.jobs[&id].cancel_requested;
+        if cancel {
+            finish(state, id, JobState::Cancelled, None, "cancelled; the server restarted while it was stopping".into(), now, &mut writes, shared);
+        } else {
+            state.add_event(
+                Event::new(id, now, "lost", "the server restarted while the job was running; its processes were stopped"),
+                &mut writes,
+            );
+            finish(
+                state,
+                id,
+                JobState::Lost,
+                None,
+                "lost: the server restarted while the job was running".into(),
+                now,
+                &mut writes,
+                shared,
+            );
+        }
+    }
+    writes
+}
