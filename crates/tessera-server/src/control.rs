@@ -30,9 +30,17 @@ pub async fn scheduling_loop(shared: Arc<Shared>) {
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(IDLE_TICK) => {}
         }
+        let began = Instant::now();
         if let Err(e) = run_cycle(&shared).await {
             error!(error = %e, "scheduling cycle failed");
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // A long pass (a huge queue after capacity changed) is followed by an
+        // equal pause, so scheduling never takes more than half a core from
+        // the API and the agent.
+        let spent = began.elapsed();
+        if spent > Duration::from_millis(5) {
+            tokio::time::sleep(spent).await;
         }
     }
 }
@@ -41,12 +49,16 @@ pub async fn scheduling_loop(shared: Arc<Shared>) {
 pub async fn run_cycle(shared: &Shared) -> Result<(), tessera_store::StoreError> {
     let now = now_ms();
     let snapshot = {
-        let state = shared.state.lock().expect("state lock");
-        if state.queued.is_empty() {
+        let mut state = shared.state.lock().expect("state lock");
+        if state.queued.is_empty() || (state.fresh.is_empty() && !state.capacity_changed) {
+            state.fresh.clear();
             return Ok(());
         }
-        state.snapshot()
+        state.take_snapshot()
     };
+    if snapshot.queue.is_empty() {
+        return Ok(());
+    }
     let started = Instant::now();
     let plan = tessera_scheduler::schedule(&snapshot, now);
     shared.metrics.cycle_seconds.observe(started.elapsed().as_secs_f64());
@@ -297,6 +309,7 @@ fn handle_agent_event(
             };
             writes.push(Write::Node(Box::new(node.clone())));
             state.nodes.insert(node.inventory.name.clone(), node);
+            state.capacity_changed = true;
             shared.wake.notify_one();
         }
         FromAgent::Started { key, pid, at } => {

@@ -20,6 +20,13 @@ pub struct ClusterState {
     pub teams: BTreeMap<String, Team>,
     /// By token hash.
     pub tokens: HashMap<String, TokenRecord>,
+    /// Jobs queued since the last scheduling pass.
+    pub fresh: BTreeSet<JobId>,
+    /// Whether capacity may have grown since the last scheduling pass (a job
+    /// left a node, a node joined or changed). When it has not, jobs that
+    /// waited in the last pass still cannot fit, and only `fresh` jobs need
+    /// a look.
+    pub capacity_changed: bool,
 }
 
 /// What is allocated on one node.
@@ -34,7 +41,10 @@ pub struct Allocation {
 
 impl ClusterState {
     pub fn from_loaded(l: Loaded) -> ClusterState {
-        let mut s = ClusterState::default();
+        let mut s = ClusterState {
+            capacity_changed: true,
+            ..ClusterState::default()
+        };
         for t in l.teams {
             s.teams.insert(t.name.clone(), t);
         }
@@ -55,12 +65,21 @@ impl ClusterState {
     }
 
     fn index(&mut self, j: &Job) {
-        self.queued.remove(&j.id);
-        self.active.remove(&j.id);
+        let was_queued = self.queued.remove(&j.id);
+        let was_active = self.active.remove(&j.id);
         if j.state == JobState::Queued {
             self.queued.insert(j.id);
-        } else if j.state.is_active() {
-            self.active.insert(j.id);
+            if !was_queued {
+                self.fresh.insert(j.id);
+            }
+        } else {
+            self.fresh.remove(&j.id);
+            if j.state.is_active() {
+                self.active.insert(j.id);
+            }
+        }
+        if was_active && !j.state.is_active() {
+            self.capacity_changed = true;
         }
     }
 
@@ -155,11 +174,30 @@ impl ClusterState {
         views
     }
 
+    /// The scheduler's input for the next pass: every queued job when
+    /// capacity may have grown, else only the jobs queued since the last
+    /// pass. Resets the change tracking.
+    pub fn take_snapshot(&mut self) -> Snapshot {
+        let ids: Vec<JobId> = if self.capacity_changed {
+            self.queued.iter().copied().collect()
+        } else {
+            self.fresh.iter().copied().collect()
+        };
+        self.capacity_changed = false;
+        self.fresh.clear();
+        self.snapshot_of(&ids)
+    }
+
+    /// A snapshot with every queued job.
     pub fn snapshot(&self) -> Snapshot {
+        let ids: Vec<JobId> = self.queued.iter().copied().collect();
+        self.snapshot_of(&ids)
+    }
+
+    fn snapshot_of(&self, ids: &[JobId]) -> Snapshot {
         Snapshot {
             nodes: self.node_views(),
-            queue: self
-                .queued
+            queue: ids
                 .iter()
                 .filter_map(|id| self.jobs.get(id))
                 .map(|j| PendingJob {
