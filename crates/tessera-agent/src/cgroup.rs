@@ -67,7 +67,10 @@ impl Cgroups {
     /// A sentence for `tessera nodes`.
     pub fn note(&self) -> String {
         match self {
-            Cgroups::V2 { root } => format!("cpu and memory limits enforced (cgroup v2, {})", root.display()),
+            Cgroups::V2 { root } => format!(
+                "cpu and memory limits enforced (cgroup v2, {})",
+                root.display()
+            ),
             Cgroups::V1 { .. } => "cpu and memory limits enforced (cgroup v1)".into(),
             Cgroups::Disabled { why } => format!("limits NOT enforced: {why}"),
         }
@@ -75,7 +78,12 @@ impl Cgroups {
 
     /// Creates the group for one replica with its limits; returns the
     /// `cgroup.procs` files the replica must write its pid into.
-    pub fn create(&self, name: &str, cpu_milli: u64, memory_bytes: u64) -> std::io::Result<Vec<PathBuf>> {
+    pub fn create(
+        &self,
+        name: &str,
+        cpu_milli: u64,
+        memory_bytes: u64,
+    ) -> std::io::Result<Vec<PathBuf>> {
         let quota = (cpu_milli * CFS_PERIOD_US / 1000).max(1000);
         match self {
             Cgroups::V2 { root } => {
@@ -111,9 +119,14 @@ impl Cgroups {
                 .unwrap_or(0)
         };
         match self {
-            Cgroups::V2 { root } => count(read(root.join(name).join("memory.events")), "oom_kill ") > 0,
+            Cgroups::V2 { root } => {
+                count(read(root.join(name).join("memory.events")), "oom_kill ") > 0
+            }
             Cgroups::V1 { memory, .. } => {
-                count(read(memory.join(name).join("memory.oom_control")), "oom_kill ") > 0
+                count(
+                    read(memory.join(name).join("memory.oom_control")),
+                    "oom_kill ",
+                ) > 0
                     || count(read(memory.join(name).join("memory.failcnt")), "") > 0
             }
             Cgroups::Disabled { .. } => false,

@@ -184,7 +184,9 @@ fn resolve_program(program: &str, env_path: Option<&str>) -> Result<PathBuf, Str
         return if executable(&p) {
             Ok(p)
         } else {
-            Err(format!("program `{program}` does not exist or is not executable"))
+            Err(format!(
+                "program `{program}` does not exist or is not executable"
+            ))
         };
     }
     let path = env_path
@@ -197,7 +199,9 @@ fn resolve_program(program: &str, env_path: Option<&str>) -> Result<PathBuf, Str
             return Ok(candidate);
         }
     }
-    Err(format!("program `{program}` was not found in PATH ({path})"))
+    Err(format!(
+        "program `{program}` was not found in PATH ({path})"
+    ))
 }
 
 /// The running agent: receives commands, runs replicas, reports back.
@@ -212,13 +216,18 @@ pub struct Agent {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("home", &self.config.home).finish()
+        f.debug_struct("Agent")
+            .field("home", &self.config.home)
+            .finish()
     }
 }
 
 impl Agent {
     /// Prepares an agent: detects cgroups, reaps orphans, makes directories.
-    pub fn new(config: AgentConfig, events: mpsc::UnboundedSender<FromAgent>) -> std::io::Result<Agent> {
+    pub fn new(
+        config: AgentConfig,
+        events: mpsc::UnboundedSender<FromAgent>,
+    ) -> std::io::Result<Agent> {
         let cgroups = if config.cgroups {
             Cgroups::detect()
         } else {
@@ -265,7 +274,10 @@ impl Agent {
         }
         // The control plane is gone: stop everything we run.
         for (_, stop) in self.stops.drain() {
-            let _ = stop.send((self.config.kill_grace.as_millis() as u64, "agent shutting down".into()));
+            let _ = stop.send((
+                self.config.kill_grace.as_millis() as u64,
+                "agent shutting down".into(),
+            ));
         }
     }
 
@@ -296,7 +308,11 @@ struct ReplicaCtx {
 
 const CGROUP_WRAPPER: &str = "IFS=:; for p in $TESSERA_CGROUP_PROCS; do echo $$ > \"$p\" || exit 125; done; unset IFS TESSERA_CGROUP_PROCS; exec \"$@\"";
 
-async fn run_replica(ctx: ReplicaCtx, start: StartReplica, stop_rx: oneshot::Receiver<(u64, String)>) {
+async fn run_replica(
+    ctx: ReplicaCtx,
+    start: StartReplica,
+    stop_rx: oneshot::Receiver<(u64, String)>,
+) {
     let key = start.key;
     let exited = |code, signal, cause| FromAgent::Exited {
         key,
@@ -310,7 +326,9 @@ async fn run_replica(ctx: ReplicaCtx, start: StartReplica, stop_rx: oneshot::Rec
             warn!(%key, error = %msg, "replica could not start");
             let log = log_path(&ctx.home, key);
             let _ = std::fs::write(&log, format!("tessera: cannot start replica: {msg}\n"));
-            let _ = ctx.events.send(exited(None, None, ExitCause::SpawnFailed(msg)));
+            let _ = ctx
+                .events
+                .send(exited(None, None, ExitCause::SpawnFailed(msg)));
         }
         Ok((mut child, cg_name)) => {
             let pid = child.id().unwrap_or(0);
@@ -318,7 +336,11 @@ async fn run_replica(ctx: ReplicaCtx, start: StartReplica, stop_rx: oneshot::Rec
             if let Some(st) = proc_start_time(pid) {
                 let _ = std::fs::write(&pidfile, format!("{pid} {st}\n"));
             }
-            let _ = ctx.events.send(FromAgent::Started { key, pid, at: now_ms() });
+            let _ = ctx.events.send(FromAgent::Started {
+                key,
+                pid,
+                at: now_ms(),
+            });
             let pgid = Pid::from_raw(pid as i32);
             let deadline = start.max_runtime_ms.map(Duration::from_millis);
             let timer = async {
@@ -359,7 +381,8 @@ async fn run_replica(ctx: ReplicaCtx, start: StartReplica, stop_rx: oneshot::Rec
                 }
             };
             if let Some(name) = cg_name {
-                if cause == ExitCause::Exited && signal == Some(9) && ctx.cgroups.oom_killed(&name) {
+                if cause == ExitCause::Exited && signal == Some(9) && ctx.cgroups.oom_killed(&name)
+                {
                     cause = ExitCause::OutOfMemory;
                 }
                 let cg = ctx.cgroups.clone();
@@ -387,7 +410,10 @@ async fn terminate(
     }
 }
 
-fn spawn_replica(ctx: &ReplicaCtx, start: &StartReplica) -> Result<(tokio::process::Child, Option<String>), String> {
+fn spawn_replica(
+    ctx: &ReplicaCtx,
+    start: &StartReplica,
+) -> Result<(tokio::process::Child, Option<String>), String> {
     let key = start.key;
     let workdir = match &start.workdir {
         Some(w) => PathBuf::from(w),
@@ -405,8 +431,14 @@ fn spawn_replica(ctx: &ReplicaCtx, start: &StartReplica) -> Result<(tokio::proce
         .append(true)
         .open(&log)
         .map_err(|e| format!("cannot open log {}: {e}", log.display()))?;
-    let err = out.try_clone().map_err(|e| format!("cannot open log: {e}"))?;
-    let env_path = start.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str());
+    let err = out
+        .try_clone()
+        .map_err(|e| format!("cannot open log: {e}"))?;
+    let env_path = start
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str());
     let program = resolve_program(&start.argv[0], env_path)?;
 
     let cg_name = key.to_string();
@@ -420,12 +452,21 @@ fn spawn_replica(ctx: &ReplicaCtx, start: &StartReplica) -> Result<(tokio::proce
         c
     } else {
         let mut c = tokio::process::Command::new("/bin/sh");
-        c.arg("-c").arg(CGROUP_WRAPPER).arg("tessera-replica").arg(&program).args(&start.argv[1..]);
+        c.arg("-c")
+            .arg(CGROUP_WRAPPER)
+            .arg("tessera-replica")
+            .arg(&program)
+            .args(&start.argv[1..]);
         let joined: Vec<String> = procs.iter().map(|p| p.display().to_string()).collect();
         c.env("TESSERA_CGROUP_PROCS", joined.join(":"));
         c
     };
-    let cuda = start.gpus.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(",");
+    let cuda = start
+        .gpus
+        .iter()
+        .map(|g| g.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     cmd.current_dir(&workdir)
         .envs(start.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("TESSERA_JOB_ID", key.job_id.to_string())

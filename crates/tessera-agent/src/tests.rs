@@ -21,12 +21,21 @@ fn harness(cgroups: bool) -> Harness {
     let (cmd, crx) = mpsc::unbounded_channel();
     let agent = Agent::new(config, etx).unwrap();
     tokio::spawn(agent.run(crx));
-    Harness { _dir: dir, home, cmd, events }
+    Harness {
+        _dir: dir,
+        home,
+        cmd,
+        events,
+    }
 }
 
 fn start(job: u64, argv: &[&str]) -> StartReplica {
     StartReplica {
-        key: ReplicaKey { job_id: job, attempt: 1, replica: 0 },
+        key: ReplicaKey {
+            job_id: job,
+            attempt: 1,
+            replica: 0,
+        },
         num_replicas: 1,
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: vec![("GREETING".into(), "hello".into())],
@@ -49,7 +58,14 @@ impl Harness {
     /// Waits for the exit of `job`, skipping other events.
     async fn exit_of(&mut self, job: u64) -> (Option<i32>, Option<i32>, ExitCause) {
         loop {
-            if let FromAgent::Exited { key, code, signal, cause, .. } = self.next().await {
+            if let FromAgent::Exited {
+                key,
+                code,
+                signal,
+                cause,
+                ..
+            } = self.next().await
+            {
                 if key.job_id == job {
                     return (code, signal, cause);
                 }
@@ -58,7 +74,15 @@ impl Harness {
     }
 
     fn log(&self, job: u64) -> String {
-        std::fs::read_to_string(log_path(&self.home, ReplicaKey { job_id: job, attempt: 1, replica: 0 })).unwrap_or_default()
+        std::fs::read_to_string(log_path(
+            &self.home,
+            ReplicaKey {
+                job_id: job,
+                attempt: 1,
+                replica: 0,
+            },
+        ))
+        .unwrap_or_default()
     }
 }
 
@@ -83,7 +107,10 @@ async fn registers_then_runs_with_env_and_logs() {
     assert_eq!((code, signal, cause), (Some(3), None, ExitCause::Exited));
     let log = h.log(1);
     let workdir = h.home.join("work").join("1.1.0");
-    assert!(log.contains(&format!("out hello 1 0 1 [] {}", workdir.display())), "{log}");
+    assert!(
+        log.contains(&format!("out hello 1 0 1 [] {}", workdir.display())),
+        "{log}"
+    );
     assert!(log.contains("err"), "stderr goes to the log too: {log}");
 }
 
@@ -111,12 +138,19 @@ async fn max_runtime_kills_the_whole_group() {
     h.cmd.send(ToAgent::Start(s)).unwrap();
     let (_, signal, cause) = h.exit_of(3).await;
     assert_eq!(cause, ExitCause::TimedOut);
-    assert_eq!(signal, Some(9), "TERM was ignored, so KILL after the grace period");
+    assert_eq!(
+        signal,
+        Some(9),
+        "TERM was ignored, so KILL after the grace period"
+    );
     assert!(began.elapsed() < Duration::from_secs(10));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!marker.exists());
     // No process of the group survives.
-    let out = std::process::Command::new("pgrep").arg("-f").arg(marker.to_str().unwrap()).output();
+    let out = std::process::Command::new("pgrep")
+        .arg("-f")
+        .arg(marker.to_str().unwrap())
+        .output();
     if let Ok(out) = out {
         assert!(out.stdout.is_empty(), "a process of the group survived");
     }
@@ -125,12 +159,29 @@ async fn max_runtime_kills_the_whole_group() {
 #[tokio::test]
 async fn stop_sends_term_first() {
     let mut h = harness(false);
-    h.cmd.send(ToAgent::Start(start(4, &["/bin/sh", "-c", "trap 'echo got-term; exit 0' TERM; while true; do sleep 0.05; done"]))).unwrap();
+    h.cmd
+        .send(ToAgent::Start(start(
+            4,
+            &[
+                "/bin/sh",
+                "-c",
+                "trap 'echo got-term; exit 0' TERM; while true; do sleep 0.05; done",
+            ],
+        )))
+        .unwrap();
     assert!(matches!(h.next().await, FromAgent::Register(_)));
     assert!(matches!(h.next().await, FromAgent::Started { .. }));
     tokio::time::sleep(Duration::from_millis(100)).await;
     h.cmd
-        .send(ToAgent::Stop { key: ReplicaKey { job_id: 4, attempt: 1, replica: 0 }, grace_ms: 5000, reason: "cancel".into() })
+        .send(ToAgent::Stop {
+            key: ReplicaKey {
+                job_id: 4,
+                attempt: 1,
+                replica: 0,
+            },
+            grace_ms: 5000,
+            reason: "cancel".into(),
+        })
         .unwrap();
     let (code, _, cause) = h.exit_of(4).await;
     assert_eq!(cause, ExitCause::Stopped);
@@ -141,7 +192,9 @@ async fn stop_sends_term_first() {
 #[tokio::test]
 async fn missing_program_is_a_spawn_failure_with_a_reason() {
     let mut h = harness(false);
-    h.cmd.send(ToAgent::Start(start(5, &["no-such-program-xyz"]))).unwrap();
+    h.cmd
+        .send(ToAgent::Start(start(5, &["no-such-program-xyz"])))
+        .unwrap();
     match h.exit_of(5).await.2 {
         ExitCause::SpawnFailed(msg) => assert!(msg.contains("not found in PATH"), "{msg}"),
         other => panic!("{other:?}"),
@@ -155,7 +208,11 @@ async fn orphans_of_an_earlier_agent_are_reaped() {
     let home = dir.path();
     std::fs::create_dir_all(running_dir(home)).unwrap();
     use std::os::unix::process::CommandExt;
-    let mut child = std::process::Command::new("sleep").arg("30").process_group(0).spawn().unwrap();
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .process_group(0)
+        .spawn()
+        .unwrap();
     let pid = child.id();
     let st = proc_start_time(pid).unwrap();
     std::fs::write(running_dir(home).join("9.1.0"), format!("{pid} {st}\n")).unwrap();
@@ -165,7 +222,10 @@ async fn orphans_of_an_earlier_agent_are_reaped() {
     let status = child.wait().unwrap();
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(9));
-    assert!(std::fs::read_dir(running_dir(home)).unwrap().next().is_none());
+    assert!(std::fs::read_dir(running_dir(home))
+        .unwrap()
+        .next()
+        .is_none());
 }
 
 #[tokio::test]
@@ -177,12 +237,25 @@ async fn cgroup_limits_apply_where_writable() {
     }
     let mut h = harness(true);
     // 64 MiB limit; the replica tries to hold 256 MiB.
-    let mut s = start(6, &["python3", "-c", "b = bytearray(256 << 20); print('survived')"]);
+    let mut s = start(
+        6,
+        &[
+            "python3",
+            "-c",
+            "b = bytearray(256 << 20); print('survived')",
+        ],
+    );
     s.memory_bytes = 64 << 20;
     h.cmd.send(ToAgent::Start(s)).unwrap();
     let (code, signal, cause) = h.exit_of(6).await;
-    assert!(!h.log(6).contains("survived"), "memory limit not enforced: {code:?} {signal:?}");
-    assert!(cause == ExitCause::OutOfMemory || code != Some(0), "{cause:?} {code:?}");
+    assert!(
+        !h.log(6).contains("survived"),
+        "memory limit not enforced: {code:?} {signal:?}"
+    );
+    assert!(
+        cause == ExitCause::OutOfMemory || code != Some(0),
+        "{cause:?} {code:?}"
+    );
     let mut s = start(7, &["/bin/sh", "-c", "echo fine"]);
     s.memory_bytes = 64 << 20;
     h.cmd.send(ToAgent::Start(s)).unwrap();

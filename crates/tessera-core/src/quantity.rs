@@ -246,7 +246,10 @@ mod tests {
 
     #[test]
     fn memory_errors_say_what_is_wrong() {
-        assert!(parse_memory("12Qi").unwrap_err().0.contains("unknown memory unit"));
+        assert!(parse_memory("12Qi")
+            .unwrap_err()
+            .0
+            .contains("unknown memory unit"));
         assert!(parse_memory("-1Gi").unwrap_err().0.contains("negative"));
         assert!(parse_memory("Gi").unwrap_err().0.contains("no number"));
         assert!(parse_memory("").is_err());

@@ -301,7 +301,10 @@ impl JobSpec {
                     return Err(FieldError::new("command", "must not be empty"));
                 }
                 if argv[0].trim().is_empty() {
-                    return Err(FieldError::new("command[0]", "the program must not be empty"));
+                    return Err(FieldError::new(
+                        "command[0]",
+                        "the program must not be empty",
+                    ));
                 }
                 if let Some(i) = argv.iter().position(|a| a.contains('\0')) {
                     return Err(FieldError::new(
@@ -341,7 +344,10 @@ impl JobSpec {
                 ));
             }
             if k.starts_with("TESSERA_") {
-                return Err(FieldError::new(field, "TESSERA_* variables are set by Tessera"));
+                return Err(FieldError::new(
+                    field,
+                    "TESSERA_* variables are set by Tessera",
+                ));
             }
             if v.contains('\0') {
                 return Err(FieldError::new(field, "must not contain NUL bytes"));
@@ -358,11 +364,16 @@ impl JobSpec {
         let r = &self.resources;
         let cpu_milli = match &r.cpu {
             None => DEFAULT_CPU_MILLI,
-            Some(Quantity::Number(n)) => quantity::cpu_from_f64(*n).map_err(qerr("resources.cpu"))?,
+            Some(Quantity::Number(n)) => {
+                quantity::cpu_from_f64(*n).map_err(qerr("resources.cpu"))?
+            }
             Some(Quantity::Text(s)) => quantity::parse_cpu(s).map_err(qerr("resources.cpu"))?,
         };
         if cpu_milli == 0 {
-            return Err(FieldError::new("resources.cpu", "must be greater than zero"));
+            return Err(FieldError::new(
+                "resources.cpu",
+                "must be greater than zero",
+            ));
         }
         let memory_bytes = match &r.memory {
             None => DEFAULT_MEMORY_BYTES,
@@ -380,7 +391,10 @@ impl JobSpec {
             }
         };
         if memory_bytes == 0 {
-            return Err(FieldError::new("resources.memory", "must be greater than zero"));
+            return Err(FieldError::new(
+                "resources.memory",
+                "must be greater than zero",
+            ));
         }
         let gpu = check_count("resources.gpu", r.gpu.unwrap_or(0), 0, MAX_GPUS as i64)? as u32;
         for (i, m) in r.gpu_models.iter().enumerate() {
@@ -397,10 +411,18 @@ impl JobSpec {
                 "names GPU models but `gpu` is 0",
             ));
         }
-        let replicas =
-            check_count("replicas", self.replicas.unwrap_or(1), 1, MAX_REPLICAS as i64)? as u32;
-        let priority =
-            check_count("priority", self.priority.unwrap_or(0), -MAX_PRIORITY, MAX_PRIORITY)? as i32;
+        let replicas = check_count(
+            "replicas",
+            self.replicas.unwrap_or(1),
+            1,
+            MAX_REPLICAS as i64,
+        )? as u32;
+        let priority = check_count(
+            "priority",
+            self.priority.unwrap_or(0),
+            -MAX_PRIORITY,
+            MAX_PRIORITY,
+        )? as i32;
         let max_runtime_ms = match &self.max_runtime {
             None => None,
             Some(q) => {
@@ -531,12 +553,19 @@ retries: {on_failure: 1, on_node_loss: 2}
         assert_eq!(t.resources.gpu, 1);
         assert_eq!(t.replicas, 2);
         assert_eq!(t.max_runtime_ms, Some(7_200_000));
-        assert_eq!(t.retries, RetryPolicy { on_failure: 1, on_node_loss: 2 });
+        assert_eq!(
+            t.retries,
+            RetryPolicy {
+                on_failure: 1,
+                on_node_loss: 2
+            }
+        );
     }
 
     #[test]
     fn json_and_yaml_share_a_schema() {
-        let j = parse_ok(r#"{"script": "echo hi", "resources": {"cpu": "500m", "memory": 1048576}}"#);
+        let j =
+            parse_ok(r#"{"script": "echo hi", "resources": {"cpu": "500m", "memory": 1048576}}"#);
         assert_eq!(j.argv, vec!["/bin/sh", "-c", "echo hi"]);
         assert_eq!(j.resources.cpu_milli, 500);
         assert_eq!(j.resources.memory_bytes, 1 << 20);
@@ -561,7 +590,10 @@ retries: {on_failure: 1, on_node_loss: 2}
             ("name: 'bad name'\ncommand: [x]", "name"),
             ("command: [x]\nresources: {cpu: 0}", "resources.cpu"),
             ("command: [x]\nresources: {cpu: -2}", "resources.cpu"),
-            ("command: [x]\nresources: {memory: 12Qi}", "resources.memory"),
+            (
+                "command: [x]\nresources: {memory: 12Qi}",
+                "resources.memory",
+            ),
             ("command: [x]\nresources: {memory: 0}", "resources.memory"),
             ("command: [x]\nresources: {gpu: -1}", "resources.gpu"),
             ("command: [x]\nresources: {gpu: 100000}", "resources.gpu"),
@@ -584,6 +616,9 @@ retries: {on_failure: 1, on_node_loss: 2}
 
     #[test]
     fn default_names_come_from_the_program() {
-        assert_eq!(parse_ok("command: [/usr/bin/python3, -c, x]").name, "python3");
+        assert_eq!(
+            parse_ok("command: [/usr/bin/python3, -c, x]").name,
+            "python3"
+        );
     }
 }

@@ -45,9 +45,16 @@ fn priority_then_submit_order() {
     };
     let plan = schedule(&snap, 0);
     assert_eq!(plan.placements.len(), 1);
-    assert!(placed(&plan, 2).is_some(), "highest priority, earliest submit wins");
+    assert!(
+        placed(&plan, 2).is_some(),
+        "highest priority, earliest submit wins"
+    );
     assert!(reason(&plan, 3).contains("not enough free CPU"));
-    assert!(reason(&plan, 1).contains("1 job ahead"), "{}", reason(&plan, 1));
+    assert!(
+        reason(&plan, 1).contains("1 job ahead"),
+        "{}",
+        reason(&plan, 1)
+    );
 }
 
 #[test]
@@ -117,7 +124,11 @@ fn gang_is_all_or_nothing() {
     };
     let plan = schedule(&snap, 0);
     assert!(placed(&plan, 1).is_none());
-    assert!(reason(&plan, 1).contains("at most 2 of the 3 replicas"), "{}", reason(&plan, 1));
+    assert!(
+        reason(&plan, 1).contains("at most 2 of the 3 replicas"),
+        "{}",
+        reason(&plan, 1)
+    );
     let p2 = placed(&plan, 2).expect("the 2-gang fits after the 3-gang is rolled back");
     assert_eq!(p2.assignments.len(), 2);
     assert_ne!(p2.assignments[0].node, p2.assignments[1].node);
@@ -162,8 +173,15 @@ fn cordoned_nodes_get_nothing_and_say_so() {
 // ---- properties ----
 
 fn arb_node(i: usize) -> impl Strategy<Value = NodeView> {
-    (1u64..=16, 1u64..=64, 0u32..=8, any::<bool>(), 0u64..=100, any::<bool>()).prop_map(
-        move |(cpu, mem, gpus, h100, used_pct, schedulable)| {
+    (
+        1u64..=16,
+        1u64..=64,
+        0u32..=8,
+        any::<bool>(),
+        0u64..=100,
+        any::<bool>(),
+    )
+        .prop_map(move |(cpu, mem, gpus, h100, used_pct, schedulable)| {
             let mut n = NodeView::new(format!("n{i}"), cpu * 1000, mem * GI)
                 .with_gpus(gpus, if h100 { "H100" } else { "A100" });
             n.free_cpu_milli = n.cpu_milli * (100 - used_pct) / 100;
@@ -174,30 +192,37 @@ fn arb_node(i: usize) -> impl Strategy<Value = NodeView> {
             }
             n.schedulable = schedulable || i == 0;
             n
-        },
-    )
+        })
 }
 
 fn arb_job(id: u64) -> impl Strategy<Value = PendingJob> {
-    (1u64..=8000, 1u64..=16, 0u32..=4, 1u32..=4, -2i32..=2, 0u8..3).prop_map(
-        move |(cpu, mem, gpu, replicas, priority, models)| PendingJob {
-            id,
-            team: format!("t{}", id % 3),
-            priority,
-            submitted_at: 1000 + id * 7 % 13,
-            resources: Resources {
-                cpu_milli: cpu,
-                memory_bytes: mem * GI / 2,
-                gpu,
-                gpu_models: match (gpu, models) {
-                    (0, _) | (_, 0) => vec![],
-                    (_, 1) => vec!["H100".into()],
-                    _ => vec!["A100".into(), "H100".into()],
-                },
-            },
-            replicas,
-        },
+    (
+        1u64..=8000,
+        1u64..=16,
+        0u32..=4,
+        1u32..=4,
+        -2i32..=2,
+        0u8..3,
     )
+        .prop_map(
+            move |(cpu, mem, gpu, replicas, priority, models)| PendingJob {
+                id,
+                team: format!("t{}", id % 3),
+                priority,
+                submitted_at: 1000 + id * 7 % 13,
+                resources: Resources {
+                    cpu_milli: cpu,
+                    memory_bytes: mem * GI / 2,
+                    gpu,
+                    gpu_models: match (gpu, models) {
+                        (0, _) | (_, 0) => vec![],
+                        (_, 1) => vec!["H100".into()],
+                        _ => vec!["A100".into(), "H100".into()],
+                    },
+                },
+                replicas,
+            },
+        )
 }
 
 fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
@@ -299,5 +324,8 @@ fn gang_waiting_for_room_says_so() {
     };
     let plan = schedule(&snap, 0);
     let r = reason(&plan, 1);
-    assert!(r.contains("gang of 2") && r.contains("1 of 2 schedulable nodes"), "{r}");
+    assert!(
+        r.contains("gang of 2") && r.contains("1 of 2 schedulable nodes"),
+        "{r}"
+    );
 }

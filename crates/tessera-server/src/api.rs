@@ -97,15 +97,20 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 }
 
 fn body_text(body: &Bytes) -> Result<&str, ApiError> {
-    std::str::from_utf8(body).map_err(|_| ApiError::bad_request("the request body is not UTF-8 text"))
+    std::str::from_utf8(body)
+        .map_err(|_| ApiError::bad_request("the request body is not UTF-8 text"))
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid JSON: {}", e.inner()))
-            .with_field(if path == "." { String::new() } else { path })
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("invalid JSON: {}", e.inner()),
+        )
+        .with_field(if path == "." { String::new() } else { path })
     })
 }
 
@@ -116,8 +121,12 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
 
 fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
     raw.parse::<JobId>().map_err(|_| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", format!("`{raw}` is not a job id (a positive number)"))
-            .with_field("id")
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            format!("`{raw}` is not a job id (a positive number)"),
+        )
+        .with_field("id")
     })
 }
 
@@ -145,7 +154,10 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         shared.metrics.render(&state)
     };
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         text,
     )
 }
@@ -210,7 +222,10 @@ async fn create_team(
     validate_team_name("name", &req.name)?;
     let weight = req.weight.unwrap_or(1.0);
     if !(weight.is_finite() && weight > 0.0 && weight <= 1e6) {
-        return Err(ApiError::from(tessera_core::FieldError::new("weight", "must be a number in (0, 1000000]")));
+        return Err(ApiError::from(tessera_core::FieldError::new(
+            "weight",
+            "must be a number in (0, 1000000]",
+        )));
     }
     let team = Team {
         name: req.name.clone(),
@@ -218,11 +233,24 @@ async fn create_team(
         created_at: now_ms(),
     };
     let _guard = shared.admin_lock.lock().await;
-    if shared.state.lock().expect("state lock").teams.contains_key(&team.name) {
-        return Err(ApiError::conflict(format!("team `{}` already exists", team.name)).with_field("name"));
+    if shared
+        .state
+        .lock()
+        .expect("state lock")
+        .teams
+        .contains_key(&team.name)
+    {
+        return Err(
+            ApiError::conflict(format!("team `{}` already exists", team.name)).with_field("name"),
+        );
     }
     commit(shared.store.as_ref(), vec![Write::Team(team.clone())]).await?;
-    shared.state.lock().expect("state lock").teams.insert(team.name.clone(), team.clone());
+    shared
+        .state
+        .lock()
+        .expect("state lock")
+        .teams
+        .insert(team.name.clone(), team.clone());
     Ok((StatusCode::CREATED, Json(team)))
 }
 
@@ -282,14 +310,35 @@ async fn create_token(
             req.team
         )));
     }
-    let name = req.name.unwrap_or_else(|| format!("{}-{}", req.team, role.as_str()));
+    let name = req
+        .name
+        .unwrap_or_else(|| format!("{}-{}", req.team, role.as_str()));
     validate_name("name", &name)?;
-    if !shared.state.lock().expect("state lock").teams.contains_key(&req.team) {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_team", format!("team `{}` does not exist; create it with `tessera team create {}`", req.team, req.team)).with_field("team"));
+    if !shared
+        .state
+        .lock()
+        .expect("state lock")
+        .teams
+        .contains_key(&req.team)
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_team",
+            format!(
+                "team `{}` does not exist; create it with `tessera team create {}`",
+                req.team, req.team
+            ),
+        )
+        .with_field("team"));
     }
     let (secret, record) = mint(&name, &req.team, role, now_ms());
     commit(shared.store.as_ref(), vec![Write::Token(record.clone())]).await?;
-    shared.state.lock().expect("state lock").tokens.insert(record.hash.clone(), record.clone());
+    shared
+        .state
+        .lock()
+        .expect("state lock")
+        .tokens
+        .insert(record.hash.clone(), record.clone());
     Ok((
         StatusCode::CREATED,
         Json(TokenCreated {
@@ -304,7 +353,10 @@ async fn create_token(
 }
 
 #[utoipa::path(get, path = "/v1/tokens", responses((status = 200, body = inline(TokenList))))]
-async fn list_tokens(State(shared): State<Arc<Shared>>, caller: Caller) -> Result<Json<TokenList>, ApiError> {
+async fn list_tokens(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+) -> Result<Json<TokenList>, ApiError> {
     if caller.0.role != Role::Admin {
         return Err(ApiError::forbidden("listing tokens needs an admin token"));
     }
@@ -337,11 +389,23 @@ async fn delete_token(
         state.tokens.values().find(|t| t.id == id).cloned()
     }
     .ok_or_else(|| ApiError::not_found(format!("no token with id `{id}`")))?;
-    if !(caller.0.is_superuser() || (caller.0.role == Role::Admin && caller.0.team == record.team)) {
-        return Err(ApiError::forbidden("revoking a token needs an admin token of its team"));
+    if !(caller.0.is_superuser() || (caller.0.role == Role::Admin && caller.0.team == record.team))
+    {
+        return Err(ApiError::forbidden(
+            "revoking a token needs an admin token of its team",
+        ));
     }
-    commit(shared.store.as_ref(), vec![Write::DeleteToken(record.id.clone())]).await?;
-    shared.state.lock().expect("state lock").tokens.remove(&record.hash);
+    commit(
+        shared.store.as_ref(),
+        vec![Write::DeleteToken(record.id.clone())],
+    )
+    .await?;
+    shared
+        .state
+        .lock()
+        .expect("state lock")
+        .tokens
+        .remove(&record.hash);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -364,7 +428,9 @@ async fn create_job(shared: &Shared, caller: &Caller, spec: JobSpec) -> Result<J
             .with_field("team"));
         }
         let nodes = state.live_node_views();
-        if let Some(why) = tessera_scheduler::infeasible_reason(&nodes, &template.resources, template.replicas) {
+        if let Some(why) =
+            tessera_scheduler::infeasible_reason(&nodes, &template.resources, template.replicas)
+        {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "unschedulable",
@@ -373,7 +439,9 @@ async fn create_job(shared: &Shared, caller: &Caller, spec: JobSpec) -> Result<J
             .with_field("resources"));
         }
     }
-    let id = shared.next_id.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let id = shared
+        .next_id
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let job = Job::new(id, template, caller.0.token_id.clone(), now);
     let mut msg = format!("submitted by {} (team {})", caller.0.token_id, job.team());
     if let Some(image) = &job.spec.image {
@@ -384,10 +452,17 @@ async fn create_job(shared: &Shared, caller: &Caller, spec: JobSpec) -> Result<J
     let event = Event::new(id, now, "submitted", msg);
     commit(
         shared.store.as_ref(),
-        vec![Write::Job(Box::new(job.clone())), Write::Event(event.clone())],
+        vec![
+            Write::Job(Box::new(job.clone())),
+            Write::Event(event.clone()),
+        ],
     )
     .await?;
-    shared.state.lock().expect("state lock").insert_job(job.clone(), event);
+    shared
+        .state
+        .lock()
+        .expect("state lock")
+        .insert_job(job.clone(), event);
     shared.metrics.submitted.inc();
     shared.wake.notify_one();
     Ok(job)
@@ -438,7 +513,10 @@ async fn list_jobs(
     let f = query(q)?;
     let limit = f.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::from(tessera_core::FieldError::new("limit", "must be between 1 and 1000")));
+        return Err(ApiError::from(tessera_core::FieldError::new(
+            "limit",
+            "must be between 1 and 1000",
+        )));
     }
     let state_filter = match &f.state {
         None => None,
@@ -455,10 +533,16 @@ async fn list_jobs(
     let before: JobId = match &f.cursor {
         None => JobId::MAX,
         Some(c) => c.parse().map_err(|_| {
-            ApiError::from(tessera_core::FieldError::new("cursor", "is not a cursor from a previous page"))
+            ApiError::from(tessera_core::FieldError::new(
+                "cursor",
+                "is not a cursor from a previous page",
+            ))
         })?,
     };
-    let team = f.team.clone().or_else(|| (!caller.0.is_superuser()).then(|| caller.0.team.clone()));
+    let team = f
+        .team
+        .clone()
+        .or_else(|| (!caller.0.is_superuser()).then(|| caller.0.team.clone()));
     let state = shared.state.lock().expect("state lock");
     let mut jobs = Vec::with_capacity(limit.min(256));
     let mut next_cursor = None;
@@ -502,23 +586,48 @@ async fn cancel_job(
     let mut writes = Vec::new();
     let updated = {
         let mut state = shared.state.lock().expect("state lock");
-        let job = state.jobs.get(&id).cloned().ok_or_else(|| ApiError::not_found(format!("no job with id {id}")))?;
+        let job = state
+            .jobs
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(format!("no job with id {id}")))?;
         if job.state.is_terminal() {
-            return Err(ApiError::conflict(format!("job {id} has already finished ({})", job.state.as_str())));
+            return Err(ApiError::conflict(format!(
+                "job {id} has already finished ({})",
+                job.state.as_str()
+            )));
         }
         let by = format!("cancelled by {}", caller.0.token_id);
         if job.state == JobState::Queued {
-            crate::control::finish(&mut state, id, JobState::Cancelled, None, by, now, &mut writes, &shared);
+            crate::control::finish(
+                &mut state,
+                id,
+                JobState::Cancelled,
+                None,
+                by,
+                now,
+                &mut writes,
+                &shared,
+            );
         } else if !job.cancel_requested {
             state.update_job(id, &mut writes, |j| {
                 j.cancel_requested = true;
-                Some(Event::new(id, now, "cancelling", format!("{by}; stopping its replicas")))
+                Some(Event::new(
+                    id,
+                    now,
+                    "cancelling",
+                    format!("{by}; stopping its replicas"),
+                ))
             });
             let agents = shared.agents.lock().expect("agents lock");
             for p in &job.placement {
                 if let Some(tx) = agents.get(&p.node) {
                     let _ = tx.send(ToAgent::Stop {
-                        key: ReplicaKey { job_id: id, attempt: job.attempt, replica: p.replica },
+                        key: ReplicaKey {
+                            job_id: id,
+                            attempt: job.attempt,
+                            replica: p.replica,
+                        },
                         grace_ms: shared.kill_grace_ms,
                         reason: "cancelled".into(),
                     });
@@ -579,21 +688,39 @@ async fn job_logs(
     if replica >= job.spec.replicas {
         return Err(ApiError::from(tessera_core::FieldError::new(
             "replica",
-            format!("job {id} has {} replica(s), numbered from 0", job.spec.replicas),
+            format!(
+                "job {id} has {} replica(s), numbered from 0",
+                job.spec.replicas
+            ),
         )));
     }
     if let Some(a) = q.attempt {
         if a == 0 || a > job.attempt {
             return Err(ApiError::from(tessera_core::FieldError::new(
                 "attempt",
-                format!("job {id} has had {} attempt(s), numbered from 1", job.attempt),
+                format!(
+                    "job {id} has had {} attempt(s), numbered from 1",
+                    job.attempt
+                ),
             )));
         }
     }
-    let stream = crate::logs::stream(shared.clone(), id, replica, q.attempt, q.follow.unwrap_or(false));
+    let stream = crate::logs::stream(
+        shared.clone(),
+        id,
+        replica,
+        q.attempt,
+        q.follow.unwrap_or(false),
+    );
     let mut headers = HeaderMap::new();
-    headers.insert(header::CONTENT_TYPE, "text/plain; charset=utf-8".parse().expect("static header"));
-    headers.insert("x-content-type-options", "nosniff".parse().expect("static header"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        "text/plain; charset=utf-8".parse().expect("static header"),
+    );
+    headers.insert(
+        "x-content-type-options",
+        "nosniff".parse().expect("static header"),
+    );
     Ok((headers, Body::from_stream(stream)).into_response())
 }
 

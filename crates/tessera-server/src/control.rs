@@ -61,7 +61,10 @@ pub async fn run_cycle(shared: &Shared) -> Result<(), tessera_store::StoreError>
     }
     let started = Instant::now();
     let plan = tessera_scheduler::schedule(&snapshot, now);
-    shared.metrics.cycle_seconds.observe(started.elapsed().as_secs_f64());
+    shared
+        .metrics
+        .cycle_seconds
+        .observe(started.elapsed().as_secs_f64());
 
     let mut writes = Vec::new();
     let mut placed: Vec<JobId> = Vec::new();
@@ -138,19 +141,33 @@ fn describe_placement(p: &[ReplicaPlacement]) -> String {
 
 /// Sends Start for every replica of freshly placed jobs, unless a cancel got
 /// there first (then the job is cancelled without running).
-async fn dispatch_starts(shared: &Shared, placed: &[JobId]) -> Result<(), tessera_store::StoreError> {
+async fn dispatch_starts(
+    shared: &Shared,
+    placed: &[JobId],
+) -> Result<(), tessera_store::StoreError> {
     let now = now_ms();
     let mut writes = Vec::new();
     {
         let mut state = shared.state.lock().expect("state lock");
         let agents = shared.agents.lock().expect("agents lock");
         for id in placed {
-            let Some(job) = state.jobs.get(id) else { continue };
+            let Some(job) = state.jobs.get(id) else {
+                continue;
+            };
             if job.state != JobState::Scheduled {
                 continue;
             }
             if job.cancel_requested {
-                finish(&mut state, *id, JobState::Cancelled, None, "cancelled before it started".into(), now, &mut writes, shared);
+                finish(
+                    &mut state,
+                    *id,
+                    JobState::Cancelled,
+                    None,
+                    "cancelled before it started".into(),
+                    now,
+                    &mut writes,
+                    shared,
+                );
                 continue;
             }
             for p in &job.placement {
@@ -178,7 +195,12 @@ fn start_message(job: &Job, p: &ReplicaPlacement) -> StartReplica {
         },
         num_replicas: job.spec.replicas,
         argv: job.spec.argv.clone(),
-        env: job.spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        env: job
+            .spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         workdir: job.spec.workdir.clone(),
         gpus: p.gpus.clone(),
         cpu_milli: job.spec.resources.cpu_milli,
@@ -200,7 +222,9 @@ pub fn finish(
     writes: &mut Vec<Write>,
     shared: &Shared,
 ) {
-    let Some(job) = state.jobs.get(&id) else { return };
+    let Some(job) = state.jobs.get(&id) else {
+        return;
+    };
     let retry = match outcome {
         JobState::Failed => job.failures < job.spec.retries.on_failure && !job.cancel_requested,
         JobState::Lost => job.node_losses < job.spec.retries.on_node_loss && !job.cancel_requested,
@@ -296,7 +320,11 @@ fn handle_agent_event(
             let node = match state.nodes.get(&inv.name) {
                 Some(n) => Node {
                     inventory: inv,
-                    state: if n.state == NodeState::Lost { NodeState::Ready } else { n.state },
+                    state: if n.state == NodeState::Lost {
+                        NodeState::Ready
+                    } else {
+                        n.state
+                    },
                     registered_at: n.registered_at,
                     last_heartbeat: now,
                 },
@@ -313,7 +341,9 @@ fn handle_agent_event(
             shared.wake.notify_one();
         }
         FromAgent::Started { key, pid, at } => {
-            let Some(job) = state.jobs.get(&key.job_id) else { return };
+            let Some(job) = state.jobs.get(&key.job_id) else {
+                return;
+            };
             if job.attempt != key.attempt || !job.state.is_active() {
                 return;
             }
@@ -336,9 +366,19 @@ fn handle_agent_event(
                     .map(|p| p.node.clone())
                     .unwrap_or_default();
                 if replicas > 1 {
-                    Some(Event::new(j.id, at, "started", format!("replica {} started on {node} (pid {pid})", key.replica)))
+                    Some(Event::new(
+                        j.id,
+                        at,
+                        "started",
+                        format!("replica {} started on {node} (pid {pid})", key.replica),
+                    ))
                 } else {
-                    Some(Event::new(j.id, at, "started", format!("started on {node} (pid {pid})")))
+                    Some(Event::new(
+                        j.id,
+                        at,
+                        "started",
+                        format!("started on {node} (pid {pid})"),
+                    ))
                 }
             });
             if first {
@@ -355,7 +395,9 @@ fn handle_agent_event(
             cause,
             at,
         } => {
-            let Some(job) = state.jobs.get(&key.job_id) else { return };
+            let Some(job) = state.jobs.get(&key.job_id) else {
+                return;
+            };
             if job.attempt != key.attempt || !job.state.is_active() {
                 return;
             }
@@ -365,7 +407,11 @@ fn handle_agent_event(
             if !ok || job.spec.replicas > 1 {
                 ev = Some(Event::new(key.job_id, at, "exited", what.clone()));
             }
-            let first_failure = !ok && job.replicas.iter().all(|r| r.exit_code.unwrap_or(0) == 0 && r.signal.is_none());
+            let first_failure = !ok
+                && job
+                    .replicas
+                    .iter()
+                    .all(|r| r.exit_code.unwrap_or(0) == 0 && r.signal.is_none());
             let job_exit = code.or(signal.map(|s| 128 + s)).or(match cause {
                 ExitCause::SpawnFailed(_) => Some(127),
                 _ => None,
@@ -391,7 +437,11 @@ fn handle_agent_event(
                             stops.push((
                                 p.node.clone(),
                                 ToAgent::Stop {
-                                    key: ReplicaKey { job_id: job.id, attempt: job.attempt, replica: r.replica },
+                                    key: ReplicaKey {
+                                        job_id: job.id,
+                                        attempt: job.attempt,
+                                        replica: r.replica,
+                                    },
                                     grace_ms: shared.kill_grace_ms,
                                     reason: format!("replica {} failed", key.replica),
                                 },
@@ -403,9 +453,17 @@ fn handle_agent_event(
             if job.replicas.iter().all(|r| r.state == ReplicaState::Exited) {
                 let failed = job.replicas.iter().any(|r| r.exit_code != Some(0));
                 let (outcome, exit, reason) = if job.cancel_requested {
-                    (JobState::Cancelled, job.exit_code.or(job_exit), "cancelled on request".to_string())
+                    (
+                        JobState::Cancelled,
+                        job.exit_code.or(job_exit),
+                        "cancelled on request".to_string(),
+                    )
                 } else if failed {
-                    (JobState::Failed, job.exit_code, job.reason.clone().unwrap_or(what))
+                    (
+                        JobState::Failed,
+                        job.exit_code,
+                        job.reason.clone().unwrap_or(what),
+                    )
                 } else {
                     let msg = if job.spec.replicas > 1 {
                         format!("all {} replicas exited with code 0", job.spec.replicas)
@@ -414,13 +472,21 @@ fn handle_agent_event(
                     };
                     (JobState::Succeeded, Some(0), msg)
                 };
-                finish(state, key.job_id, outcome, exit, reason, now, writes, shared);
+                finish(
+                    state, key.job_id, outcome, exit, reason, now, writes, shared,
+                );
             }
         }
     }
 }
 
-fn describe_exit(job: &Job, replica: u32, code: Option<i32>, signal: Option<i32>, cause: &ExitCause) -> String {
+fn describe_exit(
+    job: &Job,
+    replica: u32,
+    code: Option<i32>,
+    signal: Option<i32>,
+    cause: &ExitCause,
+) -> String {
     let who = if job.spec.replicas > 1 {
         format!("replica {replica} ")
     } else {
@@ -454,10 +520,24 @@ pub fn recover_interrupted(shared: &Shared, state: &mut ClusterState, now: u64) 
     for id in interrupted {
         let cancel = state.jobs[&id].cancel_requested;
         if cancel {
-            finish(state, id, JobState::Cancelled, None, "cancelled; the server restarted while it was stopping".into(), now, &mut writes, shared);
+            finish(
+                state,
+                id,
+                JobState::Cancelled,
+                None,
+                "cancelled; the server restarted while it was stopping".into(),
+                now,
+                &mut writes,
+                shared,
+            );
         } else {
             state.add_event(
-                Event::new(id, now, "lost", "the server restarted while the job was running; its processes were stopped"),
+                Event::new(
+                    id,
+                    now,
+                    "lost",
+                    "the server restarted while the job was running; its processes were stopped",
+                ),
                 &mut writes,
             );
             finish(

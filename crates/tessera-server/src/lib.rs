@@ -67,7 +67,12 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    pub fn new(store: Arc<dyn Store>, state: ClusterState, home: PathBuf, kill_grace: Duration) -> Shared {
+    pub fn new(
+        store: Arc<dyn Store>,
+        state: ClusterState,
+        home: PathBuf,
+        kill_grace: Duration,
+    ) -> Shared {
         let next = state.max_job_id() + 1;
         Shared {
             store,
@@ -119,7 +124,11 @@ impl UpConfig {
 
 /// Creates the `admin` team and an admin token on first start; writes the
 /// token to `admin.token` (mode 0600). Returns whether it did.
-async fn bootstrap(store: &dyn Store, state: &mut ClusterState, home: &Path) -> anyhow::Result<bool> {
+async fn bootstrap(
+    store: &dyn Store,
+    state: &mut ClusterState,
+    home: &Path,
+) -> anyhow::Result<bool> {
     if state.teams.contains_key(ADMIN_TEAM) {
         return Ok(false);
     }
@@ -133,9 +142,12 @@ async fn bootstrap(store: &dyn Store, state: &mut ClusterState, home: &Path) -> 
     // The token file first: if we crash before the commit, the next start
     // bootstraps again and overwrites it.
     write_private(&home.join("admin.token"), &format!("{secret}\n"))?;
-    commit(store, vec![Write::Team(team.clone()), Write::Token(record.clone())])
-        .await
-        .context("storing the admin team")?;
+    commit(
+        store,
+        vec![Write::Team(team.clone()), Write::Token(record.clone())],
+    )
+    .await
+    .context("storing the admin team")?;
     state.teams.insert(team.name.clone(), team);
     state.tokens.insert(record.hash.clone(), record);
     Ok(true)
@@ -164,9 +176,8 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     let home = config.home.clone();
     std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;
     let home = home.canonicalize()?;
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(home.join("tessera.db")).context("opening the database")?,
-    );
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(home.join("tessera.db")).context("opening the database")?);
     let loaded = store.load().context("loading state")?;
     let mut state = ClusterState::from_loaded(loaded);
     let first = bootstrap(store.as_ref(), &mut state, &home).await?;
@@ -174,7 +185,10 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     // The local agent: reap what an earlier run left, learn the machine.
     let reaped = tessera_agent::reap_orphans(&home);
     if !reaped.is_empty() {
-        info!(count = reaped.len(), "stopped replicas left running by an earlier run");
+        info!(
+            count = reaped.len(),
+            "stopped replicas left running by an earlier run"
+        );
     }
     let mut agent_config = AgentConfig::new(&home);
     agent_config.name = config.agent_name.clone();
@@ -188,7 +202,12 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     let inventory = agent.inventory();
     let node_name = inventory.name.clone();
 
-    let shared = Arc::new(Shared::new(store.clone(), state, home.clone(), config.kill_grace));
+    let shared = Arc::new(Shared::new(
+        store.clone(),
+        state,
+        home.clone(),
+        config.kill_grace,
+    ));
     // Recover jobs the last run was running, and register the local node
     // before the API answers, so submissions are checked against it.
     let writes = {
@@ -211,9 +230,15 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
         state.nodes.insert(node_name.clone(), node);
         writes
     };
-    commit(store.as_ref(), writes).await.context("recovering state")?;
+    commit(store.as_ref(), writes)
+        .await
+        .context("recovering state")?;
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-    shared.agents.lock().expect("agents lock").insert(node_name.clone(), cmd_tx);
+    shared
+        .agents
+        .lock()
+        .expect("agents lock")
+        .insert(node_name.clone(), cmd_tx);
     tokio::spawn(agent.run(cmd_rx));
     tokio::spawn(control::agent_events_loop(shared.clone(), events_rx));
     tokio::spawn(control::scheduling_loop(shared.clone()));
@@ -223,7 +248,8 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
-    std::fs::write(home.join("config"), format!("url = {url}\n")).context("writing the config file")?;
+    std::fs::write(home.join("config"), format!("url = {url}\n"))
+        .context("writing the config file")?;
     shared.wake.notify_one();
     info!(
         %url,

@@ -54,7 +54,11 @@ impl Follow {
     async fn read_more(&mut self, attempt: u32) -> std::io::Result<Option<Bytes>> {
         let path = tessera_agent::log_path(
             &self.shared.home,
-            ReplicaKey { job_id: self.job, attempt, replica: self.replica },
+            ReplicaKey {
+                job_id: self.job,
+                attempt,
+                replica: self.replica,
+            },
         );
         let mut file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
@@ -133,5 +137,8 @@ pub fn stream(
         phase: Phase::Waiting,
         changes,
     };
-    futures::stream::unfold(f, |mut f| async move { f.next().await.map(|item| (item, f)) })
+    futures::stream::unfold(
+        f,
+        |mut f| async move { f.next().await.map(|item| (item, f)) },
+    )
 }

@@ -91,9 +91,17 @@ impl Metrics {
         let submitted = Counter::default();
         registry.register("jobs_submitted", "Jobs accepted", submitted.clone());
         let placements = Counter::default();
-        registry.register("scheduler_placements", "Jobs placed by the scheduler", placements.clone());
+        registry.register(
+            "scheduler_placements",
+            "Jobs placed by the scheduler",
+            placements.clone(),
+        );
         let finished = Family::<StateLabel, Counter>::default();
-        registry.register("jobs_finished", "Jobs that reached a final state", finished.clone());
+        registry.register(
+            "jobs_finished",
+            "Jobs that reached a final state",
+            finished.clone(),
+        );
         Metrics {
             registry,
             jobs,
@@ -116,17 +124,23 @@ impl Metrics {
         }
         for s in JobState::ALL {
             self.jobs
-                .get_or_create(&StateLabel { state: s.as_str().into() })
+                .get_or_create(&StateLabel {
+                    state: s.as_str().into(),
+                })
                 .set(by_state.get(&s).copied().unwrap_or(0));
         }
         self.queue_length.clear();
         for t in state.teams.keys() {
-            self.queue_length.get_or_create(&TeamLabel { team: t.clone() }).set(0);
+            self.queue_length
+                .get_or_create(&TeamLabel { team: t.clone() })
+                .set(0);
         }
         for id in &state.queued {
             if let Some(j) = state.jobs.get(id) {
                 self.queue_length
-                    .get_or_create(&TeamLabel { team: j.spec.team.clone() })
+                    .get_or_create(&TeamLabel {
+                        team: j.spec.team.clone(),
+                    })
                     .inc();
             }
         }
@@ -140,12 +154,24 @@ impl Metrics {
                 node: name.clone(),
                 resource: r.into(),
             };
-            self.node_capacity.get_or_create(&label("cpu")).set(inv.cpu_milli as f64 / 1000.0);
-            self.node_capacity.get_or_create(&label("memory")).set(inv.memory_bytes as f64);
-            self.node_capacity.get_or_create(&label("gpu")).set(inv.gpus.len() as f64);
-            self.node_allocated.get_or_create(&label("cpu")).set(a.cpu_milli as f64 / 1000.0);
-            self.node_allocated.get_or_create(&label("memory")).set(a.memory_bytes as f64);
-            self.node_allocated.get_or_create(&label("gpu")).set(a.gpus.len() as f64);
+            self.node_capacity
+                .get_or_create(&label("cpu"))
+                .set(inv.cpu_milli as f64 / 1000.0);
+            self.node_capacity
+                .get_or_create(&label("memory"))
+                .set(inv.memory_bytes as f64);
+            self.node_capacity
+                .get_or_create(&label("gpu"))
+                .set(inv.gpus.len() as f64);
+            self.node_allocated
+                .get_or_create(&label("cpu"))
+                .set(a.cpu_milli as f64 / 1000.0);
+            self.node_allocated
+                .get_or_create(&label("memory"))
+                .set(a.memory_bytes as f64);
+            self.node_allocated
+                .get_or_create(&label("gpu"))
+                .set(a.gpus.len() as f64);
         }
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);

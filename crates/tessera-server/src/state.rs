@@ -118,7 +118,9 @@ impl ClusterState {
     pub fn allocations(&self) -> HashMap<String, Allocation> {
         let mut out: HashMap<String, Allocation> = HashMap::new();
         for id in &self.active {
-            let Some(job) = self.jobs.get(id) else { continue };
+            let Some(job) = self.jobs.get(id) else {
+                continue;
+            };
             let r = &job.spec.resources;
             for p in &job.placement {
                 let a = out.entry(p.node.clone()).or_default();

@@ -29,7 +29,10 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Db(#[from] rusqlite::Error),
     #[error("corrupt record in {table}: {message}")]
-    Corrupt { table: &'static str, message: String },
+    Corrupt {
+        table: &'static str,
+        message: String,
+    },
     #[error("the store has shut down")]
     Closed,
     #[error("{0}")]
@@ -120,7 +123,11 @@ fn apply_to(state: &mut Loaded, w: Write) {
 
 impl Store for MemStore {
     fn load(&self) -> Result<Loaded, StoreError> {
-        let mut l = self.state.lock().map_err(|e| StoreError::Other(e.to_string()))?.clone();
+        let mut l = self
+            .state
+            .lock()
+            .map_err(|e| StoreError::Other(e.to_string()))?
+            .clone();
         l.jobs.sort_by_key(|j| j.id);
         Ok(l)
     }

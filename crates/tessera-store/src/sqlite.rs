@@ -159,11 +159,18 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreError> {
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO jobs(id, team, state, body) VALUES (?1, ?2, ?3, ?4)",
             )?
-            .execute(params![j.id as i64, j.spec.team, j.state.as_str(), json(j)?])?;
+            .execute(params![
+                j.id as i64,
+                j.spec.team,
+                j.state.as_str(),
+                json(j)?
+            ])?;
         }
         Write::Event(e) => {
-            tx.prepare_cached("INSERT INTO events(job_id, time, kind, message) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![e.job_id as i64, e.time as i64, e.kind, e.message])?;
+            tx.prepare_cached(
+                "INSERT INTO events(job_id, time, kind, message) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![e.job_id as i64, e.time as i64, e.kind, e.message])?;
         }
         Write::Node(n) => {
             tx.prepare_cached("INSERT OR REPLACE INTO nodes(name, body) VALUES (?1, ?2)")?
@@ -191,10 +198,12 @@ fn load_bodies<T: serde::de::DeserializeOwned>(
     let mut out = Vec::new();
     for row in rows {
         let body = row?;
-        out.push(serde_json::from_str(&body).map_err(|e| StoreError::Corrupt {
-            table,
-            message: e.to_string(),
-        })?);
+        out.push(
+            serde_json::from_str(&body).map_err(|e| StoreError::Corrupt {
+                table,
+                message: e.to_string(),
+            })?,
+        );
     }
     Ok(out)
 }
@@ -250,7 +259,10 @@ mod tests {
     use tessera_core::{Event, Job, JobState};
 
     fn job(id: u64) -> Job {
-        let spec = JobSpec::parse("command: [\"true\"]").unwrap().validate("ml").unwrap();
+        let spec = JobSpec::parse("command: [\"true\"]")
+            .unwrap()
+            .validate("ml")
+            .unwrap();
         Job::new(id, spec, "tok".into(), 1000 + id)
     }
 
@@ -264,7 +276,11 @@ mod tests {
             commit(
                 &s,
                 vec![
-                    Write::Team(Team { name: "ml".into(), weight: 1.0, created_at: 1 }),
+                    Write::Team(Team {
+                        name: "ml".into(),
+                        weight: 1.0,
+                        created_at: 1,
+                    }),
                     Write::Token(TokenRecord {
                         id: "t1".into(),
                         name: "a".into(),
@@ -282,9 +298,15 @@ mod tests {
             .unwrap();
             j.state = JobState::Succeeded;
             j.exit_code = Some(0);
-            commit(&s, vec![Write::Job(Box::new(j)), Write::Event(Event::new(1, 9, "succeeded", "exit 0"))])
-                .await
-                .unwrap();
+            commit(
+                &s,
+                vec![
+                    Write::Job(Box::new(j)),
+                    Write::Event(Event::new(1, 9, "succeeded", "exit 0")),
+                ],
+            )
+            .await
+            .unwrap();
         }
         let s = SqliteStore::open(&path).unwrap();
         let l = s.load().unwrap();
@@ -293,7 +315,10 @@ mod tests {
         assert_eq!(l.jobs.len(), 1);
         assert_eq!(l.jobs[0].state, JobState::Succeeded);
         assert_eq!(l.jobs[0].exit_code, Some(0));
-        assert_eq!(l.events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["submitted", "succeeded"]);
+        assert_eq!(
+            l.events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+            ["submitted", "succeeded"]
+        );
         assert_eq!(l.meta["k"], "v");
     }
 
@@ -305,7 +330,14 @@ mod tests {
         for i in 0..200u64 {
             let s = s.clone();
             handles.push(tokio::spawn(async move {
-                commit(s.as_ref(), vec![Write::Job(Box::new(job(i))), Write::Event(Event::new(i, i, "submitted", ""))]).await
+                commit(
+                    s.as_ref(),
+                    vec![
+                        Write::Job(Box::new(job(i))),
+                        Write::Event(Event::new(i, i, "submitted", "")),
+                    ],
+                )
+                .await
             }));
         }
         for h in handles {
