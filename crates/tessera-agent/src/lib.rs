@@ -29,6 +29,9 @@ use tracing::{debug, info, warn};
 
 pub use cgroup::Cgroups;
 
+/// How often an agent says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// How an agent is set up.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -253,9 +256,16 @@ impl Agent {
 
     /// Registers, then serves commands until the command channel closes.
     pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<ToAgent>) {
-        let _ = self.events.send(FromAgent::Register(self.inventory()));
+        let inventory = self.inventory();
+        let node = inventory.name.clone();
+        let _ = self.events.send(FromAgent::Register(inventory));
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = heartbeat.tick() => {
+                    let _ = self.events.send(FromAgent::Heartbeat { node: node.clone(), at: now_ms() });
+                }
                 cmd = commands.recv() => match cmd {
                     Some(ToAgent::Start(start)) => self.start(start),
                     Some(ToAgent::Stop { key, grace_ms, reason }) => {

@@ -40,8 +40,10 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
-    /// Submit tiny jobs to the running server as fast as it acknowledges them.
-    /// The jobs are real: they run `true` (1m cpu, 1Mi) once submitted.
+    /// Submit jobs to the running server as fast as it acknowledges them.
+    /// A blocker job holds every CPU of the largest node first, so the
+    /// submitted jobs stay queued and the measure is the durable submission
+    /// path alone; afterwards the blocker and the jobs are cancelled.
     Submit {
         /// Jobs to submit
         #[arg(long, default_value_t = 20_000)]
@@ -314,6 +316,29 @@ async fn submit_many(client: &Client, spec: &Value, jobs: usize, concurrency: us
     s
 }
 
+/// Cancels jobs with `concurrency` requests in flight; errors (a job that
+/// already finished) are ignored.
+async fn cancel_all(client: &Client, ids: &[u64], concurrency: usize) {
+    let ids = Arc::new(ids.to_vec());
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (client, ids, next) = (client.clone(), ids.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(id) = ids.get(i) else { break };
+                let _: Result<Value> = client
+                    .post_json(&format!("/v1/jobs/{id}/cancel"), &json!({}))
+                    .await;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
 /// Checks the server answers (and the token works) before a benchmark.
 async fn preflight(client: &Client) -> Result<()> {
     let _: Value = client
@@ -330,13 +355,34 @@ fn latency_json(samples: &[f64]) -> Value {
 async fn submit(g: &Globals, jobs: usize, concurrency: usize) -> Result<()> {
     let client = g.client()?;
     preflight(&client).await?;
+    let nodes: Value = client.get("/v1/nodes", &[]).await?;
+    let node_cpu = nodes["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["cpu_milli"].as_u64())
+        .max()
+        .ok_or_else(|| anyhow!("the cluster has no nodes"))?;
+    let cpu = format!("{node_cpu}m");
+    let blocker: Created = client
+        .post_json(
+            "/v1/jobs",
+            &json!({"name": "bench-blocker", "command": ["sleep", "3600"], "resources": {"cpu": cpu, "memory": "1Mi"}}),
+        )
+        .await?;
     eprintln!(
-        "submitting {jobs} jobs to {} with {concurrency} in flight (they will run)",
-        client.url()
+        "submitting {jobs} jobs to {} with {concurrency} in flight (they stay queued behind job {})",
+        client.url(),
+        blocker.id
     );
     let spec =
-        json!({"command": ["true"], "resources": {"cpu": "1m", "memory": "1Mi"}, "name": "bench"});
+        json!({"command": ["true"], "resources": {"cpu": cpu, "memory": "1Mi"}, "name": "bench"});
     let s = submit_many(&client, &spec, jobs, concurrency).await;
+    // Clean up: the queue first, so none of it starts when the blocker goes.
+    cancel_all(&client, &s.ids, concurrency).await;
+    let _: Value = client
+        .post_json(&format!("/v1/jobs/{}/cancel", blocker.id), &json!({}))
+        .await?;
     if s.ids.is_empty() {
         return Err(anyhow!(s
             .first_error

@@ -88,6 +88,34 @@ impl Up {
         }
     }
 
+    /// SIGTERM, as Ctrl-C or a service manager would; waits for the exit.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tessera up did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn start_again(&mut self) {
+        let child = spawn_up(&self.home, &self.args);
+        self.url = wait_ready(&self.home);
+        self.child = Some(child);
+    }
+
     fn restart(&mut self) {
         self.kill9();
         let child = spawn_up(&self.home, &self.args);
@@ -699,4 +727,26 @@ fn gpus_from_nvidia_smi_output_are_scheduled_and_isolated() {
     );
     assert_eq!(s, 422, "{e}");
     assert!(e["error"]["message"].as_str().unwrap().contains("A100"));
+}
+
+#[test]
+fn sigterm_stops_running_work_and_requeues_it() {
+    let mut up = Up::start(&["--kill-grace", "1s"]);
+    let id = job_id(&up.cli_ok(&["run", "-o", "json", "--", "sleep", "60"]));
+    let pid = up.wait_state(id, &["running"], 20)["replicas"][0]["pid"]
+        .as_u64()
+        .unwrap();
+    let began = Instant::now();
+    assert!(up.terminate().success());
+    assert!(began.elapsed() < Duration::from_secs(10));
+    assert!(!alive(pid), "a replica outlived the server");
+    up.start_again();
+    let job = up.wait_state(id, &["running"], 20);
+    assert_eq!(job["attempt"], 2);
+    assert_eq!(job["node_losses"], 1);
+    let (_, events) = up.http().get(&format!("/v1/jobs/{id}/events"));
+    let text = events.to_string();
+    assert!(text.contains("server shut down"), "{text}");
+    up.cli_ok(&["cancel", &id.to_string()]);
+    up.wait_state(id, &["cancelled"], 20);
 }

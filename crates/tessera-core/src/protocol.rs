@@ -78,4 +78,9 @@ pub enum FromAgent {
         cause: ExitCause,
         at: u64,
     },
+    /// The agent is alive; sent periodically.
+    Heartbeat {
+        node: String,
+        at: u64,
+    },
 }

@@ -48,6 +48,12 @@ pub async fn scheduling_loop(shared: Arc<Shared>) {
 /// One pass: plan, apply, commit, dispatch.
 pub async fn run_cycle(shared: &Shared) -> Result<(), tessera_store::StoreError> {
     let now = now_ms();
+    if shared
+        .shutting_down
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return Ok(());
+    }
     let snapshot = {
         let mut state = shared.state.lock().expect("state lock");
         if state.queued.is_empty() || (state.fresh.is_empty() && !state.capacity_changed) {
@@ -316,6 +322,12 @@ fn handle_agent_event(
 ) {
     let now = now_ms();
     match ev {
+        FromAgent::Heartbeat { node, at } => {
+            // Kept in memory only: a heartbeat is not worth an fsync.
+            if let Some(n) = state.nodes.get_mut(&node) {
+                n.last_heartbeat = at;
+            }
+        }
         FromAgent::Register(inv) => {
             let node = match state.nodes.get(&inv.name) {
                 Some(n) => Node {
@@ -452,11 +464,20 @@ fn handle_agent_event(
             }
             if job.replicas.iter().all(|r| r.state == ReplicaState::Exited) {
                 let failed = job.replicas.iter().any(|r| r.exit_code != Some(0));
+                let shutting_down = shared
+                    .shutting_down
+                    .load(std::sync::atomic::Ordering::SeqCst);
                 let (outcome, exit, reason) = if job.cancel_requested {
                     (
                         JobState::Cancelled,
                         job.exit_code.or(job_exit),
                         "cancelled on request".to_string(),
+                    )
+                } else if shutting_down && cause == ExitCause::Stopped {
+                    (
+                        JobState::Lost,
+                        None,
+                        "lost: the server shut down while the job was running".to_string(),
                     )
                 } else if failed {
                     (
@@ -509,6 +530,46 @@ fn describe_exit(
             _ => format!("{who}ended"),
         },
     }
+}
+
+/// On shutdown: stops every running replica (SIGTERM, then SIGKILL after the
+/// grace period) and waits until the agents report them gone, so nothing
+/// keeps running unseen. Their jobs are requeued per their node-loss policy.
+pub async fn stop_all(shared: &Shared, wait: Duration) {
+    shared
+        .shutting_down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    {
+        let state = shared.state.lock().expect("state lock");
+        let agents = shared.agents.lock().expect("agents lock");
+        for id in &state.active {
+            let job = &state.jobs[id];
+            for p in &job.placement {
+                if let Some(tx) = agents.get(&p.node) {
+                    let _ = tx.send(ToAgent::Stop {
+                        key: ReplicaKey {
+                            job_id: job.id,
+                            attempt: job.attempt,
+                            replica: p.replica,
+                        },
+                        grace_ms: shared.kill_grace_ms,
+                        reason: "the server is shutting down".into(),
+                    });
+                }
+            }
+        }
+    }
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        if shared.state.lock().expect("state lock").active.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the last reports reach the store: the writer applies batches in
+    // order, so an empty batch behind them is a barrier.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _ = shared.store.submit(Vec::new()).await;
 }
 
 /// At start-up: jobs that were placed when the server stopped lost their

@@ -58,6 +58,8 @@ pub struct Shared {
     pub kill_grace_ms: u64,
     /// Serialises rare admin writes that check-then-insert (teams).
     pub admin_lock: tokio::sync::Mutex<()>,
+    /// Set on shutdown: nothing new is placed, stopped replicas count as lost.
+    pub shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -85,6 +87,7 @@ impl Shared {
             next_id: AtomicU64::new(next),
             kill_grace_ms: kill_grace.as_millis() as u64,
             admin_lock: tokio::sync::Mutex::new(()),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -264,11 +267,21 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
         home.display(),
         home.join("admin.token").display()
     );
+    let on_signal = {
+        let shared = shared.clone();
+        async move {
+            shutdown_signal().await;
+            // Stop the work first, so log followers see their jobs end and
+            // their connections close.
+            info!("shutting down: stopping running replicas");
+            control::stop_all(&shared, config.kill_grace + Duration::from_secs(2)).await;
+        }
+    };
     axum::serve(listener, api::router(shared.clone()))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(on_signal)
         .await
         .context("serving HTTP")?;
-    info!("shutting down");
+    info!("stopped");
     Ok(())
 }
 
