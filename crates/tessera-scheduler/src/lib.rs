@@ -130,7 +130,30 @@ pub struct Plan {
 struct Free {
     cpu: u64,
     mem: u64,
+    /// Per GPU slot: free and healthy.
     gpu_free: Vec<bool>,
+    /// Count of `true` in `gpu_free`.
+    free_gpus: u32,
+    /// GPU models, lowercased once per pass for model matching.
+    models_lower: Vec<String>,
+}
+
+/// Allowed GPU models of one job, lowercased once.
+struct Models(Vec<String>);
+
+impl Models {
+    fn of(r: &Resources) -> Models {
+        Models(
+            r.gpu_models
+                .iter()
+                .map(|m| m.to_ascii_lowercase())
+                .collect(),
+        )
+    }
+
+    fn allow(&self, model_lower: &str) -> bool {
+        self.0.is_empty() || self.0.iter().any(|m| model_lower.contains(m.as_str()))
+    }
 }
 
 /// A request shape: jobs with the same shape fit or fail together within one
@@ -149,10 +172,19 @@ pub fn schedule(snapshot: &Snapshot, _now: u64) -> Plan {
     let nodes = &snapshot.nodes;
     let mut free: Vec<Free> = nodes
         .iter()
-        .map(|n| Free {
-            cpu: n.free_cpu_milli,
-            mem: n.free_memory_bytes,
-            gpu_free: n.gpus.iter().map(|g| g.free && g.healthy).collect(),
+        .map(|n| {
+            let gpu_free: Vec<bool> = n.gpus.iter().map(|g| g.free && g.healthy).collect();
+            Free {
+                cpu: n.free_cpu_milli,
+                mem: n.free_memory_bytes,
+                free_gpus: gpu_free.iter().filter(|f| **f).count() as u32,
+                gpu_free,
+                models_lower: n
+                    .gpus
+                    .iter()
+                    .map(|g| g.model.to_ascii_lowercase())
+                    .collect(),
+            }
         })
         .collect();
     let mut order: Vec<&PendingJob> = snapshot.queue.iter().collect();
@@ -208,30 +240,33 @@ fn with_ahead(reason: &str, ahead: usize) -> String {
     }
 }
 
-/// Number of GPUs on node `i` that are free, healthy and of an allowed model.
-fn usable_gpus(node: &NodeView, free: &Free, r: &Resources) -> u32 {
+/// Number of GPUs on a node that are free, healthy and of an allowed model.
+fn usable_gpus(free: &Free, r: &Resources, models: &Models) -> u32 {
     if r.gpu == 0 {
         return 0;
     }
-    node.gpus
+    if models.0.is_empty() {
+        return free.free_gpus;
+    }
+    free.gpu_free
         .iter()
-        .zip(&free.gpu_free)
-        .filter(|(g, f)| **f && r.gpu_model_allowed(&g.model))
+        .zip(&free.models_lower)
+        .filter(|(f, m)| **f && models.allow(m))
         .count() as u32
 }
 
-fn fits(node: &NodeView, free: &Free, r: &Resources) -> bool {
+fn fits(node: &NodeView, free: &Free, r: &Resources, models: &Models) -> bool {
     node.schedulable
         && free.cpu >= r.cpu_milli
         && free.mem >= r.memory_bytes
-        && (r.gpu == 0 || usable_gpus(node, free, r) >= r.gpu)
+        && (r.gpu == 0 || (free.free_gpus >= r.gpu && usable_gpus(free, r, models) >= r.gpu))
 }
 
 /// Lower is a tighter fit.
 fn fit_score(node: &NodeView, free: &Free, r: &Resources) -> f64 {
     let cpu_left = (free.cpu - r.cpu_milli) as f64 / node.cpu_milli.max(1) as f64;
     let mem_left = (free.mem - r.memory_bytes) as f64 / node.memory_bytes.max(1) as f64;
-    let free_gpus = free.gpu_free.iter().filter(|f| **f).count() as f64;
+    let free_gpus = free.free_gpus as f64;
     let total_gpus = node.gpus.len().max(1) as f64;
     let gpu_left = (free_gpus - r.gpu as f64) / total_gpus;
     let mut score = cpu_left + mem_left + 4.0 * gpu_left;
@@ -245,11 +280,12 @@ fn fit_score(node: &NodeView, free: &Free, r: &Resources) -> f64 {
 /// Places every replica of `job` or none; on success `free` is updated.
 fn place_gang(nodes: &[NodeView], free: &mut [Free], job: &PendingJob) -> Option<Vec<Assignment>> {
     let r = &job.resources;
+    let models = Models::of(r);
     let mut assignments: Vec<Assignment> = Vec::with_capacity(job.replicas as usize);
     for replica in 0..job.replicas {
         let mut best: Option<(usize, f64)> = None;
         for (i, node) in nodes.iter().enumerate() {
-            if !fits(node, &free[i], r) {
+            if !fits(node, &free[i], r, &models) {
                 continue;
             }
             let score = fit_score(node, &free[i], r);
@@ -273,8 +309,9 @@ fn place_gang(nodes: &[NodeView], free: &mut [Free], job: &PendingJob) -> Option
                 if gpus.len() as u32 == r.gpu {
                     break;
                 }
-                if f.gpu_free[slot] && r.gpu_model_allowed(&g.model) {
+                if f.gpu_free[slot] && models.allow(&f.models_lower[slot]) {
                     f.gpu_free[slot] = false;
+                    f.free_gpus -= 1;
                     gpus.push(g.index);
                 }
             }
@@ -294,6 +331,7 @@ fn release(node: &NodeView, free: &mut Free, r: &Resources, gpus: &[u32]) {
     for (slot, g) in node.gpus.iter().enumerate() {
         if gpus.contains(&g.index) {
             free.gpu_free[slot] = true;
+            free.free_gpus += 1;
         }
     }
 }
@@ -408,6 +446,7 @@ fn largest_node(nodes: &[&NodeView], r: &Resources) -> String {
 
 /// A reason for a job that did not fit in this cycle.
 fn explain(nodes: &[NodeView], free: &[Free], r: &Resources, replicas: u32) -> String {
+    let models = Models::of(r);
     let schedulable = nodes.iter().filter(|n| n.schedulable).count();
     if schedulable == 0 {
         return format!(
@@ -423,7 +462,7 @@ fn explain(nodes: &[NodeView], free: &[Free], r: &Resources, replicas: u32) -> S
     let fit_now = nodes
         .iter()
         .zip(free)
-        .filter(|(n, f)| fits(n, f, r))
+        .filter(|(n, f)| fits(n, f, r, &models))
         .count();
     // Find the binding resource across schedulable nodes.
     let cpu_ok = nodes
@@ -438,7 +477,7 @@ fn explain(nodes: &[NodeView], free: &[Free], r: &Resources, replicas: u32) -> S
         || nodes
             .iter()
             .zip(free)
-            .any(|(n, f)| n.schedulable && usable_gpus(n, f, r) >= r.gpu);
+            .any(|(n, f)| n.schedulable && usable_gpus(f, r, &models) >= r.gpu);
     let mut short = Vec::new();
     if !cpu_ok {
         short.push("CPU");

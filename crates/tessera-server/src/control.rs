@@ -126,6 +126,7 @@ pub async fn run_cycle(shared: &Shared) -> Result<(), tessera_store::StoreError>
         return Ok(());
     }
     commit(shared.store.as_ref(), writes).await?;
+    shared.changed();
     shared.metrics.placements.inc_by(placed.len() as u64);
     dispatch_starts(shared, &placed).await
 }

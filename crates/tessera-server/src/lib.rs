@@ -277,6 +277,11 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
             control::stop_all(&shared, config.kill_grace + Duration::from_secs(2)).await;
         }
     };
+    // Small streamed writes (log lines) must not wait for delayed ACKs.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, api::router(shared.clone()))
         .with_graceful_shutdown(on_signal)
         .await
