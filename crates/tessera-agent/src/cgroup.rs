@@ -133,6 +133,34 @@ impl Cgroups {
         }
     }
 
+    /// Kills every process in the replica's group.
+    pub fn kill_all(&self, name: &str) {
+        let procs = match self {
+            Cgroups::V2 { root } => {
+                // cgroup.kill (Linux 5.14+) kills the whole subtree at once.
+                if fs::write(root.join(name).join("cgroup.kill"), "1").is_ok() {
+                    return;
+                }
+                vec![root.join(name).join("cgroup.procs")]
+            }
+            Cgroups::V1 { memory, cpu } => vec![
+                memory.join(name).join("cgroup.procs"),
+                cpu.join(name).join("cgroup.procs"),
+            ],
+            Cgroups::Disabled { .. } => vec![],
+        };
+        for file in procs {
+            for pid in fs::read_to_string(file).unwrap_or_default().lines() {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+
     /// Removes the replica's group (once its processes are gone).
     pub fn remove(&self, name: &str) {
         let dirs = match self {

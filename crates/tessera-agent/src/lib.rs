@@ -146,10 +146,44 @@ fn running_dir(home: &Path) -> PathBuf {
     home.join("agent").join("running")
 }
 
+/// The replica a process belongs to, from the `TESSERA_*` variables the
+/// agent gave it (`/proc/<pid>/environ`).
+fn replica_of_process(pid: u32) -> Option<ReplicaKey> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let (mut job, mut attempt, mut replica) = (None, None, None);
+    for var in env.split(|b| *b == 0) {
+        let var = std::str::from_utf8(var).ok()?;
+        if let Some(v) = var.strip_prefix("TESSERA_JOB_ID=") {
+            job = v.parse().ok();
+        } else if let Some(v) = var.strip_prefix("TESSERA_ATTEMPT=") {
+            attempt = v.parse().ok();
+        } else if let Some(v) = var.strip_prefix("TESSERA_REPLICA=") {
+            replica = v.parse().ok();
+        }
+    }
+    Some(ReplicaKey {
+        job_id: job?,
+        attempt: attempt?,
+        replica: replica?,
+    })
+}
+
+fn parse_key(name: &str) -> Option<ReplicaKey> {
+    let mut parts = name.split('.').map(|p| p.parse::<u64>().ok());
+    let (job_id, attempt, replica) = (parts.next()??, parts.next()??, parts.next()??);
+    Some(ReplicaKey {
+        job_id,
+        attempt: u32::try_from(attempt).ok()?,
+        replica: u32::try_from(replica).ok()?,
+    })
+}
+
 /// Kills replicas that an earlier agent on this home left running (after a
-/// crash of the process that hosted it) and forgets them. Returns their keys
-/// as written (`job.attempt.replica`).
-pub fn reap_orphans(home: &Path) -> Vec<String> {
+/// crash of the process that hosted it) and forgets them. A replica is found
+/// three ways, so none escapes: its recorded process group (when the leader
+/// is still the same process), every process carrying its `TESSERA_*` tags
+/// (children that left the group too), and its cgroup. Returns the keys.
+pub fn reap_orphans(home: &Path, cgroups: &Cgroups) -> Vec<ReplicaKey> {
     let dir = running_dir(home);
     let mut reaped = Vec::new();
     let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -167,8 +201,28 @@ pub fn reap_orphans(home: &Path) -> Vec<String> {
                 let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
             }
         }
+        if let Some(key) = parse_key(&name) {
+            cgroups.kill_all(&name);
+            reaped.push(key);
+        }
+    }
+    if !reaped.is_empty() {
+        if let Ok(procs) = std::fs::read_dir("/proc") {
+            for p in procs.flatten() {
+                let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if replica_of_process(pid).is_some_and(|k| reaped.contains(&k)) {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+            }
+        }
+        for key in &reaped {
+            cgroups.remove(&key.to_string());
+        }
+    }
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
         let _ = std::fs::remove_file(entry.path());
-        reaped.push(name);
     }
     reaped
 }
@@ -226,7 +280,8 @@ impl std::fmt::Debug for Agent {
 }
 
 impl Agent {
-    /// Prepares an agent: detects cgroups, reaps orphans, makes directories.
+    /// Prepares an agent: detects cgroups and makes directories. Call
+    /// [`Agent::reap_orphans`] before giving it work.
     pub fn new(
         config: AgentConfig,
         events: mpsc::UnboundedSender<FromAgent>,
@@ -252,6 +307,11 @@ impl Agent {
 
     pub fn inventory(&self) -> Inventory {
         inventory(&self.config, &self.cgroups)
+    }
+
+    /// Stops what an earlier agent on the same home left running.
+    pub fn reap_orphans(&self) -> Vec<ReplicaKey> {
+        reap_orphans(&self.config.home, &self.cgroups)
     }
 
     /// Registers, then serves commands until the command channel closes.
@@ -331,8 +391,13 @@ async fn run_replica(
         cause,
         at: now_ms(),
     };
+    // Recorded before the process exists, so a crash at any moment leaves
+    // a trace for the next agent to reap by.
+    let pidfile = running_dir(&ctx.home).join(key.to_string());
+    let _ = std::fs::write(&pidfile, "starting\n");
     match spawn_replica(&ctx, &start) {
         Err(msg) => {
+            let _ = std::fs::remove_file(&pidfile);
             warn!(%key, error = %msg, "replica could not start");
             let log = log_path(&ctx.home, key);
             let _ = std::fs::write(&log, format!("tessera: cannot start replica: {msg}\n"));
@@ -342,7 +407,6 @@ async fn run_replica(
         }
         Ok((mut child, cg_name)) => {
             let pid = child.id().unwrap_or(0);
-            let pidfile = running_dir(&ctx.home).join(key.to_string());
             if let Some(st) = proc_start_time(pid) {
                 let _ = std::fs::write(&pidfile, format!("{pid} {st}\n"));
             }

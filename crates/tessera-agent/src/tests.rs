@@ -204,24 +204,54 @@ async fn missing_program_is_a_spawn_failure_with_a_reason() {
 
 #[tokio::test]
 async fn orphans_of_an_earlier_agent_are_reaped() {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path();
     std::fs::create_dir_all(running_dir(home)).unwrap();
-    use std::os::unix::process::CommandExt;
-    let mut child = std::process::Command::new("sleep")
+    // A leader recorded with its pid and start time.
+    let mut leader = std::process::Command::new("sleep")
         .arg("30")
         .process_group(0)
         .spawn()
         .unwrap();
-    let pid = child.id();
+    let pid = leader.id();
     let st = proc_start_time(pid).unwrap();
     std::fs::write(running_dir(home).join("9.1.0"), format!("{pid} {st}\n")).unwrap();
-    std::fs::write(running_dir(home).join("9.1.1"), "999999 1\n").unwrap();
-    let reaped = reap_orphans(home);
-    assert_eq!(reaped.len(), 2);
-    let status = child.wait().unwrap();
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(status.signal(), Some(9));
+    // A replica the crash caught between record and spawn: found by its tags,
+    // even in a process group of its own.
+    let mut tagged = std::process::Command::new("sleep")
+        .arg("30")
+        .env("TESSERA_JOB_ID", "9")
+        .env("TESSERA_ATTEMPT", "1")
+        .env("TESSERA_REPLICA", "1")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    std::fs::write(running_dir(home).join("9.1.1"), "starting\n").unwrap();
+    // A stale record whose pid is long gone.
+    std::fs::write(running_dir(home).join("9.1.2"), "999999 1\n").unwrap();
+    // Someone else's process with other tags is left alone.
+    let mut other = std::process::Command::new("sleep")
+        .arg("30")
+        .env("TESSERA_JOB_ID", "10")
+        .env("TESSERA_ATTEMPT", "1")
+        .env("TESSERA_REPLICA", "0")
+        .spawn()
+        .unwrap();
+    let mut reaped = reap_orphans(home, &Cgroups::disabled("test"));
+    reaped.sort();
+    assert_eq!(
+        reaped.iter().map(|k| k.replica).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    assert_eq!(leader.wait().unwrap().signal(), Some(9));
+    assert_eq!(tagged.wait().unwrap().signal(), Some(9));
+    assert!(
+        other.try_wait().unwrap().is_none(),
+        "an unrelated process was killed"
+    );
+    other.kill().unwrap();
+    let _ = other.wait();
     assert!(std::fs::read_dir(running_dir(home))
         .unwrap()
         .next()

@@ -750,3 +750,76 @@ fn sigterm_stops_running_work_and_requeues_it() {
     up.cli_ok(&["cancel", &id.to_string()]);
     up.wait_state(id, &["cancelled"], 20);
 }
+
+#[test]
+fn a_second_control_plane_on_the_same_home_is_refused_and_changes_nothing() {
+    let up = Up::start(&["--node-name", "first"]);
+    let id = job_id(&up.cli_ok(&["run", "-o", "json", "--", "sleep", "30"]));
+    let pid = up.wait_state(id, &["running"], 20)["replicas"][0]["pid"]
+        .as_u64()
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["up", "--listen", "127.0.0.1:0"])
+        .env("TESSERA_HOME", &up.home)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another Tessera control plane is running"),
+        "{err}"
+    );
+    assert!(
+        alive(pid),
+        "the second start killed the first one's replica"
+    );
+    assert_eq!(up.wait_state(id, &["running"], 5)["attempt"], 1);
+    up.cli_ok(&["cancel", &id.to_string()]);
+    up.wait_state(id, &["cancelled"], 20);
+}
+
+#[test]
+fn a_node_renamed_between_runs_leaves_the_old_name_lost() {
+    let mut up = Up::start(&["--node-name", "old-name"]);
+    up.terminate();
+    up.args = vec!["--node-name".into(), "new-name".into()];
+    up.start_again();
+    let nodes: Value = serde_json::from_str(&up.cli_ok(&["nodes", "-o", "json"])).unwrap();
+    let list = nodes
+        .as_array()
+        .cloned()
+        .or_else(|| nodes["nodes"].as_array().cloned())
+        .unwrap();
+    let state_of = |name: &str| {
+        list.iter()
+            .find(|n| n["name"] == name)
+            .map(|n| n["state"].clone())
+    };
+    assert_eq!(state_of("old-name"), Some(json!("lost")));
+    assert_eq!(state_of("new-name"), Some(json!("ready")));
+    for _ in 0..5 {
+        let id = job_id(&up.cli_ok(&["run", "-o", "json", "--", "true"]));
+        let job = up.wait_state(id, &["succeeded"], 20);
+        assert_eq!(job["placement"][0]["node"], "new-name");
+    }
+}
+
+#[test]
+fn sigterm_completes_while_someone_follows_logs() {
+    let mut up = Up::start(&["--kill-grace", "1s"]);
+    let id = job_id(&up.cli_ok(&["run", "-o", "json", "--", "sleep", "60"]));
+    up.wait_state(id, &["running"], 20);
+    let mut follower = Command::new(BIN)
+        .args(["logs", &id.to_string(), "-f"])
+        .env("TESSERA_HOME", &up.home)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(up.terminate().success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while follower.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the follower never ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -388,6 +388,8 @@ async fn delete_token(
         let state = shared.state.lock().expect("state lock");
         state.tokens.values().find(|t| t.id == id).cloned()
     }
+    // Another team's token ids are not disclosed: they look missing.
+    .filter(|t| caller.0.is_superuser() || caller.0.team == t.team)
     .ok_or_else(|| ApiError::not_found(format!("no token with id `{id}`")))?;
     if !(caller.0.is_superuser() || (caller.0.role == Role::Admin && caller.0.team == record.team))
     {
@@ -634,9 +636,10 @@ async fn cancel_job(
                 }
             }
         }
-        state.jobs[&id].clone()
+        (state.jobs[&id].clone(), shared.stage(writes))
     };
-    commit(shared.store.as_ref(), writes).await?;
+    let (updated, staged) = updated;
+    staged.durable().await;
     shared.changed();
     Ok(Json(updated))
 }

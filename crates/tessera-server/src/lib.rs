@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use tessera_agent::{Agent, AgentConfig};
 use tessera_core::auth::{Role, Team, ADMIN_TEAM};
+use tessera_core::node::NodeState;
 use tessera_core::protocol::ToAgent;
 use tessera_store::{commit, SqliteStore, Store, Write};
 use tokio::sync::{mpsc, watch, Notify};
@@ -95,6 +96,38 @@ impl Shared {
     pub fn changed(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
     }
+
+    /// Hands `writes` to the store. Call it while still holding the state
+    /// lock that made the changes: the store then applies changes in the
+    /// order memory did (whole job rows are written, so order matters). Wait
+    /// for durability with [`Staged::durable`] after releasing the lock.
+    pub fn stage(&self, writes: Vec<Write>) -> Staged {
+        Staged((!writes.is_empty()).then(|| self.store.submit(writes)))
+    }
+}
+
+/// Writes handed to the store, not yet known to be durable.
+#[derive(Debug)]
+#[must_use = "wait for the writes to be durable before acting on them"]
+pub struct Staged(Option<tokio::sync::oneshot::Receiver<Result<(), tessera_store::StoreError>>>);
+
+impl Staged {
+    /// Waits until the writes are durable. Memory already holds these
+    /// changes, so a store that cannot take them would leave memory and disk
+    /// apart: the process stops instead (fail-stop), and the next start
+    /// recovers from what is on disk.
+    pub async fn durable(self) {
+        let Some(rx) = self.0 else { return };
+        let result = match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(tessera_store::StoreError::Closed),
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "the store failed; stopping so that a restart recovers from disk");
+            eprintln!("tessera: fatal: the store failed ({e}); stopping so that a restart recovers from disk");
+            std::process::exit(70);
+        }
+    }
 }
 
 /// Settings of `tessera up`.
@@ -156,6 +189,23 @@ async fn bootstrap(
     Ok(true)
 }
 
+/// Takes an exclusive lock on `$TESSERA_HOME/lock` for the life of the process.
+fn lock_home(home: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = home.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "another Tessera control plane is running on {} ({e}); stop it first or use another TESSERA_HOME",
+            home.display()
+        )
+    })
+}
+
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt;
@@ -179,20 +229,19 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     let home = config.home.clone();
     std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;
     let home = home.canonicalize()?;
+    // One control plane per home: a second one would reap the first one's
+    // replicas and run its jobs again.
+    let _home_lock = lock_home(&home)?;
+    // Bind before touching any state, so a start that cannot serve changes nothing.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(home.join("tessera.db")).context("opening the database")?);
     let loaded = store.load().context("loading state")?;
     let mut state = ClusterState::from_loaded(loaded);
     let first = bootstrap(store.as_ref(), &mut state, &home).await?;
 
-    // The local agent: reap what an earlier run left, learn the machine.
-    let reaped = tessera_agent::reap_orphans(&home);
-    if !reaped.is_empty() {
-        info!(
-            count = reaped.len(),
-            "stopped replicas left running by an earlier run"
-        );
-    }
     let mut agent_config = AgentConfig::new(&home);
     agent_config.name = config.agent_name.clone();
     agent_config.cpu_milli = config.agent_cpu_milli;
@@ -202,6 +251,14 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     agent_config.kill_grace = config.kill_grace;
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let agent = Agent::new(agent_config, events_tx).context("starting the local agent")?;
+    // Stop what an earlier run left running before its jobs are requeued.
+    let reaped = agent.reap_orphans();
+    if !reaped.is_empty() {
+        info!(
+            count = reaped.len(),
+            "stopped replicas left running by an earlier run"
+        );
+    }
     let inventory = agent.inventory();
     let node_name = inventory.name.clone();
 
@@ -218,14 +275,29 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
         let mut state = shared.state.lock().expect("state lock");
         writes.extend(control::recover_interrupted(&shared, &mut state, now_ms()));
         let now = now_ms();
+        // `tessera up` has exactly one agent, in this process: nodes an earlier
+        // run knew under other names (another host name, `--node-name`) are
+        // gone, and nothing may be placed on them.
+        let stale: Vec<String> = state
+            .nodes
+            .values()
+            .filter(|n| n.inventory.name != node_name && n.state != NodeState::Lost)
+            .map(|n| n.inventory.name.clone())
+            .collect();
+        for name in stale {
+            if let Some(n) = state.nodes.get_mut(&name) {
+                n.state = NodeState::Lost;
+                writes.push(Write::Node(Box::new(n.clone())));
+            }
+        }
         let prev = state.nodes.get(&node_name).cloned();
         let node = tessera_core::node::Node {
             inventory,
             state: prev
                 .as_ref()
                 .map(|n| n.state)
-                .filter(|s| *s != tessera_core::node::NodeState::Lost)
-                .unwrap_or(tessera_core::node::NodeState::Ready),
+                .filter(|s| *s != NodeState::Lost)
+                .unwrap_or(NodeState::Ready),
             registered_at: prev.map(|n| n.registered_at).unwrap_or(now),
             last_heartbeat: now,
         };
@@ -246,9 +318,6 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     tokio::spawn(control::agent_events_loop(shared.clone(), events_rx));
     tokio::spawn(control::scheduling_loop(shared.clone()));
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
     std::fs::write(home.join("config"), format!("url = {url}\n"))

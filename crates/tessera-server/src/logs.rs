@@ -79,6 +79,13 @@ impl Follow {
     async fn next(&mut self) -> Option<std::io::Result<Bytes>> {
         loop {
             let (latest, ended) = self.status();
+            // On shutdown, followers stop at the end of what is written, so
+            // the server can close their connections.
+            let ended = ended
+                || self
+                    .shared
+                    .shutting_down
+                    .load(std::sync::atomic::Ordering::SeqCst);
             match self.phase {
                 Phase::Done => return None,
                 Phase::Waiting => {
