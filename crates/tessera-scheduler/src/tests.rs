@@ -329,3 +329,52 @@ fn gang_waiting_for_room_says_so() {
         "{r}"
     );
 }
+
+/// Applies a plan to the nodes: what it placed is no longer free.
+fn apply(snap: &Snapshot, plan: &Plan) -> Vec<NodeView> {
+    let mut nodes = snap.nodes.clone();
+    for p in &plan.placements {
+        let job = snap.queue.iter().find(|j| j.id == p.job_id).unwrap();
+        for a in &p.assignments {
+            let n = &mut nodes[a.node];
+            n.free_cpu_milli -= job.resources.cpu_milli;
+            n.free_memory_bytes -= job.resources.memory_bytes;
+            for g in n.gpus.iter_mut() {
+                if a.gpus.contains(&g.index) {
+                    g.free = false;
+                }
+            }
+        }
+    }
+    nodes
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// The server's incremental pass: when no capacity was freed since a
+    /// pass, the jobs that waited in it cannot fit now either, so a pass over
+    /// only the newly queued jobs places exactly what a full pass would.
+    #[test]
+    fn a_pass_over_new_jobs_equals_a_full_pass_when_nothing_was_freed(
+        snap in arb_snapshot(),
+        fresh in proptest::collection::vec(arb_job(0), 0..10),
+    ) {
+        let first = schedule(&snap, 0);
+        let nodes = apply(&snap, &first);
+        let fresh: Vec<PendingJob> = fresh
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut j)| { j.id = 1000 + i as u64; j.submitted_at = 5000 + i as u64; j })
+            .collect();
+        let waiting: Vec<PendingJob> = snap
+            .queue
+            .iter()
+            .filter(|j| first.waiting.iter().any(|w| w.job_id == j.id))
+            .cloned()
+            .collect();
+        let full = Snapshot { nodes: nodes.clone(), queue: waiting.into_iter().chain(fresh.clone()).collect() };
+        let incremental = Snapshot { nodes, queue: fresh };
+        prop_assert_eq!(schedule(&full, 1).placements, schedule(&incremental, 1).placements);
+    }
+}
