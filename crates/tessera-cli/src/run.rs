@@ -25,7 +25,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "1", value_parser = checked(crate::cpu_milli))]
     pub cpu: String,
     /// Memory per replica: `256Mi`, `1.5Gi`, `2G`
-    #[arg(long, visible_alias = "memory", default_value = "256Mi", value_parser = checked(crate::memory_bytes))]
+    #[arg(long, visible_alias = "memory", default_value = "512Mi", value_parser = checked(crate::memory_bytes))]
     pub mem: String,
     /// Whole GPUs per replica
     #[arg(long, default_value_t = 0)]
@@ -312,7 +312,10 @@ mod tests {
         assert_eq!(a.name, None);
         let t = build_spec(&a, None).unwrap().validate("ml").unwrap();
         assert_eq!(t.resources.cpu_milli, 1000);
-        assert_eq!(t.resources.memory_bytes, 256 << 20);
+        assert_eq!(
+            t.resources.memory_bytes,
+            tessera_core::spec::DEFAULT_MEMORY_BYTES
+        );
         assert_eq!(t.replicas, 1);
         assert!(args(&[]).is_err());
     }
