@@ -142,6 +142,7 @@ pub fn synthetic_snapshot(nodes: u32, gpus_per_node: u32, jobs: u32, seed: u64) 
                         cpu_milli: u64::from(gpu) * 6_000,
                         memory_bytes: u64::from(gpu) * 48 * GIB,
                         gpu,
+                        gpu_milli: 0,
                         gpu_models: models,
                     },
                     1,
@@ -152,6 +153,7 @@ pub fn synthetic_snapshot(nodes: u32, gpus_per_node: u32, jobs: u32, seed: u64) 
                         cpu_milli: rng.range(1, 16) * 1000,
                         memory_bytes: rng.range(2, 64) * GIB,
                         gpu: 0,
+                        gpu_milli: 0,
                         gpu_models: vec![],
                     },
                     1,
@@ -162,22 +164,27 @@ pub fn synthetic_snapshot(nodes: u32, gpus_per_node: u32, jobs: u32, seed: u64) 
                         cpu_milli: 48_000,
                         memory_bytes: 384 * GIB,
                         gpu: 8,
+                        gpu_milli: 0,
                         gpu_models: vec![],
                     },
                     rng.range(2, 4) as u32,
                 )
             };
-            PendingJob {
-                id: u64::from(i) + 1,
-                team: format!("team-{}", rng.range(0, 3)),
-                priority: if rng.range(0, 9) == 0 { 10 } else { 0 },
-                submitted_at: u64::from(i),
+            PendingJob::new(
+                u64::from(i) + 1,
+                format!("team-{}", rng.range(0, 3)),
+                if rng.range(0, 9) == 0 { 10 } else { 0 },
+                u64::from(i),
                 resources,
                 replicas,
-            }
+            )
         })
         .collect();
-    Snapshot { nodes, queue }
+    Snapshot {
+        nodes,
+        queue,
+        ..Snapshot::default()
+    }
 }
 
 fn ms(d: Duration) -> f64 {

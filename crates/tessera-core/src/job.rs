@@ -120,6 +120,18 @@ pub struct Job {
     /// Set when a cancel was asked for while replicas were running.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// Set while the scheduler is preempting the job: why.
+    #[serde(default)]
+    pub preempting: Option<String>,
+    /// Times the job was preempted and sent back to the queue.
+    #[serde(default)]
+    pub preemptions: u32,
+    /// Run time of earlier attempts, in ms (attained service).
+    #[serde(default)]
+    pub attained_ms: u64,
+    /// Run time thrown away by preemptions (work redone), in ms.
+    #[serde(default)]
+    pub preempted_ms: u64,
 }
 
 impl Job {
@@ -141,6 +153,10 @@ impl Job {
             exit_code: None,
             reason: None,
             cancel_requested: false,
+            preempting: None,
+            preemptions: 0,
+            attained_ms: 0,
+            preempted_ms: 0,
         }
     }
 

@@ -94,11 +94,26 @@ pub struct JobSpec {
 pub struct Resources {
     pub cpu_milli: u64,
     pub memory_bytes: u64,
+    /// Whole GPUs per replica.
     pub gpu: u32,
+    /// A fraction of one GPU in thousandths (1..=999), shared with other
+    /// replicas on the same device; 0 when `gpu` counts whole GPUs.
+    #[serde(default)]
+    pub gpu_milli: u32,
     pub gpu_models: Vec<String>,
 }
 
 impl Resources {
+    /// Whether the replica needs any GPU (whole or a share of one).
+    pub fn wants_gpu(&self) -> bool {
+        self.gpu > 0 || self.gpu_milli > 0
+    }
+
+    /// GPU demand in thousandths of a device.
+    pub fn gpu_demand_milli(&self) -> u64 {
+        self.gpu as u64 * 1000 + self.gpu_milli as u64
+    }
+
     /// One line for tables: `1 cpu, 256Mi, 1 gpu (H100)`.
     pub fn summary(&self) -> String {
         let mut s = format!(
@@ -106,6 +121,12 @@ impl Resources {
             quantity::format_cpu(self.cpu_milli),
             quantity::format_memory(self.memory_bytes)
         );
+        if self.gpu_milli > 0 {
+            s.push_str(&format!(", {} gpu", self.gpu_milli as f64 / 1000.0));
+            if !self.gpu_models.is_empty() {
+                s.push_str(&format!(" ({})", self.gpu_models.join("|")));
+            }
+        }
         if self.gpu > 0 {
             s.push_str(&format!(", {} gpu", self.gpu));
             if !self.gpu_models.is_empty() {
@@ -473,6 +494,7 @@ impl JobSpec {
                 cpu_milli,
                 memory_bytes,
                 gpu,
+                gpu_milli: 0,
                 gpu_models: r.gpu_models.clone(),
             },
             replicas,

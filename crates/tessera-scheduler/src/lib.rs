@@ -1,26 +1,39 @@
 //! Tessera's scheduler: a pure, deterministic function from a snapshot of
-//! the cluster and its queue (and the time, passed in) to a [`Plan`].
+//! the cluster, its queue, what runs and the policy (and the time, passed in)
+//! to a [`Plan`]: placements, preemptions, and a reason for every job left
+//! waiting.
 //!
-//! This crate owns placement policy. It does no I/O, reads no clock, draws no
-//! random numbers and knows nothing of tokio, HTTP or the store: the server's
-//! control loop builds a [`Snapshot`], calls [`schedule`], checks the plan
-//! against current state and applies it; the benchmarks (and the simulator)
-//! call the same function.
+//! This crate owns scheduling policy. It does no I/O, reads no clock, draws
+//! no random numbers and knows nothing of tokio, HTTP or the store: the
+//! server's control loop builds a [`Snapshot`], calls [`schedule`], checks
+//! the plan against current state and applies it; `tessera sim` replays
+//! traces through the same function in virtual time.
 //!
-//! Policy v1:
-//! - order: priority (high first), then submit time, then id;
-//! - gangs: all replicas of a job are placed in the same plan or none is;
-//! - packing: each replica goes to the node where it fits most tightly
-//!   (best fit over CPU, memory and GPUs); jobs without GPUs avoid nodes with
-//!   free GPUs when another node fits;
-//! - GPUs are whole devices, restricted to the allowed models and to healthy
-//!   devices;
-//! - every job left waiting gets a reason a person can act on.
+//! One pass:
+//! 1. order the queue: priority classes, then (under fair share) the team
+//!    with the smallest weighted dominant share, then the policy's order
+//!    within ([`policy::Within`]);
+//! 2. walk it, placing each job whole (all replicas of a gang or none) with
+//!    the policy's packing; the first job that cannot start gets a
+//!    reservation under backfill, and later jobs may use only what it does
+//!    not need (or what they give back before it could start); under strict
+//!    FIFO nothing passes it;
+//! 3. under preemption, for jobs still waiting, pick running jobs later in
+//!    the order whose eviction makes room, and name them in the plan (the
+//!    waiting job starts on a later pass, once they are gone).
+
+mod order;
+mod place;
+pub mod policy;
 
 use std::collections::HashMap;
 
+pub use policy::{Packing, Policy, Within};
 use tessera_core::quantity::{format_cpu, format_memory};
 use tessera_core::{JobId, Resources};
+
+use crate::order::{Key, Orderer};
+use crate::place::{Cluster, Demand};
 
 /// One GPU device slot on a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,8 +41,8 @@ pub struct GpuSlot {
     pub index: u32,
     pub model: String,
     pub healthy: bool,
-    /// Not held by any scheduled or running replica.
-    pub free: bool,
+    /// Thousandths of the device not held by any replica (1000 = all free).
+    pub free_milli: u32,
 }
 
 /// A node as the scheduler sees it: capacity and what is free right now.
@@ -46,7 +59,7 @@ pub struct NodeView {
 }
 
 impl NodeView {
-    /// An empty, schedulable node (handy for tests and benchmarks).
+    /// An empty, schedulable node (handy for tests, benchmarks, simulation).
     pub fn new(name: impl Into<String>, cpu_milli: u64, memory_bytes: u64) -> NodeView {
         NodeView {
             name: name.into(),
@@ -67,7 +80,7 @@ impl NodeView {
                 index: start + i,
                 model: model.to_string(),
                 healthy: true,
-                free: true,
+                free_milli: 1000,
             });
         }
         self
@@ -84,14 +97,79 @@ pub struct PendingJob {
     /// Per replica.
     pub resources: Resources,
     pub replicas: u32,
+    /// The job's own limit, when it declares one.
+    pub max_runtime_ms: Option<u64>,
+    /// Known run time (simulations) — read only by the oracle policies.
+    pub expected_runtime_ms: Option<u64>,
+    /// Wall time this job has already run over earlier attempts.
+    pub attained_ms: u64,
+    /// The job keeps its progress when stopped (it checkpoints, or the
+    /// simulation assumes so). Only such jobs are preempted for the policy's
+    /// order (attained service, remaining time); any preemptible job can be
+    /// preempted for a higher priority.
+    pub resumable: bool,
+}
+
+impl PendingJob {
+    pub fn new(
+        id: JobId,
+        team: impl Into<String>,
+        priority: i32,
+        submitted_at: u64,
+        resources: Resources,
+        replicas: u32,
+    ) -> PendingJob {
+        PendingJob {
+            id,
+            team: team.into(),
+            priority,
+            submitted_at,
+            resources,
+            replicas,
+            max_runtime_ms: None,
+            expected_runtime_ms: None,
+            attained_ms: 0,
+            resumable: false,
+        }
+    }
+
+    /// GPUs the job holds while it runs, in thousandths (a CPU-only job
+    /// counts as one GPU's worth for attained service).
+    fn service_weight_milli(&self) -> u64 {
+        (self.resources.gpu_demand_milli() * self.replicas as u64).max(1000)
+    }
+}
+
+/// A job that holds resources now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningJob {
+    /// Its request; `attained_ms` counts earlier attempts only.
+    pub job: PendingJob,
+    pub started_at: u64,
+    pub assignments: Vec<Assignment>,
+    /// Whether the policy may preempt it.
+    pub preemptible: bool,
+}
+
+/// A team's fair-share weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TeamView {
+    pub name: String,
+    pub weight: f64,
 }
 
 /// Everything the scheduler looks at.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub nodes: Vec<NodeView>,
     /// In any order; the scheduler orders it.
     pub queue: Vec<PendingJob>,
+    /// Jobs holding resources (their usage is already out of the nodes'
+    /// free capacity).
+    pub running: Vec<RunningJob>,
+    /// Fair-share weights; teams not listed weigh 1.
+    pub teams: Vec<TeamView>,
+    pub policy: Policy,
 }
 
 /// Where one replica goes.
@@ -100,6 +178,7 @@ pub struct Assignment {
     pub replica: u32,
     /// Index into [`Snapshot::nodes`].
     pub node: usize,
+    /// GPU indices on that node (one, shared, for a fractional request).
     pub gpus: Vec<u32>,
 }
 
@@ -117,250 +196,245 @@ pub struct Waiting {
     pub reason: String,
 }
 
+/// A running job to stop and requeue so that `for_job` can start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preemption {
+    pub job_id: JobId,
+    pub for_job: JobId,
+    pub reason: String,
+}
+
 /// The scheduler's answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     /// In scheduling order.
     pub placements: Vec<Placement>,
     pub waiting: Vec<Waiting>,
+    pub preemptions: Vec<Preemption>,
 }
 
-/// Free capacity of one node while a plan is being built.
-#[derive(Debug, Clone)]
-struct Free {
-    cpu: u64,
-    mem: u64,
-    /// Per GPU slot: free and healthy.
-    gpu_free: Vec<bool>,
-    /// Count of `true` in `gpu_free`.
-    free_gpus: u32,
-    /// GPU models, lowercased once per pass for model matching.
-    models_lower: Vec<String>,
-}
-
-/// Allowed GPU models of one job, lowercased once.
-struct Models(Vec<String>);
-
-impl Models {
-    fn of(r: &Resources) -> Models {
-        Models(
-            r.gpu_models
-                .iter()
-                .map(|m| m.to_ascii_lowercase())
-                .collect(),
-        )
-    }
-
-    fn allow(&self, model_lower: &str) -> bool {
-        self.0.is_empty() || self.0.iter().any(|m| model_lower.contains(m.as_str()))
-    }
-}
-
-/// A request shape: jobs with the same shape fit or fail together within one
-/// cycle, because free capacity only shrinks while a plan is built.
+/// A request shape: within one pass, jobs of the same shape fit or fail
+/// together while free capacity only shrinks.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Shape {
+struct Shape<'a> {
     cpu: u64,
     mem: u64,
     gpu: u32,
-    models: Vec<String>,
+    gpu_milli: u32,
+    models: &'a [String],
     replicas: u32,
 }
 
-/// Computes a plan. Pure: the same snapshot and time give the same plan.
-pub fn schedule(snapshot: &Snapshot, _now: u64) -> Plan {
-    let nodes = &snapshot.nodes;
-    let mut free: Vec<Free> = nodes
-        .iter()
-        .map(|n| {
-            let gpu_free: Vec<bool> = n.gpus.iter().map(|g| g.free && g.healthy).collect();
-            Free {
-                cpu: n.free_cpu_milli,
-                mem: n.free_memory_bytes,
-                free_gpus: gpu_free.iter().filter(|f| **f).count() as u32,
-                gpu_free,
-                models_lower: n
-                    .gpus
-                    .iter()
-                    .map(|g| g.model.to_ascii_lowercase())
-                    .collect(),
-            }
-        })
-        .collect();
-    let mut order: Vec<&PendingJob> = snapshot.queue.iter().collect();
-    order.sort_by(|a, b| {
-        b.priority
-            .cmp(&a.priority)
-            .then(a.submitted_at.cmp(&b.submitted_at))
-            .then(a.id.cmp(&b.id))
-    });
+impl<'a> Shape<'a> {
+    fn of(j: &'a PendingJob) -> Shape<'a> {
+        Shape {
+            cpu: j.resources.cpu_milli,
+            mem: j.resources.memory_bytes,
+            gpu: j.resources.gpu,
+            gpu_milli: j.resources.gpu_milli,
+            models: &j.resources.gpu_models,
+            replicas: j.replicas,
+        }
+    }
+}
 
+/// Computes a plan. Pure: the same snapshot and time give the same plan.
+pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
+    let policy = &snapshot.policy;
+    let mut cluster = Cluster::new(
+        &snapshot.nodes,
+        &snapshot.queue,
+        &snapshot.running,
+        policy.packing,
+    );
+    let mut orderer = Orderer::new(snapshot, now);
     let mut plan = Plan::default();
-    let mut failed: HashMap<Shape, String> = HashMap::new();
-    // Once nothing is free anywhere, every remaining job waits for the same reason.
-    for job in order {
-        let shape = Shape {
-            cpu: job.resources.cpu_milli,
-            mem: job.resources.memory_bytes,
-            gpu: job.resources.gpu,
-            models: job.resources.gpu_models.clone(),
-            replicas: job.replicas,
-        };
-        let ahead = plan.waiting.len();
-        if let Some(reason) = failed.get(&shape) {
+    let mut failed: HashMap<(Shape, bool, bool), String> = HashMap::new();
+    // The reservation of the first job that could not start (backfill), or
+    // the job that blocks all others (strict FIFO).
+    let mut reservation: Option<place::Reservation> = None;
+    let mut blocked_by: Option<JobId> = None;
+    let mut tried_reservation = false;
+    let mut waiting_keys: Vec<(usize, Key)> = Vec::new();
+
+    while let Some((qi, key)) = orderer.next() {
+        let job = &snapshot.queue[qi];
+        if let Some(head) = blocked_by {
             plan.waiting.push(Waiting {
                 job_id: job.id,
-                reason: with_ahead(reason, ahead),
+                reason: format!(
+                    "behind job {head}: under strict FIFO no job passes the first one waiting"
+                ),
             });
+            waiting_keys.push((qi, key));
             continue;
         }
-        match place_gang(nodes, &mut free, job) {
-            Some(assignments) => plan.placements.push(Placement {
+        // Whether this job would be gone before the reserved one could start.
+        let in_time = reservation.as_ref().is_some_and(|r| {
+            bound(job, policy).is_some_and(|b| now.saturating_add(b) <= r.start_at)
+        });
+        // Same shape, same outcome within a pass (free capacity only shrinks,
+        // the reservation does not change once made).
+        let cache_key = (Shape::of(job), reservation.is_some(), in_time);
+        if let Some(reason) = failed.get(&cache_key) {
+            plan.waiting.push(Waiting {
                 job_id: job.id,
-                assignments,
+                reason: reason.clone(),
+            });
+            waiting_keys.push((qi, key));
+            continue;
+        }
+        let demand = Demand::of(job);
+        let placed = match &reservation {
+            None => cluster.place(&demand, None),
+            // Outside what the reserved job needs, or anywhere when this job
+            // is sure to be gone before that job could start.
+            Some(r) => cluster.place(&demand, Some(r)).or_else(|| {
+                if in_time {
+                    cluster.place(&demand, None)
+                } else {
+                    None
+                }
             }),
+        };
+        match placed {
+            Some(assignments) => {
+                orderer.placed(qi);
+                plan.placements.push(Placement {
+                    job_id: job.id,
+                    assignments,
+                });
+            }
             None => {
-                let reason = explain(nodes, &free, &job.resources, job.replicas);
+                let mut reason = explain(&snapshot.nodes, &cluster, &job.resources, job.replicas);
+                if let Some(r) = &reservation {
+                    reason.push_str(&format!(
+                        "; capacity it could use is held for job {}, which waits ahead of it",
+                        r.job_id
+                    ));
+                }
+                if policy.strict {
+                    blocked_by = Some(job.id);
+                } else if policy.backfill && !tried_reservation {
+                    tried_reservation = true;
+                    reservation =
+                        cluster.reserve(job, &demand, &snapshot.running, now, |j| bound(j, policy));
+                    if reservation.is_some() {
+                        reason.push_str("; capacity is held for it as running jobs end");
+                    }
+                }
+                failed.insert(cache_key, reason.clone());
                 plan.waiting.push(Waiting {
                     job_id: job.id,
-                    reason: with_ahead(&reason, ahead),
+                    reason,
                 });
-                failed.insert(shape, reason);
+                waiting_keys.push((qi, key));
             }
         }
+    }
+
+    if policy.preempt && !snapshot.running.is_empty() {
+        preempt(
+            snapshot,
+            now,
+            &mut cluster,
+            &orderer,
+            &waiting_keys,
+            &mut plan,
+        );
     }
     plan
 }
 
-fn with_ahead(reason: &str, ahead: usize) -> String {
-    match ahead {
-        0 => reason.to_string(),
-        1 => format!("{reason}; 1 job ahead in the queue"),
-        n => format!("{reason}; {n} jobs ahead in the queue"),
-    }
+/// A job's run-time bound: its `max_runtime`, or (oracle policies) its
+/// known duration less what it has run.
+fn bound(job: &PendingJob, policy: &Policy) -> Option<u64> {
+    job.max_runtime_ms.or(if policy.oracle_bounds {
+        job.expected_runtime_ms
+            .map(|e| e.saturating_sub(job.attained_ms))
+    } else {
+        None
+    })
 }
 
-/// Number of GPUs on a node that are free, healthy and of an allowed model.
-fn usable_gpus(free: &Free, r: &Resources, models: &Models) -> u32 {
-    if r.gpu == 0 {
-        return 0;
-    }
-    if models.0.is_empty() {
-        return free.free_gpus;
-    }
-    free.gpu_free
+/// Chooses victims for waiting jobs, best-ordered waiting job first. A
+/// victim must come later in the order than the job it makes room for, be
+/// preemptible and have run long enough; each is used once.
+fn preempt(
+    snapshot: &Snapshot,
+    now: u64,
+    cluster: &mut Cluster,
+    orderer: &Orderer,
+    waiting: &[(usize, Key)],
+    plan: &mut Plan,
+) {
+    let policy = &snapshot.policy;
+    let mut victims: Vec<(Key, usize)> = snapshot
+        .running
         .iter()
-        .zip(&free.models_lower)
-        .filter(|(f, m)| **f && models.allow(m))
-        .count() as u32
-}
-
-fn fits(node: &NodeView, free: &Free, r: &Resources, models: &Models) -> bool {
-    node.schedulable
-        && free.cpu >= r.cpu_milli
-        && free.mem >= r.memory_bytes
-        && (r.gpu == 0 || (free.free_gpus >= r.gpu && usable_gpus(free, r, models) >= r.gpu))
-}
-
-/// Lower is a tighter fit.
-fn fit_score(node: &NodeView, free: &Free, r: &Resources) -> f64 {
-    let cpu_left = (free.cpu - r.cpu_milli) as f64 / node.cpu_milli.max(1) as f64;
-    let mem_left = (free.mem - r.memory_bytes) as f64 / node.memory_bytes.max(1) as f64;
-    let free_gpus = free.free_gpus as f64;
-    let total_gpus = node.gpus.len().max(1) as f64;
-    let gpu_left = (free_gpus - r.gpu as f64) / total_gpus;
-    let mut score = cpu_left + mem_left + 4.0 * gpu_left;
-    if r.gpu == 0 && free_gpus > 0.0 {
-        // Keep GPU nodes for GPU work when a CPU-only node will do.
-        score += 8.0;
-    }
-    score
-}
-
-/// Places every replica of `job` or none; on success `free` is updated.
-fn place_gang(nodes: &[NodeView], free: &mut [Free], job: &PendingJob) -> Option<Vec<Assignment>> {
-    let r = &job.resources;
-    let models = Models::of(r);
-    let mut assignments: Vec<Assignment> = Vec::with_capacity(job.replicas as usize);
-    for replica in 0..job.replicas {
-        let mut best: Option<(usize, f64)> = None;
-        for (i, node) in nodes.iter().enumerate() {
-            if !fits(node, &free[i], r, &models) {
-                continue;
-            }
-            let score = fit_score(node, &free[i], r);
-            if best.is_none_or(|(_, s)| score < s) {
-                best = Some((i, score));
-            }
-        }
-        let Some((i, _)) = best else {
-            // Roll back the replicas placed so far: a gang is all or nothing.
-            for a in &assignments {
-                release(&nodes[a.node], &mut free[a.node], r, &a.gpus);
-            }
-            return None;
+        .enumerate()
+        .filter(|(_, r)| {
+            r.preemptible && now.saturating_sub(r.started_at) >= policy.min_run_before_preempt_ms
+        })
+        .map(|(i, r)| (orderer.running_key(r), i))
+        .collect();
+    // Worst first.
+    victims.sort_by_key(|v| std::cmp::Reverse(v.0));
+    let mut used = vec![false; snapshot.running.len()];
+    let mut reasons: HashMap<JobId, String> = HashMap::new();
+    for (qi, key) in waiting {
+        let job = &snapshot.queue[*qi];
+        // A victim comes later in the order; unless it is of a lower
+        // priority class, it must also keep its progress when stopped.
+        let eligible = |k: &Key, i: usize| {
+            !used[i] && k > key && (k.class() > key.class() || snapshot.running[i].job.resumable)
         };
-        let f = &mut free[i];
-        f.cpu -= r.cpu_milli;
-        f.mem -= r.memory_bytes;
-        let mut gpus = Vec::with_capacity(r.gpu as usize);
-        if r.gpu > 0 {
-            for (slot, g) in nodes[i].gpus.iter().enumerate() {
-                if gpus.len() as u32 == r.gpu {
-                    break;
-                }
-                if f.gpu_free[slot] && models.allow(&f.models_lower[slot]) {
-                    f.gpu_free[slot] = false;
-                    f.free_gpus -= 1;
-                    gpus.push(g.index);
-                }
-            }
-        }
-        assignments.push(Assignment {
-            replica,
-            node: i,
-            gpus,
-        });
-    }
-    Some(assignments)
-}
-
-fn release(node: &NodeView, free: &mut Free, r: &Resources, gpus: &[u32]) {
-    free.cpu += r.cpu_milli;
-    free.mem += r.memory_bytes;
-    for (slot, g) in node.gpus.iter().enumerate() {
-        if gpus.contains(&g.index) {
-            free.gpu_free[slot] = true;
-            free.free_gpus += 1;
-        }
-    }
-}
-
-/// Whether a replica could fit on this node if it were empty.
-fn could_ever_fit(node: &NodeView, r: &Resources) -> bool {
-    node.cpu_milli >= r.cpu_milli
-        && node.memory_bytes >= r.memory_bytes
-        && node
-            .gpus
+        let pool: Vec<usize> = victims
             .iter()
-            .filter(|g| g.healthy && r.gpu_model_allowed(&g.model))
-            .count() as u32
-            >= r.gpu
-}
-
-fn describe(r: &Resources) -> String {
-    let mut s = format!(
-        "{} CPU, {} memory",
-        format_cpu(r.cpu_milli),
-        format_memory(r.memory_bytes)
-    );
-    if r.gpu > 0 {
-        s.push_str(&format!(", {} GPU", r.gpu));
-        if !r.gpu_models.is_empty() {
-            s.push_str(&format!(" ({})", r.gpu_models.join(" or ")));
+            .filter(|(k, i)| eligible(k, *i))
+            .map(|(_, i)| *i)
+            .collect();
+        if pool.is_empty() {
+            // Victims only get better-ordered from here on.
+            if victims.iter().all(|(k, i)| used[*i] || k <= key) {
+                break;
+            }
+            continue;
+        }
+        let demand = Demand::of(job);
+        if let Some(chosen) = cluster.make_room(&demand, &pool, &snapshot.running) {
+            let names: Vec<String> = chosen
+                .iter()
+                .map(|i| snapshot.running[*i].job.id.to_string())
+                .collect();
+            for i in &chosen {
+                used[*i] = true;
+                let v = &snapshot.running[*i];
+                plan.preemptions.push(Preemption {
+                    job_id: v.job.id,
+                    for_job: job.id,
+                    reason: format!(
+                        "preempted for job {} ({}), which comes first under policy `{}`",
+                        job.id,
+                        orderer.describe(job),
+                        policy.name
+                    ),
+                });
+            }
+            reasons.insert(
+                job.id,
+                format!(
+                    "starting once preempted job(s) {} have stopped",
+                    names.join(", ")
+                ),
+            );
         }
     }
-    s
+    for w in plan.waiting.iter_mut() {
+        if let Some(r) = reasons.remove(&w.job_id) {
+            w.reason = r;
+        }
+    }
 }
 
 /// Why a job that fits no node *that exists* can never run, or `None` when
@@ -375,12 +449,7 @@ fn infeasible_among(live: &[&NodeView], r: &Resources, replicas: u32) -> Option<
     if live.is_empty() {
         return Some("the cluster has no nodes".into());
     }
-    let mut slots: u64 = 0;
-    for n in live {
-        if could_ever_fit(n, r) {
-            slots += replica_slots(n, r);
-        }
-    }
+    let slots: u64 = live.iter().map(|n| place::slots_when_empty(n, r)).sum();
     if slots == 0 {
         return Some(format!(
             "no node can ever fit one replica: each needs {}; {}",
@@ -397,20 +466,21 @@ fn infeasible_among(live: &[&NodeView], r: &Resources, replicas: u32) -> Option<
     None
 }
 
-/// How many replicas of `r` an empty node holds.
-fn replica_slots(n: &NodeView, r: &Resources) -> u64 {
-    let by_cpu = n.cpu_milli / r.cpu_milli.max(1);
-    let by_mem = n.memory_bytes / r.memory_bytes.max(1);
-    let by_gpu = if r.gpu == 0 {
-        u64::MAX
-    } else {
-        n.gpus
-            .iter()
-            .filter(|g| g.healthy && r.gpu_model_allowed(&g.model))
-            .count() as u64
-            / r.gpu as u64
-    };
-    by_cpu.min(by_mem).min(by_gpu)
+fn describe(r: &Resources) -> String {
+    let mut s = format!(
+        "{} CPU, {} memory",
+        format_cpu(r.cpu_milli),
+        format_memory(r.memory_bytes)
+    );
+    if r.gpu > 0 {
+        s.push_str(&format!(", {} GPU", r.gpu));
+    } else if r.gpu_milli > 0 {
+        s.push_str(&format!(", {} of a GPU", r.gpu_milli as f64 / 1000.0));
+    }
+    if r.wants_gpu() && !r.gpu_models.is_empty() {
+        s.push_str(&format!(" ({})", r.gpu_models.join(" or ")));
+    }
+    s
 }
 
 fn largest_node(nodes: &[&NodeView], r: &Resources) -> String {
@@ -431,7 +501,7 @@ fn largest_node(nodes: &[&NodeView], r: &Resources) -> String {
         format_cpu(max_cpu),
         format_memory(max_mem)
     );
-    if r.gpu > 0 {
+    if r.wants_gpu() {
         if r.gpu_models.is_empty() {
             s.push_str(&format!(", {max_gpu} GPU"));
         } else {
@@ -444,9 +514,8 @@ fn largest_node(nodes: &[&NodeView], r: &Resources) -> String {
     s
 }
 
-/// A reason for a job that did not fit in this cycle.
-fn explain(nodes: &[NodeView], free: &[Free], r: &Resources, replicas: u32) -> String {
-    let models = Models::of(r);
+/// A reason for a job that did not fit in this pass.
+fn explain(nodes: &[NodeView], cluster: &Cluster, r: &Resources, replicas: u32) -> String {
     let schedulable = nodes.iter().filter(|n| n.schedulable).count();
     if schedulable == 0 {
         return format!(
@@ -454,44 +523,13 @@ fn explain(nodes: &[NodeView], free: &[Free], r: &Resources, replicas: u32) -> S
             nodes.len()
         );
     }
-    let need = describe(r);
     let live: Vec<&NodeView> = nodes.iter().filter(|n| n.schedulable).collect();
     if let Some(why) = infeasible_among(&live, r, replicas) {
         return format!("cannot run on the schedulable nodes: {why}");
     }
-    let fit_now = nodes
-        .iter()
-        .zip(free)
-        .filter(|(n, f)| fits(n, f, r, &models))
-        .count();
-    // Find the binding resource across schedulable nodes.
-    let cpu_ok = nodes
-        .iter()
-        .zip(free)
-        .any(|(n, f)| n.schedulable && f.cpu >= r.cpu_milli);
-    let mem_ok = nodes
-        .iter()
-        .zip(free)
-        .any(|(n, f)| n.schedulable && f.mem >= r.memory_bytes);
-    let gpu_ok = r.gpu == 0
-        || nodes
-            .iter()
-            .zip(free)
-            .any(|(n, f)| n.schedulable && usable_gpus(f, r, &models) >= r.gpu);
-    let mut short = Vec::new();
-    if !cpu_ok {
-        short.push("CPU");
-    }
-    if !mem_ok {
-        short.push("memory");
-    }
-    if !gpu_ok {
-        short.push(if r.gpu_models.is_empty() {
-            "GPUs"
-        } else {
-            "GPUs of the allowed models"
-        });
-    }
+    let need = describe(r);
+    let short = cluster.short_of(r);
+    let fit_now = cluster.nodes_fitting(r);
     let binding = if short.is_empty() && fit_now > 0 {
         "not enough room for all replicas at once".to_string()
     } else if short.is_empty() {

@@ -10,18 +10,29 @@ fn res(cpu: u64, mem_gi: u64, gpu: u32) -> Resources {
         cpu_milli: cpu * 1000,
         memory_bytes: mem_gi * GI,
         gpu,
+        gpu_milli: 0,
         gpu_models: vec![],
     }
 }
 
+fn frac(milli: u32) -> Resources {
+    Resources {
+        gpu: 0,
+        gpu_milli: milli,
+        ..res(1, 1, 0)
+    }
+}
+
 fn job(id: JobId, priority: i32, r: Resources, replicas: u32) -> PendingJob {
-    PendingJob {
-        id,
-        team: "t".into(),
-        priority,
-        submitted_at: id,
-        resources: r,
-        replicas,
+    PendingJob::new(id, "t", priority, id, r, replicas)
+}
+
+fn snap(nodes: Vec<NodeView>, queue: Vec<PendingJob>, policy: &str) -> Snapshot {
+    Snapshot {
+        nodes,
+        queue,
+        policy: Policy::named(policy).unwrap(),
+        ..Snapshot::default()
     }
 }
 
@@ -33,53 +44,95 @@ fn reason(plan: &Plan, id: JobId) -> &str {
     &plan.waiting.iter().find(|w| w.job_id == id).unwrap().reason
 }
 
+/// Makes the placements of `plan` running jobs of `snap`, started at `at`.
+fn start(snap: &mut Snapshot, plan: &Plan, at: u64) {
+    for p in &plan.placements {
+        let i = snap.queue.iter().position(|j| j.id == p.job_id).unwrap();
+        let job = snap.queue.remove(i);
+        for a in &p.assignments {
+            let n = &mut snap.nodes[a.node];
+            n.free_cpu_milli -= job.resources.cpu_milli;
+            n.free_memory_bytes -= job.resources.memory_bytes;
+            for g in n.gpus.iter_mut().filter(|g| a.gpus.contains(&g.index)) {
+                g.free_milli -= if job.resources.gpu > 0 {
+                    1000
+                } else {
+                    job.resources.gpu_milli
+                };
+            }
+        }
+        snap.running.push(RunningJob {
+            job,
+            started_at: at,
+            assignments: p.assignments.clone(),
+            preemptible: true,
+        });
+    }
+}
+
+/// Ends a running job: its capacity is free again.
+fn end(snap: &mut Snapshot, id: JobId) {
+    let i = snap.running.iter().position(|r| r.job.id == id).unwrap();
+    let r = snap.running.remove(i);
+    for a in &r.assignments {
+        let n = &mut snap.nodes[a.node];
+        n.free_cpu_milli += r.job.resources.cpu_milli;
+        n.free_memory_bytes += r.job.resources.memory_bytes;
+        for g in n.gpus.iter_mut().filter(|g| a.gpus.contains(&g.index)) {
+            g.free_milli += if r.job.resources.gpu > 0 {
+                1000
+            } else {
+                r.job.resources.gpu_milli
+            };
+        }
+    }
+}
+
 #[test]
 fn priority_then_submit_order() {
-    let snap = Snapshot {
-        nodes: vec![NodeView::new("a", 2000, 4 * GI)],
-        queue: vec![
+    let s = snap(
+        vec![NodeView::new("a", 2000, 4 * GI)],
+        vec![
             job(1, 0, res(2, 1, 0), 1),
             job(2, 5, res(2, 1, 0), 1),
             job(3, 5, res(2, 1, 0), 1),
         ],
-    };
-    let plan = schedule(&snap, 0);
+        "drf",
+    );
+    let plan = schedule(&s, 0);
     assert_eq!(plan.placements.len(), 1);
     assert!(
         placed(&plan, 2).is_some(),
         "highest priority, earliest submit wins"
     );
-    assert!(reason(&plan, 3).contains("not enough free CPU"));
     assert!(
-        reason(&plan, 1).contains("1 job ahead"),
+        reason(&plan, 3).contains("not enough free CPU"),
         "{}",
-        reason(&plan, 1)
+        reason(&plan, 3)
     );
 }
 
 #[test]
 fn best_fit_packs_the_tightest_node() {
-    let mut big = NodeView::new("big", 16000, 64 * GI);
-    big.free_cpu_milli = 16000;
+    let big = NodeView::new("big", 16000, 64 * GI);
     let mut small = NodeView::new("small", 4000, 16 * GI);
     small.free_cpu_milli = 2000;
-    let snap = Snapshot {
-        nodes: vec![big, small],
-        queue: vec![job(1, 0, res(2, 1, 0), 1)],
-    };
-    let plan = schedule(&snap, 0);
+    let plan = schedule(
+        &snap(vec![big, small], vec![job(1, 0, res(2, 1, 0), 1)], "drf"),
+        0,
+    );
     assert_eq!(placed(&plan, 1).unwrap().assignments[0].node, 1);
 }
 
 #[test]
 fn cpu_jobs_avoid_gpu_nodes_and_gpus_follow_models() {
-    let snap = Snapshot {
-        nodes: vec![
+    let s = snap(
+        vec![
             NodeView::new("gpu", 8000, 32 * GI).with_gpus(4, "NVIDIA H100 80GB HBM3"),
             NodeView::new("cpu", 8000, 32 * GI),
             NodeView::new("a100", 8000, 32 * GI).with_gpus(4, "NVIDIA A100"),
         ],
-        queue: vec![
+        vec![
             job(1, 0, res(1, 1, 0), 1),
             job(
                 2,
@@ -91,8 +144,9 @@ fn cpu_jobs_avoid_gpu_nodes_and_gpus_follow_models() {
                 1,
             ),
         ],
-    };
-    let plan = schedule(&snap, 0);
+        "tessera",
+    );
+    let plan = schedule(&s, 0);
     assert_eq!(placed(&plan, 1).unwrap().assignments[0].node, 1);
     let p2 = placed(&plan, 2).unwrap();
     assert_eq!(p2.assignments[0].node, 0);
@@ -103,26 +157,30 @@ fn cpu_jobs_avoid_gpu_nodes_and_gpus_follow_models() {
 fn unhealthy_and_busy_gpus_are_not_given_out() {
     let mut n = NodeView::new("n", 8000, 32 * GI).with_gpus(4, "H100");
     n.gpus[0].healthy = false;
-    n.gpus[1].free = false;
-    let snap = Snapshot {
-        nodes: vec![n],
-        queue: vec![job(1, 0, res(1, 1, 2), 1), job(2, 0, res(1, 1, 1), 1)],
-    };
-    let plan = schedule(&snap, 0);
+    n.gpus[1].free_milli = 0;
+    let plan = schedule(
+        &snap(
+            vec![n],
+            vec![job(1, 0, res(1, 1, 2), 1), job(2, 0, res(1, 1, 1), 1)],
+            "drf",
+        ),
+        0,
+    );
     assert_eq!(placed(&plan, 1).unwrap().assignments[0].gpus, vec![2, 3]);
     assert!(reason(&plan, 2).contains("GPU"), "{}", reason(&plan, 2));
 }
 
 #[test]
 fn gang_is_all_or_nothing() {
-    let snap = Snapshot {
-        nodes: vec![
+    let s = snap(
+        vec![
             NodeView::new("a", 4000, 8 * GI),
             NodeView::new("b", 4000, 8 * GI),
         ],
-        queue: vec![job(1, 0, res(3, 1, 0), 3), job(2, 0, res(3, 1, 0), 2)],
-    };
-    let plan = schedule(&snap, 0);
+        vec![job(1, 0, res(3, 1, 0), 3), job(2, 0, res(3, 1, 0), 2)],
+        "tessera",
+    );
+    let plan = schedule(&s, 0);
     assert!(placed(&plan, 1).is_none());
     assert!(
         reason(&plan, 1).contains("at most 2 of the 3 replicas"),
@@ -132,6 +190,25 @@ fn gang_is_all_or_nothing() {
     let p2 = placed(&plan, 2).expect("the 2-gang fits after the 3-gang is rolled back");
     assert_eq!(p2.assignments.len(), 2);
     assert_ne!(p2.assignments[0].node, p2.assignments[1].node);
+}
+
+#[test]
+fn gang_waiting_for_room_says_so() {
+    let mut a = NodeView::new("a", 4000, 8 * GI);
+    a.free_cpu_milli = 1000;
+    let plan = schedule(
+        &snap(
+            vec![a, NodeView::new("b", 4000, 8 * GI)],
+            vec![job(1, 0, res(3, 1, 0), 2)],
+            "drf",
+        ),
+        0,
+    );
+    let r = reason(&plan, 1);
+    assert!(
+        r.contains("gang of 2") && r.contains("1 of 2 schedulable nodes"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -152,6 +229,12 @@ fn infeasible_jobs_are_named_at_submit() {
     let r = infeasible_reason(&nodes, &res(1, 1, 1), 2).unwrap();
     assert!(r.contains("at most 1 of the 2 replicas"), "{r}");
     assert!(infeasible_reason(&nodes, &res(2, 4, 1), 1).is_none());
+    let big = vec![NodeView::new("b", 8000, 16 * GI).with_gpus(1, "H100")];
+    assert!(
+        infeasible_reason(&big, &frac(300), 3).is_none(),
+        "3 x 0.3 share one GPU"
+    );
+    assert!(infeasible_reason(&big, &frac(600), 2).is_some());
     assert!(infeasible_reason(&[], &res(1, 1, 0), 1).is_some());
 }
 
@@ -160,14 +243,239 @@ fn cordoned_nodes_get_nothing_and_say_so() {
     let mut n = NodeView::new("a", 2000, 4 * GI);
     n.schedulable = false;
     let plan = schedule(
-        &Snapshot {
-            nodes: vec![n],
-            queue: vec![job(1, 0, res(1, 1, 0), 1)],
-        },
+        &snap(vec![n], vec![job(1, 0, res(1, 1, 0), 1)], "tessera"),
         0,
     );
     assert!(plan.placements.is_empty());
     assert!(reason(&plan, 1).contains("no schedulable node"));
+}
+
+#[test]
+fn strict_fifo_lets_nothing_pass_the_first_waiting_job() {
+    let mut s = snap(
+        vec![NodeView::new("a", 4000, 8 * GI)],
+        vec![
+            job(1, 0, res(3, 1, 0), 1),
+            job(2, 0, res(2, 1, 0), 1),
+            job(3, 0, res(1, 1, 0), 1),
+        ],
+        "fifo",
+    );
+    let plan = schedule(&s, 0);
+    start(&mut s, &plan, 0);
+    assert!(placed(&plan, 1).is_some());
+    // Job 3 would fit in what is left, but job 2 is first.
+    let plan = schedule(&s, 0);
+    assert!(plan.placements.is_empty());
+    assert!(
+        reason(&plan, 3).contains("behind job 2"),
+        "{}",
+        reason(&plan, 3)
+    );
+}
+
+#[test]
+fn backfill_lets_short_jobs_pass_only_when_they_do_not_delay_the_first() {
+    // Node a is busy until t=100 with job 1; job 2 needs both nodes whole.
+    let mut s = snap(
+        vec![
+            NodeView::new("a", 4000, 8 * GI),
+            NodeView::new("b", 4000, 8 * GI),
+        ],
+        vec![job(1, 0, res(4, 1, 0), 1)],
+        "fifo-backfill",
+    );
+    s.queue[0].expected_runtime_ms = Some(100);
+    let plan = schedule(&s, 0);
+    start(&mut s, &plan, 0);
+    let mut short = job(3, 0, res(2, 1, 0), 1);
+    short.expected_runtime_ms = Some(50);
+    let mut long = job(4, 0, res(2, 1, 0), 1);
+    long.expected_runtime_ms = Some(500);
+    s.queue = vec![job(2, 0, res(4, 1, 0), 2), short, long];
+    let plan = schedule(&s, 10);
+    assert!(placed(&plan, 2).is_none());
+    assert!(
+        placed(&plan, 3).is_some(),
+        "ends at 60, before job 2 could start at 100"
+    );
+    assert!(placed(&plan, 4).is_none(), "would hold node b past 100");
+    assert!(
+        reason(&plan, 4).contains("held for job 2"),
+        "{}",
+        reason(&plan, 4)
+    );
+}
+
+/// Large gangs are never starved by a stream of small jobs: however many
+/// arrive, the gang starts as soon as the capacity it needs has been freed.
+#[test]
+fn a_stream_of_small_jobs_never_starves_a_gang() {
+    for policy in ["tessera", "fifo-backfill", "fifo"] {
+        let nodes: Vec<NodeView> = (0..4)
+            .map(|i| NodeView::new(format!("n{i}"), 4000, 16 * GI))
+            .collect();
+        let mut s = snap(nodes, Vec::new(), policy);
+        // Every node starts busy with one small job of unknown length.
+        s.queue = (0..4).map(|i| job(100 + i, 0, res(1, 1, 0), 1)).collect();
+        let plan = schedule(&s, 0);
+        start(&mut s, &plan, 0);
+        // The gang needs every CPU of every node.
+        s.queue.push(job(1, 0, res(4, 1, 0), 4));
+        let mut next_id = 1000;
+        let mut started_at = None;
+        for t in 1..40u64 {
+            // Small jobs keep arriving, two per step, each wanting one CPU.
+            for _ in 0..2 {
+                s.queue
+                    .push(PendingJob::new(next_id, "t", 0, t * 10, res(1, 1, 0), 1));
+                next_id += 1;
+            }
+            // One running small job ends per step.
+            if let Some(r) = s.running.iter().find(|r| r.job.id != 1).map(|r| r.job.id) {
+                end(&mut s, r);
+            }
+            let plan = schedule(&s, t * 10);
+            start(&mut s, &plan, t * 10);
+            if s.running.iter().any(|r| r.job.id == 1) {
+                started_at = Some(t);
+                break;
+            }
+        }
+        let t = started_at.unwrap_or_else(|| panic!("{policy}: the gang never started"));
+        assert!(t <= 4, "{policy}: the gang waited {t} steps for 4 ends");
+    }
+}
+
+#[test]
+fn fractional_gpus_share_a_device_and_pack_together() {
+    let n = NodeView::new("n", 16000, 64 * GI).with_gpus(2, "H100");
+    let mut s = snap(vec![n], vec![job(1, 0, frac(500), 1)], "tessera");
+    let plan = schedule(&s, 0);
+    start(&mut s, &plan, 0);
+    s.queue = vec![job(2, 0, frac(500), 1)];
+    let plan = schedule(&s, 1);
+    assert_eq!(
+        placed(&plan, 2).unwrap().assignments[0].gpus,
+        vec![0],
+        "shares GPU 0 with job 1"
+    );
+    start(&mut s, &plan, 1);
+    s.queue = vec![job(3, 0, frac(700), 1), job(4, 0, res(1, 1, 1), 1)];
+    let plan = schedule(&s, 2);
+    assert_eq!(placed(&plan, 3).unwrap().assignments[0].gpus, vec![1]);
+    assert!(placed(&plan, 4).is_none(), "no whole GPU is left");
+}
+
+#[test]
+fn fragmentation_packing_keeps_whole_gpus_for_whole_gpu_jobs() {
+    // Node a has one GPU with 0.6 free; node b two whole GPUs. A 0.5 share
+    // belongs on a, leaving b whole for the 2-GPU jobs that keep coming.
+    let mut a = NodeView::new("a", 16000, 64 * GI).with_gpus(1, "H100");
+    a.gpus[0].free_milli = 600;
+    let b = NodeView::new("b", 16000, 64 * GI).with_gpus(2, "H100");
+    let mut queue = vec![job(1, 0, frac(500), 1)];
+    for i in 0..5 {
+        queue.push(job(10 + i, -1, res(1, 1, 2), 1));
+    }
+    let plan = schedule(
+        &snap(vec![a.clone(), b.clone()], queue.clone(), "tessera"),
+        0,
+    );
+    assert_eq!(placed(&plan, 1).unwrap().assignments[0].node, 0);
+    assert_eq!(
+        placed(&plan, 10).unwrap().assignments[0].node,
+        1,
+        "b stayed whole for it"
+    );
+    // Plain best fit puts the share on the emptier-looking node and strands b.
+    let mut s = snap(vec![a, b], queue, "tessera");
+    s.policy.packing = Packing::BestFit;
+    let plan = schedule(&s, 0);
+    assert!(placed(&plan, 10).is_none() || placed(&plan, 1).unwrap().assignments[0].node == 0);
+}
+
+#[test]
+fn fair_share_serves_the_team_with_the_smaller_share_first() {
+    let mut s = snap(vec![NodeView::new("n", 5000, 16 * GI)], Vec::new(), "drf");
+    s.queue = vec![
+        PendingJob::new(1, "ads", 0, 0, res(2, 1, 0), 1),
+        PendingJob::new(2, "vision", 0, 0, res(1, 1, 0), 1),
+    ];
+    let plan = schedule(&s, 0);
+    start(&mut s, &plan, 0);
+    // Ads holds 2 of 5 CPUs, vision 1; 2 are left. Ads submitted first.
+    s.queue = vec![
+        PendingJob::new(3, "ads", 0, 1, res(2, 1, 0), 1),
+        PendingJob::new(4, "vision", 0, 2, res(2, 1, 0), 1),
+    ];
+    let plan = schedule(&s, 3);
+    assert!(placed(&plan, 4).is_some(), "vision has the smaller share");
+    assert!(placed(&plan, 3).is_none());
+    // With four times the weight, ads' share counts a quarter: ads goes first.
+    s.teams = vec![TeamView {
+        name: "ads".into(),
+        weight: 4.0,
+    }];
+    let plan = schedule(&s, 3);
+    assert!(placed(&plan, 3).is_some());
+    assert!(placed(&plan, 4).is_none());
+}
+
+#[test]
+fn least_attained_service_preempts_the_job_that_has_had_most() {
+    let mut s = snap(
+        vec![NodeView::new("n", 2000, 8 * GI).with_gpus(1, "H100")],
+        Vec::new(),
+        "las",
+    );
+    s.queue = vec![job(1, 0, res(1, 1, 1), 1)];
+    let plan = schedule(&s, 0);
+    start(&mut s, &plan, 0);
+    s.queue = vec![job(2, 0, res(1, 1, 1), 1)];
+    // A job that would lose its progress is not preempted for the order.
+    assert!(schedule(&s, 3_600_000).preemptions.is_empty());
+    s.running[0].job.resumable = true;
+    let plan = schedule(&s, 3_600_000);
+    assert!(
+        plan.placements.is_empty(),
+        "room is made first, the job starts next pass"
+    );
+    assert_eq!(plan.preemptions.len(), 1);
+    assert_eq!(
+        (plan.preemptions[0].job_id, plan.preemptions[0].for_job),
+        (1, 2)
+    );
+    assert!(
+        reason(&plan, 2).contains("preempted job(s) 1"),
+        "{}",
+        reason(&plan, 2)
+    );
+    // Non-preemptive policies never do it.
+    s.policy = Policy::named("sjf-oracle").unwrap();
+    assert!(schedule(&s, 3_600_000).preemptions.is_empty());
+}
+
+#[test]
+fn preemption_respects_priority_and_minimum_run_time() {
+    let mut s = snap(
+        vec![NodeView::new("n", 2000, 8 * GI)],
+        Vec::new(),
+        "tessera",
+    );
+    s.queue = vec![job(1, 10, res(2, 1, 0), 1)];
+    let plan = schedule(&s, 0);
+    start(&mut s, &plan, 0);
+    // A lower-priority job never preempts a higher one.
+    s.queue = vec![job(2, 0, res(2, 1, 0), 1)];
+    assert!(schedule(&s, 10_000_000).preemptions.is_empty());
+    // A higher-priority one does, once the victim has run its minimum.
+    s.queue = vec![job(3, 20, res(2, 1, 0), 1)];
+    assert!(schedule(&s, 1_000).preemptions.is_empty());
+    assert_eq!(schedule(&s, 120_000).preemptions[0].job_id, 1);
+    // And never a job marked not preemptible.
+    s.running[0].preemptible = false;
+    assert!(schedule(&s, 120_000).preemptions.is_empty());
 }
 
 // ---- properties ----
@@ -187,7 +495,11 @@ fn arb_node(i: usize) -> impl Strategy<Value = NodeView> {
             n.free_cpu_milli = n.cpu_milli * (100 - used_pct) / 100;
             n.free_memory_bytes = n.memory_bytes * (100 - used_pct) / 100;
             for g in n.gpus.iter_mut() {
-                g.free = !(g.index as u64 * 37 + used_pct).is_multiple_of(3);
+                g.free_milli = match (g.index as u64 * 37 + used_pct) % 4 {
+                    0 => 0,
+                    1 => 400,
+                    _ => 1000,
+                };
                 g.healthy = !(g.index as u64 + used_pct).is_multiple_of(11);
             }
             n.schedulable = schedulable || i == 0;
@@ -203,49 +515,79 @@ fn arb_job(id: u64) -> impl Strategy<Value = PendingJob> {
         1u32..=4,
         -2i32..=2,
         0u8..3,
+        0u32..3,
+        1u64..100_000,
     )
         .prop_map(
-            move |(cpu, mem, gpu, replicas, priority, models)| PendingJob {
-                id,
-                team: format!("t{}", id % 3),
-                priority,
-                submitted_at: 1000 + id * 7 % 13,
-                resources: Resources {
-                    cpu_milli: cpu,
-                    memory_bytes: mem * GI / 2,
-                    gpu,
-                    gpu_models: match (gpu, models) {
-                        (0, _) | (_, 0) => vec![],
-                        (_, 1) => vec!["H100".into()],
-                        _ => vec!["A100".into(), "H100".into()],
+            move |(cpu, mem, gpu, replicas, priority, models, share, runtime)| {
+                let mut j = PendingJob::new(
+                    id,
+                    format!("t{}", id % 3),
+                    priority,
+                    1000 + id * 7 % 13,
+                    Resources {
+                        cpu_milli: cpu,
+                        memory_bytes: mem * GI / 2,
+                        gpu: if share == 0 { gpu } else { 0 },
+                        gpu_milli: if share == 0 { 0 } else { 250 * share },
+                        gpu_models: match (gpu, models) {
+                            (0, _) | (_, 0) => vec![],
+                            (_, 1) => vec!["H100".into()],
+                            _ => vec!["A100".into(), "H100".into()],
+                        },
                     },
-                },
-                replicas,
+                    replicas,
+                );
+                j.expected_runtime_ms = Some(runtime);
+                j.attained_ms = runtime * id % 5_000;
+                j.resumable = id % 2 == 0;
+                j
             },
         )
 }
 
+/// A snapshot with some jobs already running (placed by the scheduler
+/// itself), and a policy.
 fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
-    (1usize..8, 0usize..40).prop_flat_map(|(n, j)| {
-        (
-            (0..n).map(arb_node).collect::<Vec<_>>(),
-            (0..j as u64).map(arb_job).collect::<Vec<_>>(),
-        )
-            .prop_map(|(nodes, queue)| Snapshot { nodes, queue })
-    })
+    (
+        1usize..8,
+        0usize..40,
+        0usize..15,
+        0usize..Policy::NAMES.len(),
+    )
+        .prop_flat_map(|(n, j, r, p)| {
+            (
+                (0..n).map(arb_node).collect::<Vec<_>>(),
+                (0..(j + r) as u64).map(arb_job).collect::<Vec<_>>(),
+            )
+                .prop_map(move |(nodes, mut queue)| {
+                    let later = queue.split_off(r.min(queue.len()));
+                    let mut s = Snapshot {
+                        nodes,
+                        queue,
+                        policy: Policy::named("drf").unwrap(),
+                        ..Snapshot::default()
+                    };
+                    let plan = schedule(&s, 0);
+                    start(&mut s, &plan, 0);
+                    s.queue = later;
+                    s.policy = Policy::named(Policy::NAMES[p]).unwrap();
+                    s
+                })
+        })
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
-    /// No node is over-allocated; GPUs given out are free, healthy, allowed
-    /// and given once; cordoned nodes get nothing.
+    /// No node is over-allocated; GPUs given out are healthy, allowed and
+    /// have room; cordoned nodes get nothing.
     #[test]
     fn no_node_over_allocated(snap in arb_snapshot()) {
-        let plan = schedule(&snap, 0);
+        let plan = schedule(&snap, 10_000);
         let mut cpu = vec![0u64; snap.nodes.len()];
         let mut mem = vec![0u64; snap.nodes.len()];
-        let mut gpus: Vec<Vec<u32>> = vec![vec![]; snap.nodes.len()];
+        let mut gpu: Vec<std::collections::HashMap<u32, u32>> = vec![Default::default(); snap.nodes.len()];
         for p in &plan.placements {
             let job = snap.queue.iter().find(|j| j.id == p.job_id).unwrap();
             for a in &p.assignments {
@@ -253,19 +595,23 @@ proptest! {
                 prop_assert!(node.schedulable);
                 cpu[a.node] += job.resources.cpu_milli;
                 mem[a.node] += job.resources.memory_bytes;
-                prop_assert_eq!(a.gpus.len() as u32, job.resources.gpu);
+                let want = if job.resources.gpu > 0 { job.resources.gpu as usize } else { usize::from(job.resources.gpu_milli > 0) };
+                prop_assert_eq!(a.gpus.len(), want);
                 for g in &a.gpus {
                     let slot = node.gpus.iter().find(|s| s.index == *g).unwrap();
-                    prop_assert!(slot.free && slot.healthy);
+                    prop_assert!(slot.healthy);
                     prop_assert!(job.resources.gpu_model_allowed(&slot.model));
-                    prop_assert!(!gpus[a.node].contains(g), "GPU given twice");
-                    gpus[a.node].push(*g);
+                    *gpu[a.node].entry(*g).or_default() += if job.resources.gpu > 0 { 1000 } else { job.resources.gpu_milli };
                 }
             }
         }
         for (i, n) in snap.nodes.iter().enumerate() {
             prop_assert!(cpu[i] <= n.free_cpu_milli);
             prop_assert!(mem[i] <= n.free_memory_bytes);
+            for (g, used) in &gpu[i] {
+                let slot = n.gpus.iter().find(|s| s.index == *g).unwrap();
+                prop_assert!(*used <= slot.free_milli, "GPU {} over-allocated", g);
+            }
         }
     }
 
@@ -273,7 +619,7 @@ proptest! {
     /// waiting with a reason; never both, never neither.
     #[test]
     fn gangs_all_or_nothing_and_every_job_accounted(snap in arb_snapshot()) {
-        let plan = schedule(&snap, 0);
+        let plan = schedule(&snap, 10_000);
         prop_assert_eq!(plan.placements.len() + plan.waiting.len(), snap.queue.len());
         for job in &snap.queue {
             let p = plan.placements.iter().find(|p| p.job_id == job.id);
@@ -291,90 +637,25 @@ proptest! {
         }
     }
 
+    /// Preemption only under preemptive policies, only of preemptible
+    /// running jobs, each once, and always for a job that is waiting.
+    #[test]
+    fn preemptions_are_sound(snap in arb_snapshot()) {
+        let plan = schedule(&snap, 10_000_000);
+        if !snap.policy.preempt {
+            prop_assert!(plan.preemptions.is_empty());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &plan.preemptions {
+            prop_assert!(snap.running.iter().any(|r| r.job.id == p.job_id && r.preemptible));
+            prop_assert!(seen.insert(p.job_id), "job {} preempted twice", p.job_id);
+            prop_assert!(plan.waiting.iter().any(|w| w.job_id == p.for_job));
+        }
+    }
+
     /// The scheduler is a function: same input, same plan.
     #[test]
     fn deterministic(snap in arb_snapshot()) {
         prop_assert_eq!(schedule(&snap, 5), schedule(&snap, 5));
-    }
-
-    /// A job never overtakes an earlier-ordered job with the same request.
-    #[test]
-    fn same_shape_keeps_order(snap in arb_snapshot()) {
-        let plan = schedule(&snap, 0);
-        for w in &plan.waiting {
-            let wj = snap.queue.iter().find(|j| j.id == w.job_id).unwrap();
-            for p in &plan.placements {
-                let pj = snap.queue.iter().find(|j| j.id == p.job_id).unwrap();
-                let same = pj.resources == wj.resources && pj.replicas == wj.replicas;
-                let later = (pj.priority, std::cmp::Reverse(pj.submitted_at), std::cmp::Reverse(pj.id))
-                    < (wj.priority, std::cmp::Reverse(wj.submitted_at), std::cmp::Reverse(wj.id));
-                prop_assert!(!(same && later), "job {} overtook {}", pj.id, wj.id);
-            }
-        }
-    }
-}
-
-#[test]
-fn gang_waiting_for_room_says_so() {
-    let mut a = NodeView::new("a", 4000, 8 * GI);
-    a.free_cpu_milli = 1000;
-    let snap = Snapshot {
-        nodes: vec![a, NodeView::new("b", 4000, 8 * GI)],
-        queue: vec![job(1, 0, res(3, 1, 0), 2)],
-    };
-    let plan = schedule(&snap, 0);
-    let r = reason(&plan, 1);
-    assert!(
-        r.contains("gang of 2") && r.contains("1 of 2 schedulable nodes"),
-        "{r}"
-    );
-}
-
-/// Applies a plan to the nodes: what it placed is no longer free.
-fn apply(snap: &Snapshot, plan: &Plan) -> Vec<NodeView> {
-    let mut nodes = snap.nodes.clone();
-    for p in &plan.placements {
-        let job = snap.queue.iter().find(|j| j.id == p.job_id).unwrap();
-        for a in &p.assignments {
-            let n = &mut nodes[a.node];
-            n.free_cpu_milli -= job.resources.cpu_milli;
-            n.free_memory_bytes -= job.resources.memory_bytes;
-            for g in n.gpus.iter_mut() {
-                if a.gpus.contains(&g.index) {
-                    g.free = false;
-                }
-            }
-        }
-    }
-    nodes
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
-
-    /// The server's incremental pass: when no capacity was freed since a
-    /// pass, the jobs that waited in it cannot fit now either, so a pass over
-    /// only the newly queued jobs places exactly what a full pass would.
-    #[test]
-    fn a_pass_over_new_jobs_equals_a_full_pass_when_nothing_was_freed(
-        snap in arb_snapshot(),
-        fresh in proptest::collection::vec(arb_job(0), 0..10),
-    ) {
-        let first = schedule(&snap, 0);
-        let nodes = apply(&snap, &first);
-        let fresh: Vec<PendingJob> = fresh
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut j)| { j.id = 1000 + i as u64; j.submitted_at = 5000 + i as u64; j })
-            .collect();
-        let waiting: Vec<PendingJob> = snap
-            .queue
-            .iter()
-            .filter(|j| first.waiting.iter().any(|w| w.job_id == j.id))
-            .cloned()
-            .collect();
-        let full = Snapshot { nodes: nodes.clone(), queue: waiting.into_iter().chain(fresh.clone()).collect() };
-        let incremental = Snapshot { nodes, queue: fresh };
-        prop_assert_eq!(schedule(&full, 1).placements, schedule(&incremental, 1).placements);
     }
 }

@@ -736,8 +736,12 @@ pub struct NodeGpu {
     pub model: String,
     pub memory_bytes: u64,
     pub healthy: bool,
-    /// The job holding this GPU, if any.
+    /// The (first) job holding this GPU, if any.
     pub job_id: Option<JobId>,
+    /// Every job holding part of this GPU (fractional requests share one).
+    pub job_ids: Vec<JobId>,
+    /// Thousandths of the GPU held (1000 = all of it).
+    pub allocated_milli: u32,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -791,7 +795,13 @@ async fn list_nodes(State(shared): State<Arc<Shared>>, _caller: Caller) -> Json<
                         model: g.model.clone(),
                         memory_bytes: g.memory_bytes,
                         healthy: g.healthy,
-                        job_id: a.gpus.get(&g.index).copied(),
+                        job_id: a.gpus.get(&g.index).and_then(|u| u.1.first().copied()),
+                        job_ids: a
+                            .gpus
+                            .get(&g.index)
+                            .map(|u| u.1.clone())
+                            .unwrap_or_default(),
+                        allocated_milli: a.gpus.get(&g.index).map(|u| u.0.min(1000)).unwrap_or(0),
                     })
                     .collect(),
                 gpu_source: inv.gpu_source.clone(),

@@ -14,9 +14,9 @@ use tessera_core::node::{Node, NodeState};
 use tessera_core::protocol::{ExitCause, FromAgent, ReplicaKey, StartReplica, ToAgent};
 use tessera_core::quantity::{format_duration, format_memory};
 use tessera_core::{Event, Job, JobId, JobState};
-use tessera_store::{commit, Write};
+use tessera_store::Write;
 use tokio::sync::mpsc;
-use tracing::{error, warn};
+use tracing::warn;
 
 use crate::state::ClusterState;
 use crate::{now_ms, Shared};
@@ -26,18 +26,17 @@ const IDLE_TICK: Duration = Duration::from_millis(1000);
 
 pub async fn scheduling_loop(shared: Arc<Shared>) {
     loop {
-        tokio::select! {
-            _ = shared.wake.notified() => {}
-            _ = tokio::time::sleep(IDLE_TICK) => {}
-        }
+        // A quiet tick still runs a pass: attained service grows while jobs
+        // run, so the order and preemption change with time alone.
+        let periodic = tokio::select! {
+            _ = shared.wake.notified() => false,
+            _ = tokio::time::sleep(IDLE_TICK) => true,
+        };
         let began = Instant::now();
-        if let Err(e) = run_cycle(&shared).await {
-            error!(error = %e, "scheduling cycle failed");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        // A long pass (a huge queue after capacity changed) is followed by an
-        // equal pause, so scheduling never takes more than half a core from
-        // the API and the agent.
+        run_cycle(&shared, periodic).await;
+        // A long pass (a huge queue) is followed by an equal pause, so
+        // scheduling never takes more than half a core from the API and the
+        // agent.
         let spent = began.elapsed();
         if spent > Duration::from_millis(5) {
             tokio::time::sleep(spent).await;
@@ -45,26 +44,25 @@ pub async fn scheduling_loop(shared: Arc<Shared>) {
     }
 }
 
-/// One pass: plan, apply, commit, dispatch.
-pub async fn run_cycle(shared: &Shared) -> Result<(), tessera_store::StoreError> {
+/// One pass: plan, apply (placements and preemptions), commit, dispatch.
+pub async fn run_cycle(shared: &Shared, periodic: bool) {
     let now = now_ms();
     if shared
         .shutting_down
         .load(std::sync::atomic::Ordering::SeqCst)
     {
-        return Ok(());
+        return;
     }
     let snapshot = {
         let mut state = shared.state.lock().expect("state lock");
-        if state.queued.is_empty() || (state.fresh.is_empty() && !state.capacity_changed) {
+        if state.queued.is_empty()
+            || (!periodic && state.fresh.is_empty() && !state.capacity_changed)
+        {
             state.fresh.clear();
-            return Ok(());
+            return;
         }
-        state.take_snapshot()
+        state.take_snapshot(&shared.policy)
     };
-    if snapshot.queue.is_empty() {
-        return Ok(());
-    }
     let started = Instant::now();
     let plan = tessera_scheduler::schedule(&snapshot, now);
     shared
@@ -74,7 +72,8 @@ pub async fn run_cycle(shared: &Shared) -> Result<(), tessera_store::StoreError>
 
     let mut writes = Vec::new();
     let mut placed: Vec<JobId> = Vec::new();
-    {
+    let mut stops: Vec<(String, ToAgent)> = Vec::new();
+    let staged = {
         let mut state = shared.state.lock().expect("state lock");
         for w in &plan.waiting {
             if let Some(j) = state.jobs.get_mut(&w.job_id) {
@@ -86,8 +85,11 @@ pub async fn run_cycle(shared: &Shared) -> Result<(), tessera_store::StoreError>
         for p in &plan.placements {
             // Only the scheduling loop places work, so capacity seen in the
             // snapshot can only have grown since; the job may have been
-            // cancelled meanwhile.
+            // cancelled meanwhile, and then its share of the plan is free
+            // again for the others.
             if state.jobs.get(&p.job_id).map(|j| j.state) != Some(JobState::Queued) {
+                state.capacity_changed = true;
+                shared.wake.notify_one();
                 continue;
             }
             let placement: Vec<ReplicaPlacement> = p
@@ -103,6 +105,7 @@ pub async fn run_cycle(shared: &Shared) -> Result<(), tessera_store::StoreError>
                 j.state = JobState::Scheduled;
                 j.attempt += 1;
                 j.scheduled_at = Some(now);
+                j.started_at = None;
                 j.reason = None;
                 j.exit_code = None;
                 j.replicas = placement
@@ -121,14 +124,62 @@ pub async fn run_cycle(shared: &Shared) -> Result<(), tessera_store::StoreError>
             });
             placed.push(p.job_id);
         }
+        // One wave of preemptions at a time: while victims are stopping, the
+        // scheduler cannot see the room they will leave.
+        let in_flight = state
+            .active
+            .iter()
+            .any(|id| state.jobs[id].preempting.is_some());
+        if !in_flight {
+            for pre in &plan.preemptions {
+                let Some(job) = state.jobs.get(&pre.job_id) else {
+                    continue;
+                };
+                if !job.state.is_active() || job.cancel_requested || job.preempting.is_some() {
+                    continue;
+                }
+                let attempt = job.attempt;
+                let targets: Vec<(String, u32)> = job
+                    .placement
+                    .iter()
+                    .map(|p| (p.node.clone(), p.replica))
+                    .collect();
+                state.update_job(pre.job_id, &mut writes, |j| {
+                    j.preempting = Some(pre.reason.clone());
+                    Some(Event::new(j.id, now, "preempting", pre.reason.clone()))
+                });
+                for (node, replica) in targets {
+                    stops.push((
+                        node,
+                        ToAgent::Stop {
+                            key: ReplicaKey {
+                                job_id: pre.job_id,
+                                attempt,
+                                replica,
+                            },
+                            grace_ms: shared.kill_grace_ms,
+                            reason: pre.reason.clone(),
+                        },
+                    ));
+                }
+            }
+        }
+        let staged = shared.stage(std::mem::take(&mut writes));
+        let agents = shared.agents.lock().expect("agents lock");
+        for (node, msg) in stops.drain(..) {
+            if let Some(tx) = agents.get(&node) {
+                let _ = tx.send(msg);
+            }
+        }
+        staged
+    };
+    staged.durable().await;
+    if placed.is_empty() {
+        return;
     }
-    if writes.is_empty() {
-        return Ok(());
-    }
-    commit(shared.store.as_ref(), writes).await?;
     shared.changed();
     shared.metrics.placements.inc_by(placed.len() as u64);
-    dispatch_starts(shared, &placed).await
+    dispatch_starts(shared, &placed).await;
 }
 
 fn describe_placement(p: &[ReplicaPlacement]) -> String {
@@ -147,14 +198,16 @@ fn describe_placement(p: &[ReplicaPlacement]) -> String {
 }
 
 /// Sends Start for every replica of freshly placed jobs, unless a cancel got
-/// there first (then the job is cancelled without running).
-async fn dispatch_starts(
-    shared: &Shared,
-    placed: &[JobId],
-) -> Result<(), tessera_store::StoreError> {
+/// there first (then the job is cancelled without running), the server is
+/// shutting down, or a node has no agent (then the job is lost and retried
+/// per its policy instead of waiting for a report that never comes).
+async fn dispatch_starts(shared: &Shared, placed: &[JobId]) {
     let now = now_ms();
     let mut writes = Vec::new();
-    {
+    let shutting_down = shared
+        .shutting_down
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let staged = {
         let mut state = shared.state.lock().expect("state lock");
         let agents = shared.agents.lock().expect("agents lock");
         for id in placed {
@@ -164,13 +217,34 @@ async fn dispatch_starts(
             if job.state != JobState::Scheduled {
                 continue;
             }
-            if job.cancel_requested {
+            let ended = if job.cancel_requested {
+                Some((
+                    JobState::Cancelled,
+                    "cancelled before it started".to_string(),
+                ))
+            } else if shutting_down {
+                Some((
+                    JobState::Lost,
+                    "lost: the server shut down before the job started".to_string(),
+                ))
+            } else {
+                job.placement
+                    .iter()
+                    .find(|p| !agents.contains_key(&p.node))
+                    .map(|p| {
+                        (
+                            JobState::Lost,
+                            format!("lost: node {} has no connected agent", p.node),
+                        )
+                    })
+            };
+            if let Some((outcome, reason)) = ended {
                 finish(
                     &mut state,
                     *id,
-                    JobState::Cancelled,
+                    outcome,
                     None,
-                    "cancelled before it started".into(),
+                    reason,
                     now,
                     &mut writes,
                     shared,
@@ -178,19 +252,17 @@ async fn dispatch_starts(
                 continue;
             }
             for p in &job.placement {
-                let start = start_message(job, p);
-                match agents.get(&p.node) {
-                    Some(tx) if tx.send(ToAgent::Start(start)).is_ok() => {}
-                    _ => warn!(job = id, node = %p.node, "no connected agent for placement"),
+                if let Some(tx) = agents.get(&p.node) {
+                    if tx.send(ToAgent::Start(start_message(job, p))).is_err() {
+                        warn!(job = id, node = %p.node, "the node's agent has gone");
+                    }
                 }
             }
         }
-    }
-    if !writes.is_empty() {
-        commit(shared.store.as_ref(), writes).await?;
-        shared.changed();
-    }
-    Ok(())
+        shared.stage(writes)
+    };
+    staged.durable().await;
+    shared.changed();
 }
 
 fn start_message(job: &Job, p: &ReplicaPlacement) -> StartReplica {
@@ -246,9 +318,11 @@ pub fn finish(
                 j.failures += 1;
                 (j.failures, j.spec.retries.on_failure, "failure")
             };
+            j.attained_ms += now.saturating_sub(j.started_at.or(j.scheduled_at).unwrap_or(now));
             j.state = JobState::Queued;
             j.placement.clear();
             j.replicas.clear();
+            j.preempting = None;
             j.exit_code = exit_code;
             j.reason = Some(format!("requeued after {what}: {reason}"));
             Some(Event::new(
@@ -283,6 +357,41 @@ pub fn finish(
     shared.wake.notify_one();
 }
 
+/// Sends a preempted job back to the queue, keeping its place (submit time)
+/// and counting the run time it loses; retries are not used up.
+fn requeue_preempted(
+    state: &mut ClusterState,
+    id: JobId,
+    why: String,
+    now: u64,
+    writes: &mut Vec<Write>,
+    shared: &Shared,
+) {
+    state.update_job(id, writes, |j| {
+        let ran = now.saturating_sub(j.started_at.or(j.scheduled_at).unwrap_or(now));
+        j.state = JobState::Queued;
+        j.preemptions += 1;
+        j.attained_ms += ran;
+        j.preempted_ms += ran;
+        j.placement.clear();
+        j.replicas.clear();
+        j.preempting = None;
+        j.exit_code = None;
+        j.reason = Some(format!("requeued after preemption: {why}"));
+        Some(Event::new(
+            id,
+            now,
+            "preempted",
+            format!(
+                "{why}; {} of run time lost; back in the queue in its place",
+                format_duration(ran)
+            ),
+        ))
+    });
+    shared.metrics.preemptions.inc();
+    shared.wake.notify_one();
+}
+
 /// Applies agent reports in batches: one lock, one commit per batch.
 pub async fn agent_events_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<FromAgent>) {
     while let Some(first) = rx.recv().await {
@@ -295,21 +404,21 @@ pub async fn agent_events_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedRecei
         }
         let mut writes = Vec::new();
         let mut stops = Vec::new();
-        {
+        let staged = {
             let mut state = shared.state.lock().expect("state lock");
             for ev in batch {
                 handle_agent_event(&shared, &mut state, ev, &mut writes, &mut stops);
             }
+            let staged = shared.stage(writes);
             let agents = shared.agents.lock().expect("agents lock");
             for (node, msg) in stops {
                 if let Some(tx) = agents.get(&node) {
                     let _ = tx.send(msg);
                 }
             }
-        }
-        if let Err(e) = commit(shared.store.as_ref(), writes).await {
-            error!(error = %e, "cannot store agent reports");
-        }
+            staged
+        };
+        staged.durable().await;
         shared.changed();
     }
 }
@@ -474,6 +583,10 @@ fn handle_agent_event(
                         job.exit_code.or(job_exit),
                         "cancelled on request".to_string(),
                     )
+                } else if job.preempting.is_some() && cause == ExitCause::Stopped {
+                    let why = job.preempting.clone().unwrap_or_default();
+                    requeue_preempted(state, key.job_id, why, now, writes, shared);
+                    return;
                 } else if shutting_down && cause == ExitCause::Stopped {
                     (
                         JobState::Lost,

@@ -61,6 +61,8 @@ pub struct Shared {
     pub admin_lock: tokio::sync::Mutex<()>,
     /// Set on shutdown: nothing new is placed, stopped replicas count as lost.
     pub shutting_down: std::sync::atomic::AtomicBool,
+    /// The scheduling policy.
+    pub policy: tessera_scheduler::Policy,
 }
 
 impl std::fmt::Debug for Shared {
@@ -89,6 +91,7 @@ impl Shared {
             kill_grace_ms: kill_grace.as_millis() as u64,
             admin_lock: tokio::sync::Mutex::new(()),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            policy: tessera_scheduler::Policy::tessera(),
         }
     }
 
@@ -141,6 +144,8 @@ pub struct UpConfig {
     pub agent_name: Option<String>,
     pub cgroups: bool,
     pub kill_grace: Duration,
+    /// Scheduling policy (one of `tessera_scheduler::Policy::NAMES`).
+    pub policy: tessera_scheduler::Policy,
 }
 
 impl UpConfig {
@@ -154,6 +159,7 @@ impl UpConfig {
             agent_name: None,
             cgroups: true,
             kill_grace: Duration::from_secs(10),
+            policy: tessera_scheduler::Policy::tessera(),
         }
     }
 }
@@ -262,12 +268,9 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     let inventory = agent.inventory();
     let node_name = inventory.name.clone();
 
-    let shared = Arc::new(Shared::new(
-        store.clone(),
-        state,
-        home.clone(),
-        config.kill_grace,
-    ));
+    let mut shared = Shared::new(store.clone(), state, home.clone(), config.kill_grace);
+    shared.policy = config.policy.clone();
+    let shared = Arc::new(shared);
     // Recover jobs the last run was running, and register the local node
     // before the API answers, so submissions are checked against it.
     let writes = {

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub submit_to_start_seconds: Histogram,
     pub submitted: Counter,
     pub placements: Counter,
+    pub preemptions: Counter,
     pub finished: Family<StateLabel, Counter>,
 }
 
@@ -96,6 +97,12 @@ impl Metrics {
             "Jobs placed by the scheduler",
             placements.clone(),
         );
+        let preemptions = Counter::default();
+        registry.register(
+            "scheduler_preemptions",
+            "Jobs preempted by the scheduler",
+            preemptions.clone(),
+        );
         let finished = Family::<StateLabel, Counter>::default();
         registry.register(
             "jobs_finished",
@@ -112,6 +119,7 @@ impl Metrics {
             submit_to_start_seconds,
             submitted,
             placements,
+            preemptions,
             finished,
         }
     }
@@ -171,7 +179,7 @@ impl Metrics {
                 .set(a.memory_bytes as f64);
             self.node_allocated
                 .get_or_create(&label("gpu"))
-                .set(a.gpus.len() as f64);
+                .set(a.gpus_in_use() as f64);
         }
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);

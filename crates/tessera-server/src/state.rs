@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tessera_core::auth::{Team, TokenRecord};
 use tessera_core::node::{Node, NodeState};
 use tessera_core::{Event, Job, JobId, JobState};
-use tessera_scheduler::{GpuSlot, NodeView, PendingJob, Snapshot};
+use tessera_scheduler::{
+    Assignment, GpuSlot, NodeView, PendingJob, Policy, RunningJob, Snapshot, TeamView,
+};
 use tessera_store::{Loaded, Write};
 
 #[derive(Debug, Default)]
@@ -34,9 +36,16 @@ pub struct ClusterState {
 pub struct Allocation {
     pub cpu_milli: u64,
     pub memory_bytes: u64,
-    /// GPU index → job holding it.
-    pub gpus: BTreeMap<u32, JobId>,
+    /// GPU index → thousandths held and the jobs holding them.
+    pub gpus: BTreeMap<u32, (u32, Vec<JobId>)>,
     pub replicas: u32,
+}
+
+impl Allocation {
+    /// GPUs held at all (whole or in part).
+    pub fn gpus_in_use(&self) -> usize {
+        self.gpus.values().filter(|(m, _)| *m > 0).count()
+    }
 }
 
 impl ClusterState {
@@ -127,8 +136,11 @@ impl ClusterState {
                 a.cpu_milli += r.cpu_milli;
                 a.memory_bytes += r.memory_bytes;
                 a.replicas += 1;
+                let milli = if r.gpu > 0 { 1000 } else { r.gpu_milli };
                 for g in &p.gpus {
-                    a.gpus.insert(*g, job.id);
+                    let e = a.gpus.entry(*g).or_default();
+                    e.0 += milli;
+                    e.1.push(job.id);
                 }
             }
         }
@@ -157,7 +169,8 @@ impl ClusterState {
                             index: g.index,
                             model: g.model.clone(),
                             healthy: g.healthy,
-                            free: !a.gpus.contains_key(&g.index),
+                            free_milli: 1000u32
+                                .saturating_sub(a.gpus.get(&g.index).map(|u| u.0).unwrap_or(0)),
                         })
                         .collect(),
                 }
@@ -176,45 +189,84 @@ impl ClusterState {
         views
     }
 
-    /// The scheduler's input for the next pass: every queued job when
-    /// capacity may have grown, else only the jobs queued since the last
-    /// pass. Resets the change tracking.
-    pub fn take_snapshot(&mut self) -> Snapshot {
-        let ids: Vec<JobId> = if self.capacity_changed {
-            self.queued.iter().copied().collect()
-        } else {
-            self.fresh.iter().copied().collect()
-        };
+    /// The scheduler's input: every queued job, every running one, team
+    /// weights and the policy. Resets the change tracking.
+    pub fn take_snapshot(&mut self, policy: &Policy) -> Snapshot {
         self.capacity_changed = false;
         self.fresh.clear();
-        self.snapshot_of(&ids)
+        self.snapshot(policy)
     }
 
-    /// A snapshot with every queued job.
-    pub fn snapshot(&self) -> Snapshot {
-        let ids: Vec<JobId> = self.queued.iter().copied().collect();
-        self.snapshot_of(&ids)
-    }
-
-    fn snapshot_of(&self, ids: &[JobId]) -> Snapshot {
+    pub fn snapshot(&self, policy: &Policy) -> Snapshot {
+        let nodes = self.node_views();
+        let index: HashMap<&str, usize> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.as_str(), i))
+            .collect();
+        let running = self
+            .active
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            // A job being preempted is already on its way out.
+            .filter(|j| j.preempting.is_none() && !j.cancel_requested)
+            .filter_map(|j| {
+                let assignments = j
+                    .placement
+                    .iter()
+                    .map(|p| {
+                        Some(Assignment {
+                            replica: p.replica,
+                            node: *index.get(p.node.as_str())?,
+                            gpus: p.gpus.clone(),
+                        })
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                Some(RunningJob {
+                    job: pending(j),
+                    started_at: j.started_at.or(j.scheduled_at).unwrap_or(j.submitted_at),
+                    assignments,
+                    preemptible: true,
+                })
+            })
+            .collect();
         Snapshot {
-            nodes: self.node_views(),
-            queue: ids
+            queue: self
+                .queued
                 .iter()
                 .filter_map(|id| self.jobs.get(id))
-                .map(|j| PendingJob {
-                    id: j.id,
-                    team: j.spec.team.clone(),
-                    priority: j.spec.priority,
-                    submitted_at: j.submitted_at,
-                    resources: j.spec.resources.clone(),
-                    replicas: j.spec.replicas,
+                .map(pending)
+                .collect(),
+            running,
+            teams: self
+                .teams
+                .values()
+                .map(|t| TeamView {
+                    name: t.name.clone(),
+                    weight: t.weight,
                 })
                 .collect(),
+            policy: policy.clone(),
+            nodes,
         }
     }
 
     pub fn max_job_id(&self) -> JobId {
         self.jobs.keys().next_back().copied().unwrap_or(0)
     }
+}
+
+/// A job as the scheduler sees it.
+fn pending(j: &Job) -> PendingJob {
+    let mut p = PendingJob::new(
+        j.id,
+        j.spec.team.clone(),
+        j.spec.priority,
+        j.submitted_at,
+        j.spec.resources.clone(),
+        j.spec.replicas,
+    );
+    p.max_runtime_ms = j.spec.max_runtime_ms;
+    p.attained_ms = j.attained_ms;
+    p
 }

@@ -326,3 +326,56 @@ async fn reports_about_an_old_attempt_are_ignored() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(w.job(id).await["state"], "running");
 }
+
+#[tokio::test]
+async fn a_higher_priority_job_preempts_and_the_victim_keeps_its_place() {
+    let mut w = world(&[node("a", 2, 0)]);
+    let low = w
+        .submit(json!({"command": ["low"], "resources": {"cpu": 2}}))
+        .await;
+    let start = w.next_command().await;
+    w.started(&start);
+    w.wait_state(low, "running").await;
+    let high = w
+        .submit(json!({"command": ["high"], "priority": 10, "resources": {"cpu": 2}}))
+        .await;
+    let stop = w.next_command().await;
+    match (&stop, &start) {
+        (ToAgent::Stop { key, reason, .. }, ToAgent::Start(s)) => {
+            assert_eq!(*key, s.key);
+            assert!(reason.contains(&format!("job {high}")), "{reason}");
+        }
+        other => panic!("expected the low job to be stopped: {other:?}"),
+    }
+    w.exited(&stop, 143, ExitCause::Stopped);
+    let job = w.wait_state(low, "queued").await;
+    assert_eq!(job["preemptions"], 1);
+    assert_eq!(job["failures"], 0, "a preemption is not a failure");
+    let next = w.next_command().await;
+    let ToAgent::Start(s) = &next else {
+        panic!("{next:?}")
+    };
+    assert_eq!(s.key.job_id, high);
+    w.started(&next);
+    w.exited(&next, 0, ExitCause::Exited);
+    w.wait_state(high, "succeeded").await;
+    // The preempted job runs again, as attempt 2.
+    let again = w.next_command().await;
+    let ToAgent::Start(s) = &again else {
+        panic!("{again:?}")
+    };
+    assert_eq!((s.key.job_id, s.key.attempt), (low, 2));
+    let (_, events) = w
+        .call("GET", &format!("/v1/jobs/{low}/events"), Value::Null)
+        .await;
+    let kinds: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"preempting") && kinds.contains(&"preempted"),
+        "{kinds:?}"
+    );
+}
