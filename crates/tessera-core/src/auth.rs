@@ -42,6 +42,27 @@ pub struct Team {
     /// Fair-share weight (used by the fair-share policy).
     pub weight: f64,
     pub created_at: u64,
+    /// Guaranteed amounts and borrowing limits; none: best effort, no limit.
+    #[serde(default)]
+    pub quota: Option<TeamQuota>,
+}
+
+/// Amounts of CPU, memory and GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ResourceAmounts {
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    /// Thousandths of a GPU.
+    pub gpu_milli: u64,
+}
+
+/// A team's quota per resource: `guaranteed` is reserved for the team (others
+/// may borrow it while idle, and give it back when the team needs it);
+/// `limit` caps what the team may hold by borrowing (`u64::MAX`: no cap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TeamQuota {
+    pub guaranteed: ResourceAmounts,
+    pub limit: ResourceAmounts,
 }
 
 /// A token as stored: the secret itself is never kept, only its SHA-256.

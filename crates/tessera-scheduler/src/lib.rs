@@ -151,11 +151,47 @@ pub struct RunningJob {
     pub preemptible: bool,
 }
 
-/// A team's fair-share weight.
+/// Amounts of the three scheduled resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Amounts {
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    /// Thousandths of a GPU.
+    pub gpu_milli: u64,
+}
+
+impl Amounts {
+    pub const ZERO: Amounts = Amounts {
+        cpu_milli: 0,
+        memory_bytes: 0,
+        gpu_milli: 0,
+    };
+    pub const UNLIMITED: Amounts = Amounts {
+        cpu_milli: u64::MAX,
+        memory_bytes: u64::MAX,
+        gpu_milli: u64::MAX,
+    };
+
+    fn as_array(&self) -> [u64; 3] {
+        [self.cpu_milli, self.memory_bytes, self.gpu_milli]
+    }
+}
+
+/// A team's quota: what it is guaranteed, and how far it may go by
+/// borrowing what other teams leave idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub guaranteed: Amounts,
+    pub limit: Amounts,
+}
+
+/// A team's fair-share weight and quota.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TeamView {
     pub name: String,
     pub weight: f64,
+    /// `None`: no guarantee and no limit (everything it uses is borrowed).
+    pub quota: Option<Quota>,
 }
 
 /// Everything the scheduler looks at.
@@ -256,9 +292,18 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
     let mut blocked_by: Option<JobId> = None;
     let mut tried_reservation = false;
     let mut waiting_keys: Vec<(usize, Key)> = Vec::new();
+    let mut usage = team_usage(snapshot);
 
     while let Some((qi, key)) = orderer.next() {
         let job = &snapshot.queue[qi];
+        if let Some(reason) = over_limit(snapshot, &usage, job) {
+            plan.waiting.push(Waiting {
+                job_id: job.id,
+                reason,
+            });
+            waiting_keys.push((qi, key));
+            continue;
+        }
         if let Some(head) = blocked_by {
             plan.waiting.push(Waiting {
                 job_id: job.id,
@@ -300,6 +345,11 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
         match placed {
             Some(assignments) => {
                 orderer.placed(qi);
+                let d = job_amounts(job);
+                let u = usage.entry(job.team.as_str()).or_insert([0; 3]);
+                for r in 0..3 {
+                    u[r] += d[r];
+                }
                 plan.placements.push(Placement {
                     job_id: job.id,
                     assignments,
@@ -333,6 +383,7 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
         }
     }
 
+    let mut used = vec![false; snapshot.running.len()];
     if policy.preempt && !snapshot.running.is_empty() {
         preempt(
             snapshot,
@@ -340,10 +391,186 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
             &mut cluster,
             &orderer,
             &waiting_keys,
+            &mut used,
+            &mut plan,
+        );
+    }
+    if snapshot.teams.iter().any(|t| t.quota.is_some()) && !snapshot.running.is_empty() {
+        reclaim(
+            snapshot,
+            now,
+            &mut cluster,
+            &waiting_keys,
+            &mut usage,
+            &mut used,
             &mut plan,
         );
     }
     plan
+}
+
+const RESOURCE_NAMES: [&str; 3] = ["CPU", "memory", "GPU"];
+
+/// A job's total demand: CPU millicores, memory bytes, GPU thousandths.
+fn job_amounts(job: &PendingJob) -> [u64; 3] {
+    let n = job.replicas as u64;
+    [
+        job.resources.cpu_milli * n,
+        job.resources.memory_bytes * n,
+        job.resources.gpu_demand_milli() * n,
+    ]
+}
+
+/// What each team's running jobs hold.
+fn team_usage(snapshot: &Snapshot) -> HashMap<&str, [u64; 3]> {
+    let mut usage: HashMap<&str, [u64; 3]> = HashMap::new();
+    for r in &snapshot.running {
+        let d = job_amounts(&r.job);
+        let u = usage.entry(r.job.team.as_str()).or_insert([0; 3]);
+        for k in 0..3 {
+            u[k] += d[k];
+        }
+    }
+    usage
+}
+
+fn quota_of<'a>(snapshot: &'a Snapshot, team: &str) -> Option<&'a Quota> {
+    snapshot
+        .teams
+        .iter()
+        .find(|t| t.name == team)
+        .and_then(|t| t.quota.as_ref())
+}
+
+fn show_amount(r: usize, v: u64) -> String {
+    if v == u64::MAX {
+        return "unlimited".into();
+    }
+    match r {
+        1 => format_memory(v),
+        // CPU millicores and GPU thousandths read the same way.
+        _ => format_cpu(v),
+    }
+}
+
+/// Why placing `job` would take its team past its borrowing limit.
+fn over_limit(
+    snapshot: &Snapshot,
+    usage: &HashMap<&str, [u64; 3]>,
+    job: &PendingJob,
+) -> Option<String> {
+    let q = quota_of(snapshot, &job.team)?;
+    let used = usage.get(job.team.as_str()).copied().unwrap_or([0; 3]);
+    let need = job_amounts(job);
+    let limit = q.limit.as_array();
+    let guaranteed = q.guaranteed.as_array();
+    (0..3).find(|r| need[*r] > 0 && used[*r].saturating_add(need[*r]) > limit[*r]).map(|r| {
+        format!(
+            "team quota: team `{}` holds {} {} and this job needs {} more; its limit is {} (guaranteed {})",
+            job.team,
+            show_amount(r, used[r]),
+            RESOURCE_NAMES[r],
+            show_amount(r, need[r]),
+            show_amount(r, limit[r]),
+            show_amount(r, guaranteed[r]),
+        )
+    })
+}
+
+/// Reclaims guaranteed quota: a waiting job whose team stays within its
+/// guarantee (counting the job) and has waited past the grace period gets
+/// room by preempting jobs of teams that borrow beyond their guarantee —
+/// lowest priority first, then the most recently started.
+fn reclaim<'a>(
+    snapshot: &'a Snapshot,
+    now: u64,
+    cluster: &mut Cluster,
+    waiting: &[(usize, Key)],
+    usage: &mut HashMap<&'a str, [u64; 3]>,
+    used: &mut [bool],
+    plan: &mut Plan,
+) {
+    let grace = snapshot.policy.reclaim_after_ms;
+    let already: std::collections::HashSet<JobId> =
+        plan.preemptions.iter().map(|p| p.for_job).collect();
+    let mut reasons: HashMap<JobId, String> = HashMap::new();
+    for (qi, _) in waiting {
+        let job = &snapshot.queue[*qi];
+        if already.contains(&job.id) || now.saturating_sub(job.submitted_at) < grace {
+            continue;
+        }
+        let Some(q) = quota_of(snapshot, &job.team) else {
+            continue;
+        };
+        let need = job_amounts(job);
+        let mine = usage.get(job.team.as_str()).copied().unwrap_or([0; 3]);
+        let guaranteed = q.guaranteed.as_array();
+        if (0..3).any(|r| need[r] > 0 && mine[r] + need[r] > guaranteed[r]) {
+            continue;
+        }
+        // Borrowers: teams above their guarantee in a resource this job needs.
+        let borrowing = |team: &str| {
+            let u = usage.get(team).copied().unwrap_or([0; 3]);
+            let g = quota_of(snapshot, team)
+                .map(|q| q.guaranteed.as_array())
+                .unwrap_or([0; 3]);
+            (0..3).any(|r| need[r] > 0 && u[r] > g[r])
+        };
+        let mut pool: Vec<usize> = (0..snapshot.running.len())
+            .filter(|i| {
+                let r = &snapshot.running[*i];
+                !used[*i] && r.preemptible && r.job.team != job.team && borrowing(&r.job.team)
+            })
+            .collect();
+        if pool.is_empty() {
+            continue;
+        }
+        pool.sort_by_key(|i| {
+            let r = &snapshot.running[*i];
+            (r.job.priority, std::cmp::Reverse(r.started_at), r.job.id)
+        });
+        let demand = Demand::of(job);
+        let Some(chosen) = cluster.make_room(&demand, &pool, &snapshot.running) else {
+            continue;
+        };
+        let mut names = Vec::new();
+        for i in chosen {
+            used[i] = true;
+            let v = &snapshot.running[i];
+            let d = job_amounts(&v.job);
+            if let Some(u) = usage.get_mut(v.job.team.as_str()) {
+                for r in 0..3 {
+                    u[r] = u[r].saturating_sub(d[r]);
+                }
+            }
+            names.push(v.job.id.to_string());
+            plan.preemptions.push(Preemption {
+                job_id: v.job.id,
+                for_job: job.id,
+                reason: format!(
+                    "reclaimed: team `{}` borrows beyond its guaranteed quota, and team `{}` needs its guarantee for job {}",
+                    v.job.team, job.team, job.id
+                ),
+            });
+        }
+        let u = usage.entry(job.team.as_str()).or_insert([0; 3]);
+        for r in 0..3 {
+            u[r] += need[r];
+        }
+        reasons.insert(
+            job.id,
+            format!(
+                "reclaiming team `{}`'s guaranteed quota: starting once job(s) {} of borrowing teams have stopped",
+                job.team,
+                names.join(", ")
+            ),
+        );
+    }
+    for w in plan.waiting.iter_mut() {
+        if let Some(r) = reasons.remove(&w.job_id) {
+            w.reason = r;
+        }
+    }
 }
 
 /// A job's run-time bound: its `max_runtime`, or (oracle policies) its
@@ -366,6 +593,7 @@ fn preempt(
     cluster: &mut Cluster,
     orderer: &Orderer,
     waiting: &[(usize, Key)],
+    used: &mut [bool],
     plan: &mut Plan,
 ) {
     let policy = &snapshot.policy;
@@ -380,7 +608,6 @@ fn preempt(
         .collect();
     // Worst first.
     victims.sort_by_key(|v| std::cmp::Reverse(v.0));
-    let mut used = vec![false; snapshot.running.len()];
     let mut reasons: HashMap<JobId, String> = HashMap::new();
     for (qi, key) in waiting {
         let job = &snapshot.queue[*qi];

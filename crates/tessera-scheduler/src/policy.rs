@@ -57,6 +57,9 @@ pub struct Policy {
     pub preempt: bool,
     /// A running job is not preempted before it has run this long.
     pub min_run_before_preempt_ms: u64,
+    /// A job within its team's guaranteed quota that has waited this long
+    /// reclaims the capacity other teams borrow.
+    pub reclaim_after_ms: u64,
     pub packing: Packing,
 }
 
@@ -83,6 +86,7 @@ impl Policy {
             oracle_bounds: false,
             preempt: false,
             min_run_before_preempt_ms: 0,
+            reclaim_after_ms: 0,
             packing: Packing::BestFit,
         }
     }
@@ -131,6 +135,7 @@ impl Policy {
             backfill: true,
             preempt: true,
             min_run_before_preempt_ms: 60_000,
+            reclaim_after_ms: 30_000,
             packing: Packing::Fragmentation,
             ..Policy::base(
                 "tessera",

@@ -416,6 +416,7 @@ fn fair_share_serves_the_team_with_the_smaller_share_first() {
     s.teams = vec![TeamView {
         name: "ads".into(),
         weight: 4.0,
+        quota: None,
     }];
     let plan = schedule(&s, 3);
     assert!(placed(&plan, 3).is_some());
@@ -476,6 +477,113 @@ fn preemption_respects_priority_and_minimum_run_time() {
     // And never a job marked not preemptible.
     s.running[0].preemptible = false;
     assert!(schedule(&s, 120_000).preemptions.is_empty());
+}
+
+fn gpus(n: u64) -> Amounts {
+    Amounts {
+        cpu_milli: u64::MAX,
+        memory_bytes: u64::MAX,
+        gpu_milli: n * 1000,
+    }
+}
+
+#[test]
+fn borrowing_limits_hold_and_say_so() {
+    let mut s = snap(
+        vec![NodeView::new("n", 16000, 64 * GI).with_gpus(8, "H100")],
+        Vec::new(),
+        "tessera",
+    );
+    s.teams = vec![TeamView {
+        name: "ads".into(),
+        weight: 1.0,
+        quota: Some(Quota {
+            guaranteed: gpus(1),
+            limit: gpus(2),
+        }),
+    }];
+    s.queue = vec![PendingJob::new(1, "ads", 0, 0, res(1, 1, 1), 1)];
+    let plan = schedule(&s, 0);
+    start(&mut s, &plan, 0);
+    s.queue = vec![
+        PendingJob::new(2, "ads", 0, 1, res(1, 1, 2), 1),
+        PendingJob::new(3, "ads", 0, 2, res(1, 1, 1), 1),
+    ];
+    let plan = schedule(&s, 5);
+    assert!(
+        placed(&plan, 2).is_none(),
+        "1 + 2 GPUs is over the limit of 2"
+    );
+    assert!(
+        reason(&plan, 2).contains("team quota") && reason(&plan, 2).contains("limit is 2"),
+        "{}",
+        reason(&plan, 2)
+    );
+    assert!(placed(&plan, 3).is_some(), "1 + 1 borrows within the limit");
+}
+
+#[test]
+fn guarantees_are_reclaimed_from_borrowers_after_the_grace_period() {
+    let mut s = snap(
+        vec![NodeView::new("n", 16000, 64 * GI).with_gpus(8, "H100")],
+        Vec::new(),
+        "tessera",
+    );
+    s.teams = vec![TeamView {
+        name: "own".into(),
+        weight: 1.0,
+        quota: Some(Quota {
+            guaranteed: gpus(4),
+            limit: gpus(8),
+        }),
+    }];
+    // Team `bor` has no quota: all it runs is borrowed. It fills the node.
+    s.queue = (0..8)
+        .map(|i| {
+            PendingJob::new(
+                10 + i,
+                "bor",
+                if i == 3 { 5 } else { 0 },
+                i,
+                res(1, 1, 1),
+                1,
+            )
+        })
+        .collect();
+    let plan = schedule(&s, 0);
+    for (i, p) in plan.placements.iter().enumerate() {
+        start(
+            &mut s,
+            &Plan {
+                placements: vec![p.clone()],
+                ..Plan::default()
+            },
+            i as u64 * 1000,
+        );
+    }
+    assert_eq!(s.running.len(), 8);
+    s.queue = vec![PendingJob::new(1, "own", 0, 100_000, res(1, 1, 2), 1)];
+    let plan = schedule(&s, 110_000);
+    assert!(
+        plan.preemptions.is_empty(),
+        "within the grace period nothing is reclaimed"
+    );
+    let plan = schedule(&s, 130_000);
+    let victims: Vec<u64> = plan.preemptions.iter().map(|p| p.job_id).collect();
+    // Lowest priority first (job 13 has priority 5), then most recently started.
+    assert_eq!(victims, vec![17, 16]);
+    assert!(plan
+        .preemptions
+        .iter()
+        .all(|p| p.for_job == 1 && p.reason.contains("reclaimed")));
+    assert!(
+        reason(&plan, 1).contains("reclaiming"),
+        "{}",
+        reason(&plan, 1)
+    );
+    // Beyond its guarantee a team does not reclaim: it borrows like anyone.
+    s.queue = vec![PendingJob::new(2, "own", 0, 100_000, res(1, 1, 5), 1)];
+    assert!(schedule(&s, 130_000).preemptions.is_empty());
 }
 
 // ---- properties ----
@@ -650,6 +758,36 @@ proptest! {
             prop_assert!(snap.running.iter().any(|r| r.job.id == p.job_id && r.preemptible));
             prop_assert!(seen.insert(p.job_id), "job {} preempted twice", p.job_id);
             prop_assert!(plan.waiting.iter().any(|w| w.job_id == p.for_job));
+        }
+    }
+
+    /// A team never goes past its borrowing limit through the plan.
+    #[test]
+    fn borrowing_limits_hold(snap in arb_snapshot()) {
+        let plan = schedule(&snap, 10_000);
+        for t in &snap.teams {
+            let Some(q) = t.quota else { continue };
+            let add = |used: &mut [u64; 3], j: &PendingJob| {
+                let n = j.replicas as u64;
+                used[0] += j.resources.cpu_milli * n;
+                used[1] += j.resources.memory_bytes * n;
+                used[2] += j.resources.gpu_demand_milli() * n;
+            };
+            let mut used = [0u64; 3];
+            for r in snap.running.iter().filter(|r| r.job.team == t.name) {
+                add(&mut used, &r.job);
+            }
+            let before = used;
+            for p in &plan.placements {
+                let j = snap.queue.iter().find(|j| j.id == p.job_id).unwrap();
+                if j.team == t.name {
+                    add(&mut used, j);
+                }
+            }
+            let limit = [q.limit.cpu_milli, q.limit.memory_bytes, q.limit.gpu_milli];
+            for r in 0..3 {
+                prop_assert!(used[r] <= limit[r].max(before[r]), "team {} resource {} over its limit", t.name, r);
+            }
         }
     }
 

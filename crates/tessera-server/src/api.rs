@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tessera_core::auth::{Role, Team};
+use tessera_core::auth::{ResourceAmounts, Role, Team, TeamQuota};
 use tessera_core::node::GpuInfo;
 use tessera_core::protocol::{ReplicaKey, ToAgent};
 use tessera_core::spec::{validate_name, validate_team_name, JobSpec, Quantity, ResourcesSpec};
@@ -35,6 +35,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/whoami", get(whoami))
         .route("/v1/teams", get(list_teams).post(create_team))
+        .route("/v1/teams/{name}", axum::routing::put(update_team))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", delete(delete_token))
         .route("/v1/jobs", get(list_jobs).post(submit_job))
@@ -53,12 +54,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
 #[openapi(
     info(title = "Tessera API", description = "Pool compute, schedule jobs fairly, follow them."),
     paths(
-        healthz, whoami, list_teams, create_team, list_tokens, create_token, delete_token,
+        healthz, whoami, list_teams, create_team, update_team, list_tokens, create_token, delete_token,
         list_jobs, submit_job, get_job, cancel_job, job_events, job_logs, list_nodes,
         seed_create_task
     ),
     components(schemas(
-        ErrorBody, Job, Event, JobSpec, ResourcesSpec, Quantity, Team, TokenCreate,
+        ErrorBody, Job, Event, JobSpec, ResourcesSpec, Quantity, Team, TeamQuota, ResourceAmounts,
+        TeamUpdate, QuotaSpec, QuotaPair, TokenCreate,
         TokenCreated, TokenInfo, TeamCreate, JobList, EventList, NodeList, NodeView, NodeGpu,
         SeedTask, SeedCreated, WhoAmI, GpuInfo
     )),
@@ -190,6 +192,117 @@ pub struct TeamCreate {
     pub name: String,
     /// Fair-share weight, default 1.
     pub weight: Option<f64>,
+    /// Guaranteed amounts and borrowing limits per resource.
+    pub quota: Option<QuotaSpec>,
+}
+
+/// A team's changes: only the fields given change.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TeamUpdate {
+    pub weight: Option<f64>,
+    /// The new quota; `{}` removes every guarantee and limit.
+    pub quota: Option<QuotaSpec>,
+}
+
+/// Quota per resource, e.g. `{"gpu": {"guaranteed": 4, "limit": 8},
+/// "memory": {"guaranteed": "64Gi"}}`. A resource left out has no guarantee
+/// and no limit; a missing `limit` means the team may borrow without cap.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSpec {
+    pub cpu: Option<QuotaPair>,
+    pub memory: Option<QuotaPair>,
+    pub gpu: Option<QuotaPair>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaPair {
+    #[schema(value_type = Option<String>)]
+    pub guaranteed: Option<Quantity>,
+    #[schema(value_type = Option<String>)]
+    pub limit: Option<Quantity>,
+}
+
+fn quantity_text(q: &Quantity) -> String {
+    match q {
+        Quantity::Number(n) => n.to_string(),
+        Quantity::Text(t) => t.clone(),
+    }
+}
+
+type ParseFn = dyn Fn(&str) -> Result<u64, tessera_core::quantity::QuantityError>;
+
+/// Validates a quota into plain units; errors name `quota.<resource>.<field>`.
+fn parse_quota(spec: &QuotaSpec) -> Result<Option<TeamQuota>, tessera_core::FieldError> {
+    use tessera_core::quantity::{parse_cpu, parse_memory};
+    use tessera_core::FieldError;
+    let unlimited = ResourceAmounts {
+        cpu_milli: u64::MAX,
+        memory_bytes: u64::MAX,
+        gpu_milli: u64::MAX,
+    };
+    let mut guaranteed = ResourceAmounts {
+        cpu_milli: 0,
+        memory_bytes: 0,
+        gpu_milli: 0,
+    };
+    let mut limit = unlimited;
+    let gpu = |t: &str| -> Result<u64, tessera_core::quantity::QuantityError> {
+        parse_cpu(t) // GPUs read like cores: `4`, `0.5`, `500m`
+    };
+    let parsers: [(&str, &Option<QuotaPair>, &ParseFn); 3] = [
+        ("cpu", &spec.cpu, &parse_cpu),
+        ("memory", &spec.memory, &parse_memory),
+        ("gpu", &spec.gpu, &gpu),
+    ];
+    for (i, (name, pair, parse)) in parsers.into_iter().enumerate() {
+        let Some(pair) = pair else { continue };
+        let read = |field: &str, q: &Option<Quantity>| -> Result<Option<u64>, FieldError> {
+            q.as_ref()
+                .map(|q| {
+                    parse(&quantity_text(q))
+                        .map_err(|e| FieldError::new(format!("quota.{name}.{field}"), e.0))
+                })
+                .transpose()
+        };
+        let g = read("guaranteed", &pair.guaranteed)?.unwrap_or(0);
+        let l = read("limit", &pair.limit)?.unwrap_or(u64::MAX);
+        if l < g {
+            return Err(FieldError::new(
+                format!("quota.{name}.limit"),
+                "must not be below `guaranteed`",
+            ));
+        }
+        match i {
+            0 => (guaranteed.cpu_milli, limit.cpu_milli) = (g, l),
+            1 => (guaranteed.memory_bytes, limit.memory_bytes) = (g, l),
+            _ => (guaranteed.gpu_milli, limit.gpu_milli) = (g, l),
+        }
+    }
+    if guaranteed
+        == (ResourceAmounts {
+            cpu_milli: 0,
+            memory_bytes: 0,
+            gpu_milli: 0,
+        })
+        && limit == unlimited
+    {
+        return Ok(None);
+    }
+    Ok(Some(TeamQuota { guaranteed, limit }))
+}
+
+fn check_weight(weight: f64) -> Result<f64, ApiError> {
+    if weight.is_finite() && weight > 0.0 && weight <= 1e6 {
+        Ok(weight)
+    } else {
+        Err(ApiError::from(tessera_core::FieldError::new(
+            "weight",
+            "must be a number in (0, 1000000]",
+        )))
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -220,17 +333,16 @@ async fn create_team(
     caller.require_superuser("creating a team")?;
     let req: TeamCreate = parse_json(&body_bytes(body)?)?;
     validate_team_name("name", &req.name)?;
-    let weight = req.weight.unwrap_or(1.0);
-    if !(weight.is_finite() && weight > 0.0 && weight <= 1e6) {
-        return Err(ApiError::from(tessera_core::FieldError::new(
-            "weight",
-            "must be a number in (0, 1000000]",
-        )));
-    }
+    let weight = check_weight(req.weight.unwrap_or(1.0))?;
+    let quota = match &req.quota {
+        Some(q) => parse_quota(q)?,
+        None => None,
+    };
     let team = Team {
         name: req.name.clone(),
         weight,
         created_at: now_ms(),
+        quota,
     };
     let _guard = shared.admin_lock.lock().await;
     if shared
@@ -252,6 +364,44 @@ async fn create_team(
         .teams
         .insert(team.name.clone(), team.clone());
     Ok((StatusCode::CREATED, Json(team)))
+}
+
+#[utoipa::path(put, path = "/v1/teams/{name}", params(("name" = String, Path)), request_body = TeamUpdate,
+    responses((status = 200, body = Team), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn update_team(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Team>, ApiError> {
+    caller.require_superuser("changing a team")?;
+    let req: TeamUpdate = parse_json(&body_bytes(body)?)?;
+    let weight = req.weight.map(check_weight).transpose()?;
+    let quota = req.quota.as_ref().map(parse_quota).transpose()?;
+    let _guard = shared.admin_lock.lock().await;
+    let mut team = shared
+        .state
+        .lock()
+        .expect("state lock")
+        .teams
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("no team `{name}`")))?;
+    if let Some(w) = weight {
+        team.weight = w;
+    }
+    if let Some(q) = quota {
+        team.quota = q;
+    }
+    commit(shared.store.as_ref(), vec![Write::Team(team.clone())]).await?;
+    {
+        let mut state = shared.state.lock().expect("state lock");
+        state.teams.insert(team.name.clone(), team.clone());
+        // A new quota or weight can change what may run.
+        state.capacity_changed = true;
+    }
+    shared.wake.notify_one();
+    Ok(Json(team))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

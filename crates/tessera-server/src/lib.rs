@@ -179,6 +179,7 @@ async fn bootstrap(
         name: ADMIN_TEAM.into(),
         weight: 1.0,
         created_at: now,
+        quota: None,
     };
     let (secret, record) = auth::mint("admin", ADMIN_TEAM, Role::Admin, now);
     // The token file first: if we crash before the commit, the next start

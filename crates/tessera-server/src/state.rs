@@ -8,7 +8,8 @@ use tessera_core::auth::{Team, TokenRecord};
 use tessera_core::node::{Node, NodeState};
 use tessera_core::{Event, Job, JobId, JobState};
 use tessera_scheduler::{
-    Assignment, GpuSlot, NodeView, PendingJob, Policy, RunningJob, Snapshot, TeamView,
+    Amounts, Assignment, GpuSlot, NodeView, PendingJob, Policy, Quota, RunningJob, Snapshot,
+    TeamView,
 };
 use tessera_store::{Loaded, Write};
 
@@ -244,6 +245,10 @@ impl ClusterState {
                 .map(|t| TeamView {
                     name: t.name.clone(),
                     weight: t.weight,
+                    quota: t.quota.map(|q| Quota {
+                        guaranteed: amounts(q.guaranteed),
+                        limit: amounts(q.limit),
+                    }),
                 })
                 .collect(),
             policy: policy.clone(),
@@ -253,6 +258,14 @@ impl ClusterState {
 
     pub fn max_job_id(&self) -> JobId {
         self.jobs.keys().next_back().copied().unwrap_or(0)
+    }
+}
+
+fn amounts(a: tessera_core::auth::ResourceAmounts) -> Amounts {
+    Amounts {
+        cpu_milli: a.cpu_milli,
+        memory_bytes: a.memory_bytes,
+        gpu_milli: a.gpu_milli,
     }
 }
 

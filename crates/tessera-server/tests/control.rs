@@ -62,6 +62,7 @@ fn world(nodes: &[Node]) -> World {
             name: "ml".into(),
             weight: 1.0,
             created_at: 0,
+            quota: None,
         },
     );
     let (secret, rec) = auth::mint("t", "ml", Role::Member, 0);
@@ -377,5 +378,65 @@ async fn a_higher_priority_job_preempts_and_the_victim_keeps_its_place() {
     assert!(
         kinds.contains(&"preempting") && kinds.contains(&"preempted"),
         "{kinds:?}"
+    );
+}
+
+#[tokio::test]
+async fn team_quotas_are_set_over_the_api_and_hold() {
+    let mut w = world(&[node("a", 4, 0)]);
+    // Only admins of the admin team change teams.
+    let (s, _) = w
+        .call(
+            "PUT",
+            "/v1/teams/ml",
+            json!({"quota": {"cpu": {"limit": 2}}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let admin = {
+        let (secret, rec) = auth::mint("root", "admin", Role::Admin, 0);
+        w.shared
+            .state
+            .lock()
+            .unwrap()
+            .tokens
+            .insert(rec.hash.clone(), rec);
+        secret
+    };
+    let member = std::mem::replace(&mut w.token, admin);
+    let (s, e) = w
+        .call(
+            "PUT",
+            "/v1/teams/ml",
+            json!({"quota": {"gpu": {"guaranteed": 4, "limit": 2}}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(e["error"]["field"], "quota.gpu.limit");
+    let (s, e) = w
+        .call(
+            "PUT",
+            "/v1/teams/ml",
+            json!({"quota": {"cpu": {"guaranteed": "1", "limit": "2"}}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{e}");
+    assert_eq!(e["quota"]["limit"]["cpu_milli"], 2000);
+    w.token = member;
+    let first = w
+        .submit(json!({"command": ["x"], "resources": {"cpu": 2}}))
+        .await;
+    let start = w.next_command().await;
+    w.started(&start);
+    w.wait_state(first, "running").await;
+    let second = w
+        .submit(json!({"command": ["y"], "resources": {"cpu": 1}}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let job = w.job(second).await;
+    assert_eq!(job["state"], "queued");
+    assert!(
+        job["reason"].as_str().unwrap().contains("team quota"),
+        "{job}"
     );
 }

@@ -280,6 +280,7 @@ mod tests {
                         name: "ml".into(),
                         weight: 1.0,
                         created_at: 1,
+                        quota: None,
                     }),
                     Write::Token(TokenRecord {
                         id: "t1".into(),
