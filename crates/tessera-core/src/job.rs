@@ -132,6 +132,9 @@ pub struct Job {
     /// Run time thrown away by preemptions (work redone), in ms.
     #[serde(default)]
     pub preempted_ms: u64,
+    /// What the job has cost so far, all attempts, at its nodes' prices.
+    #[serde(default)]
+    pub cost: f64,
 }
 
 impl Job {
@@ -157,6 +160,7 @@ impl Job {
             preemptions: 0,
             attained_ms: 0,
             preempted_ms: 0,
+            cost: 0.0,
         }
     }
 

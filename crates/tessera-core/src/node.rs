@@ -64,10 +64,32 @@ impl NodeState {
     }
 }
 
+/// What a node costs per hour of each resource it gives a job (on-premises
+/// machines too: their configured rate, so they never look free).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Prices {
+    pub cpu_core_hour: f64,
+    pub memory_gib_hour: f64,
+    pub gpu_hour: f64,
+}
+
+impl Prices {
+    /// Cost of holding these resources for `ms` milliseconds.
+    pub fn cost(&self, cpu_milli: u64, memory_bytes: u64, gpu_milli: u64, ms: u64) -> f64 {
+        let hours = ms as f64 / 3_600_000.0;
+        hours
+            * (cpu_milli as f64 / 1000.0 * self.cpu_core_hour
+                + memory_bytes as f64 / (1u64 << 30) as f64 * self.memory_gib_hour
+                + gpu_milli as f64 / 1000.0 * self.gpu_hour)
+    }
+}
+
 /// A node as the control plane records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Node {
     pub inventory: Inventory,
+    #[serde(default)]
+    pub prices: Prices,
     pub state: NodeState,
     /// Milliseconds since the Unix epoch.
     pub registered_at: u64,

@@ -45,8 +45,9 @@ pub struct GpuSlot {
     pub free_milli: u32,
 }
 
-/// A node as the scheduler sees it: capacity and what is free right now.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A node as the scheduler sees it: capacity, what is free right now, and
+/// its price.
+#[derive(Debug, Clone, PartialEq)]
 pub struct NodeView {
     pub name: String,
     /// False for cordoned, draining or lost nodes.
@@ -56,6 +57,8 @@ pub struct NodeView {
     pub free_cpu_milli: u64,
     pub free_memory_bytes: u64,
     pub gpus: Vec<GpuSlot>,
+    /// Per hour: one CPU core, one GiB of memory, one GPU.
+    pub price_per_hour: [f64; 3],
 }
 
 impl NodeView {
@@ -69,6 +72,7 @@ impl NodeView {
             free_cpu_milli: cpu_milli,
             free_memory_bytes: memory_bytes,
             gpus: Vec::new(),
+            price_per_hour: [0.0; 3],
         }
     }
 

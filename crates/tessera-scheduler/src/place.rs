@@ -265,10 +265,21 @@ impl<'a> Cluster<'a> {
         frag
     }
 
-    fn score(&self, node: usize, free: &Free, d: &Demand, gpus: &[usize]) -> (f64, f64) {
+    /// What one replica costs per hour on a node.
+    fn price(&self, node: usize, d: &Demand) -> f64 {
+        let p = &self.nodes[node].price_per_hour;
+        d.cpu as f64 / 1000.0 * p[0]
+            + d.mem as f64 / (1u64 << 30) as f64 * p[1]
+            + (d.whole * WHOLE + d.milli) as f64 / 1000.0 * p[2]
+    }
+
+    /// (packing quality, best fit, price): lower is better, in that order, so
+    /// among placements of equal quality the cheaper wins.
+    fn score(&self, node: usize, free: &Free, d: &Demand, gpus: &[usize]) -> (f64, f64, f64) {
         let fit = self.best_fit_score(node, free, d);
+        let price = self.price(node, d);
         if self.packing == Packing::BestFit || self.workload.is_empty() {
-            return (fit, 0.0);
+            return (fit, 0.0, price);
         }
         let mut after = free.clone();
         after.cpu -= d.cpu;
@@ -277,7 +288,7 @@ impl<'a> Cluster<'a> {
             after.take_gpu(*s, if d.whole > 0 { WHOLE } else { d.milli });
         }
         let delta = self.fragmentation(&after) - self.fragmentation(free);
-        (delta, fit)
+        (delta, fit, price)
     }
 
     /// Places every replica of a job or none; on success the capacity is
@@ -301,7 +312,7 @@ impl<'a> Cluster<'a> {
     ) -> Option<Vec<Assignment>> {
         let mut out: Vec<Assignment> = Vec::with_capacity(d.replicas as usize);
         for replica in 0..d.replicas {
-            let mut best: Option<(usize, (f64, f64), Vec<usize>)> = None;
+            let mut best: Option<(usize, (f64, f64, f64), Vec<usize>)> = None;
             for (node, f) in free.iter().enumerate() {
                 let held = excluding.map(|r| &r.held[node]);
                 if !self.fits(node, f, d, held) {
@@ -311,7 +322,11 @@ impl<'a> Cluster<'a> {
                 let score = self.score(node, f, d, &gpus);
                 let better = match &best {
                     None => true,
-                    Some((_, s, _)) => score.0 < s.0 || (score.0 == s.0 && score.1 < s.1),
+                    Some((_, s, _)) => {
+                        score.0 < s.0
+                            || (score.0 == s.0 && score.1 < s.1)
+                            || (score.0 == s.0 && score.1 == s.1 && score.2 < s.2)
+                    }
                 };
                 if better {
                     best = Some((node, score, gpus));

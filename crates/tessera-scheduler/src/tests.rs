@@ -797,3 +797,22 @@ proptest! {
         prop_assert_eq!(schedule(&snap, 5), schedule(&snap, 5));
     }
 }
+
+#[test]
+fn among_equal_placements_the_cheaper_node_wins() {
+    let mut dear = NodeView::new("dear", 8000, 32 * GI).with_gpus(4, "H100");
+    dear.price_per_hour = [0.1, 0.01, 4.0];
+    let mut cheap = NodeView::new("cheap", 8000, 32 * GI).with_gpus(4, "H100");
+    cheap.price_per_hour = [0.1, 0.01, 2.0];
+    for policy in ["tessera", "drf"] {
+        let plan = schedule(
+            &snap(
+                vec![dear.clone(), cheap.clone()],
+                vec![job(1, 0, res(1, 1, 1), 1)],
+                policy,
+            ),
+            0,
+        );
+        assert_eq!(placed(&plan, 1).unwrap().assignments[0].node, 1, "{policy}");
+    }
+}

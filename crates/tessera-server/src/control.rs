@@ -304,6 +304,7 @@ pub fn finish(
     let Some(job) = state.jobs.get(&id) else {
         return;
     };
+    let cost = state.attempt_cost(id, now);
     let retry = match outcome {
         JobState::Failed => job.failures < job.spec.retries.on_failure && !job.cancel_requested,
         JobState::Lost => job.node_losses < job.spec.retries.on_node_loss && !job.cancel_requested,
@@ -319,6 +320,7 @@ pub fn finish(
                 (j.failures, j.spec.retries.on_failure, "failure")
             };
             j.attained_ms += now.saturating_sub(j.started_at.or(j.scheduled_at).unwrap_or(now));
+            j.cost += cost;
             j.state = JobState::Queued;
             j.placement.clear();
             j.replicas.clear();
@@ -342,6 +344,7 @@ pub fn finish(
             j.failures += 1;
         }
         j.state = outcome;
+        j.cost += cost;
         j.finished_at = Some(now);
         j.exit_code = exit_code;
         j.reason = Some(reason.clone());
@@ -367,8 +370,10 @@ fn requeue_preempted(
     writes: &mut Vec<Write>,
     shared: &Shared,
 ) {
+    let cost = state.attempt_cost(id, now);
     state.update_job(id, writes, |j| {
         let ran = now.saturating_sub(j.started_at.or(j.scheduled_at).unwrap_or(now));
+        j.cost += cost;
         j.state = JobState::Queued;
         j.preemptions += 1;
         j.attained_ms += ran;
@@ -442,6 +447,7 @@ fn handle_agent_event(
             let node = match state.nodes.get(&inv.name) {
                 Some(n) => Node {
                     inventory: inv,
+                    prices: n.prices,
                     state: if n.state == NodeState::Lost {
                         NodeState::Ready
                     } else {
@@ -452,6 +458,7 @@ fn handle_agent_event(
                 },
                 None => Node {
                     inventory: inv,
+                    prices: Default::default(),
                     state: NodeState::Ready,
                     registered_at: now,
                     last_heartbeat: now,

@@ -146,6 +146,8 @@ pub struct UpConfig {
     pub kill_grace: Duration,
     /// Scheduling policy (one of `tessera_scheduler::Policy::NAMES`).
     pub policy: tessera_scheduler::Policy,
+    /// The local node's prices per resource-hour.
+    pub prices: tessera_core::node::Prices,
 }
 
 impl UpConfig {
@@ -160,6 +162,7 @@ impl UpConfig {
             cgroups: true,
             kill_grace: Duration::from_secs(10),
             policy: tessera_scheduler::Policy::tessera(),
+            prices: tessera_core::node::Prices::default(),
         }
     }
 }
@@ -297,6 +300,7 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
         let prev = state.nodes.get(&node_name).cloned();
         let node = tessera_core::node::Node {
             inventory,
+            prices: config.prices,
             state: prev
                 .as_ref()
                 .map(|n| n.state)

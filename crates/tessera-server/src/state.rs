@@ -174,6 +174,11 @@ impl ClusterState {
                                 .saturating_sub(a.gpus.get(&g.index).map(|u| u.0).unwrap_or(0)),
                         })
                         .collect(),
+                    price_per_hour: [
+                        n.prices.cpu_core_hour,
+                        n.prices.memory_gib_hour,
+                        n.prices.gpu_hour,
+                    ],
                 }
             })
             .collect()
@@ -254,6 +259,27 @@ impl ClusterState {
             policy: policy.clone(),
             nodes,
         }
+    }
+
+    /// What the current attempt of a job has cost up to `now`, at the
+    /// prices of the nodes it runs on.
+    pub fn attempt_cost(&self, id: JobId, now: u64) -> f64 {
+        let Some(j) = self.jobs.get(&id) else {
+            return 0.0;
+        };
+        let Some(start) = j.started_at.or(j.scheduled_at) else {
+            return 0.0;
+        };
+        let ms = now.saturating_sub(start);
+        let r = &j.spec.resources;
+        j.placement
+            .iter()
+            .filter_map(|p| self.nodes.get(&p.node))
+            .map(|n| {
+                n.prices
+                    .cost(r.cpu_milli, r.memory_bytes, r.gpu_demand_milli(), ms)
+            })
+            .sum()
     }
 
     pub fn max_job_id(&self) -> JobId {

@@ -47,6 +47,7 @@ fn node(name: &str, cpu: u64, gpus: u32) -> Node {
             labels: BTreeMap::new(),
             agent_version: "test".into(),
         },
+        prices: Default::default(),
         state: NodeState::Ready,
         registered_at: 0,
         last_heartbeat: 0,
@@ -438,5 +439,32 @@ async fn team_quotas_are_set_over_the_api_and_hold() {
     assert!(
         job["reason"].as_str().unwrap().contains("team quota"),
         "{job}"
+    );
+}
+
+#[tokio::test]
+async fn every_job_records_what_it_cost() {
+    let mut priced = node("a", 4, 1);
+    priced.prices = tessera_core::node::Prices {
+        cpu_core_hour: 0.5,
+        memory_gib_hour: 0.0,
+        gpu_hour: 3.0,
+    };
+    let mut w = world(&[priced]);
+    let id = w
+        .submit(json!({"command": ["x"], "resources": {"cpu": 2, "gpu": 1, "memory": "1Gi"}}))
+        .await;
+    let start = w.next_command().await;
+    // Started "long ago" (the fake agent reports at=1 ms): the cost covers
+    // the time until the exit is handled.
+    w.started(&start);
+    w.exited(&start, 0, ExitCause::Exited);
+    let job = w.wait_state(id, "succeeded").await;
+    let hours = (job["finished_at"].as_u64().unwrap() - 1) as f64 / 3_600_000.0;
+    let want = hours * (2.0 * 0.5 + 3.0);
+    let cost = job["cost"].as_f64().unwrap();
+    assert!(
+        (cost - want).abs() / want < 1e-6,
+        "cost {cost}, want {want}"
     );
 }
