@@ -9,6 +9,9 @@ use crate::{Assignment, NodeView, PendingJob, RunningJob};
 
 const WHOLE: u32 = 1000;
 
+/// A node's score for a replica: (packing quality, best fit, price).
+type Score = (f64, f64, f64);
+
 /// Free capacity of one node.
 #[derive(Debug, Clone)]
 struct Free {
@@ -275,7 +278,7 @@ impl<'a> Cluster<'a> {
 
     /// (packing quality, best fit, price): lower is better, in that order, so
     /// among placements of equal quality the cheaper wins.
-    fn score(&self, node: usize, free: &Free, d: &Demand, gpus: &[usize]) -> (f64, f64, f64) {
+    fn score(&self, node: usize, free: &Free, d: &Demand, gpus: &[usize]) -> Score {
         let fit = self.best_fit_score(node, free, d);
         let price = self.price(node, d);
         if self.packing == Packing::BestFit || self.workload.is_empty() {
@@ -312,7 +315,7 @@ impl<'a> Cluster<'a> {
     ) -> Option<Vec<Assignment>> {
         let mut out: Vec<Assignment> = Vec::with_capacity(d.replicas as usize);
         for replica in 0..d.replicas {
-            let mut best: Option<(usize, (f64, f64, f64), Vec<usize>)> = None;
+            let mut best: Option<(usize, Score, Vec<usize>)> = None;
             for (node, f) in free.iter().enumerate() {
                 let held = excluding.map(|r| &r.held[node]);
                 if !self.fits(node, f, d, held) {
