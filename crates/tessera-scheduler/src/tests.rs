@@ -648,7 +648,7 @@ fn arb_job(id: u64) -> impl Strategy<Value = PendingJob> {
                 );
                 j.expected_runtime_ms = Some(runtime);
                 j.attained_ms = runtime * id % 5_000;
-                j.resumable = id % 2 == 0;
+                j.resumable = id.is_multiple_of(2);
                 j
             },
         )
