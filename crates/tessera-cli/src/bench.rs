@@ -23,6 +23,7 @@ const BENCH_GPU_MODEL: &str = "NVIDIA H100 80GB HBM3";
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Time one scheduling cycle over a synthetic cluster and queue (no server needed)
+    #[command(alias = "schedule")]
     Scheduler {
         /// Nodes, each with 64 CPUs and 512Gi
         #[arg(long, default_value_t = 1000)]
@@ -39,6 +40,13 @@ pub enum BenchCommand {
         /// Timed runs, after one warm-up run
         #[arg(long, default_value_t = 3)]
         runs: u32,
+        /// Teams the jobs belong to; each is guaranteed an equal share of the
+        /// GPUs and may borrow up to twice that
+        #[arg(long, default_value_t = 3)]
+        teams: u32,
+        /// Scheduling policy
+        #[arg(long, default_value = "tessera")]
+        policy: String,
     },
     /// Submit jobs to the running server as fast as it acknowledges them.
     /// A blocker job holds every CPU of the largest node first, so the
@@ -77,7 +85,26 @@ pub async fn bench(g: &Globals, command: BenchCommand) -> Result<()> {
             jobs,
             seed,
             runs,
-        } => scheduler(g.output, nodes, gpus_per_node, jobs, seed, runs),
+            teams,
+            policy,
+        } => {
+            let policy = tessera_scheduler::Policy::named(&policy).ok_or_else(|| {
+                anyhow!(
+                    "unknown policy `{policy}`; use one of {}",
+                    tessera_scheduler::Policy::NAMES.join(", ")
+                )
+            })?;
+            scheduler(
+                g.output,
+                nodes,
+                gpus_per_node,
+                jobs,
+                seed,
+                runs,
+                teams.max(1),
+                policy,
+            )
+        }
         BenchCommand::Submit { jobs, concurrency } => submit(g, jobs, concurrency).await,
         BenchCommand::E2e {
             jobs,
@@ -118,9 +145,17 @@ impl XorShift {
 
 /// A synthetic cluster and queue: 70% single-replica GPU jobs (1–8 GPUs,
 /// a quarter pinned to H100), 25% CPU-only jobs, 5% gangs of 2–4 replicas
-/// with 8 GPUs each; one job in ten has a higher priority.
-pub fn synthetic_snapshot(nodes: u32, gpus_per_node: u32, jobs: u32, seed: u64) -> Snapshot {
-    let nodes = (0..nodes)
+/// with 8 GPUs each; one job in ten has a higher priority. Jobs belong to
+/// `teams` teams, each guaranteed an equal share of the GPUs
+/// and allowed to borrow up to twice that.
+pub fn synthetic_snapshot_for(
+    nodes: u32,
+    gpus_per_node: u32,
+    jobs: u32,
+    seed: u64,
+    teams: u32,
+) -> Snapshot {
+    let nodes: Vec<NodeView> = (0..nodes)
         .map(|i| {
             NodeView::new(format!("node-{i:05}"), 64_000, 512 * GIB)
                 .with_gpus(gpus_per_node, BENCH_GPU_MODEL)
@@ -172,7 +207,7 @@ pub fn synthetic_snapshot(nodes: u32, gpus_per_node: u32, jobs: u32, seed: u64) 
             };
             PendingJob::new(
                 u64::from(i) + 1,
-                format!("team-{}", rng.range(0, 3)),
+                format!("team-{}", rng.range(0, u64::from(teams) - 1)),
                 if rng.range(0, 9) == 0 { 10 } else { 0 },
                 u64::from(i),
                 resources,
@@ -180,17 +215,52 @@ pub fn synthetic_snapshot(nodes: u32, gpus_per_node: u32, jobs: u32, seed: u64) 
             )
         })
         .collect();
+    let total_gpu_milli: u64 = nodes.iter().map(|n| n.gpus.len() as u64 * 1000).sum();
+    let share = total_gpu_milli / u64::from(teams);
+    let quota = |g: u64, l: u64| tessera_scheduler::Quota {
+        guaranteed: tessera_scheduler::Amounts {
+            gpu_milli: g,
+            ..tessera_scheduler::Amounts::ZERO
+        },
+        limit: tessera_scheduler::Amounts {
+            gpu_milli: l,
+            ..tessera_scheduler::Amounts::UNLIMITED
+        },
+    };
+    let teams = (0..teams)
+        .map(|t| tessera_scheduler::TeamView {
+            name: format!("team-{t}"),
+            weight: 1.0,
+            quota: Some(quota(share, share * 2)),
+        })
+        .collect();
     Snapshot {
         nodes,
         queue,
+        teams,
         ..Snapshot::default()
     }
+}
+
+/// Peak resident memory of this process, in MiB (Linux).
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+#[allow(clippy::too_many_arguments)]
 fn scheduler(
     out: Output,
     nodes: u32,
@@ -198,12 +268,15 @@ fn scheduler(
     jobs: u32,
     seed: u64,
     runs: u32,
+    teams: u32,
+    policy: tessera_scheduler::Policy,
 ) -> Result<()> {
     let runs = runs.max(1);
     if cfg!(debug_assertions) {
         eprintln!("note: this is a debug build; build with --release for numbers worth quoting");
     }
-    let snapshot = synthetic_snapshot(nodes, gpus_per_node, jobs, seed);
+    let mut snapshot = synthetic_snapshot_for(nodes, gpus_per_node, jobs, seed, teams);
+    snapshot.policy = policy;
     eprintln!("scheduling {jobs} jobs on {nodes} nodes: 1 warm-up run, {runs} timed");
     let plan = tessera_scheduler::schedule(&snapshot, 0);
     let mut times = Vec::new();
@@ -215,8 +288,8 @@ fn scheduler(
             bail!("the scheduler gave different plans for the same snapshot");
         }
     }
-    let [median, min, max] = percentiles(&times, &[50.0, 0.0, 100.0])[..] else {
-        unreachable!("three percentiles asked for")
+    let [median, min, max, p99] = percentiles(&times, &[50.0, 0.0, 100.0, 99.0])[..] else {
+        unreachable!("four percentiles asked for")
     };
     let placed_replicas: usize = plan.placements.iter().map(|p| p.assignments.len()).sum();
     let per_sec = plan.placements.len() as f64 / (median / 1000.0).max(1e-9);
@@ -225,7 +298,10 @@ fn scheduler(
         "placements": plan.placements.len(), "placed_replicas": placed_replicas,
         "waiting": plan.waiting.len(),
         "cycle_ms": { "median": median, "min": min, "max": max },
-        "placements_per_sec": per_sec,
+        "p99_cycle_ms": p99,
+        "placements_per_s": per_sec,
+        "teams": teams, "policy": snapshot.policy.name,
+        "peak_rss_mb": peak_rss_mb(),
     });
     if out == Output::Json {
         return output::print_json(&report);
@@ -246,6 +322,16 @@ fn scheduler(
             format!("{median:.2} ms median ({min:.2} min, {max:.2} max over {runs} runs)"),
         ),
         ("Throughput", format!("{per_sec:.0} placements/s")),
+        (
+            "Policy",
+            format!("{} ({teams} teams with quotas)", snapshot.policy.name),
+        ),
+        (
+            "Peak memory",
+            peak_rss_mb()
+                .map(|m| format!("{m:.0} MiB"))
+                .unwrap_or_else(|| "unknown".into()),
+        ),
     ]))?;
     Ok(())
 }
@@ -633,14 +719,14 @@ mod tests {
 
     #[test]
     fn the_synthetic_mix_has_every_shape_and_schedules() {
-        let snap = synthetic_snapshot(20, 8, 2000, 7);
+        let snap = synthetic_snapshot_for(20, 8, 2000, 7, 3);
         assert_eq!(snap.nodes.len(), 20);
         assert_eq!(snap.nodes[0].gpus.len(), 8);
         let gangs = snap.queue.iter().filter(|j| j.replicas > 1).count();
         let cpu_only = snap.queue.iter().filter(|j| j.resources.gpu == 0).count();
         assert!(gangs > 20 && gangs < 200, "{gangs} gangs");
         assert!(cpu_only > 300 && cpu_only < 700, "{cpu_only} cpu-only");
-        assert_eq!(snap, synthetic_snapshot(20, 8, 2000, 7));
+        assert_eq!(snap, synthetic_snapshot_for(20, 8, 2000, 7, 3));
         let plan = tessera_scheduler::schedule(&snap, 0);
         assert!(!plan.placements.is_empty());
         assert_eq!(plan.placements.len() + plan.waiting.len(), 2000);

@@ -264,6 +264,15 @@ impl Client {
         self.json(self.request(Method::POST, path).json(body)).await
     }
 
+    /// `PUT path` with a JSON body.
+    pub async fn put_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &(impl Serialize + ?Sized),
+    ) -> Result<T> {
+        self.json(self.request(Method::PUT, path).json(body)).await
+    }
+
     /// `POST path` with a raw body of the given content type.
     pub async fn post_raw<T: DeserializeOwned>(
         &self,

@@ -192,8 +192,8 @@ pub fn render_job(job: &Job, events: &[Event], now: u64) -> String {
         (
             "Attempt",
             format!(
-                "{} ({} failures, {} node losses)",
-                job.attempt, job.failures, job.node_losses
+                "{} ({} failures, {} node losses, {} preemptions)",
+                job.attempt, job.failures, job.node_losses, job.preemptions
             ),
         ),
         (
@@ -205,6 +205,18 @@ pub fn render_job(job: &Job, events: &[Event], now: u64) -> String {
     ];
     if let (Some(s), Some(f)) = (job.started_at, job.finished_at) {
         pairs.push(("Ran for", format_duration(f.saturating_sub(s))));
+    }
+    if job.preemptions > 0 {
+        pairs.push((
+            "Lost to preemption",
+            format!("{} of run time", format_duration(job.preempted_ms)),
+        ));
+    }
+    if job.cost > 0.0 {
+        pairs.push(("Cost", format!("{:.4}", job.cost)));
+    }
+    if let Some(why) = &job.preempting {
+        pairs.push(("Preempting", why.clone()));
     }
     pairs.push(("Resources", output::job_resources(spec)));
     pairs.push(("Priority", spec.priority.to_string()));
@@ -436,14 +448,70 @@ pub async fn nodes(g: &Globals) -> Result<()> {
     Ok(())
 }
 
-pub async fn team_create(g: &Globals, name: &str, weight: f64) -> Result<()> {
+/// Turns `--quota gpu=4:8 --quota memory=64Gi` into the API's quota object;
+/// `none` is an empty quota (no guarantee, no limit).
+pub fn quota_json(flags: &[String]) -> Result<Option<Value>> {
+    if flags.is_empty() {
+        return Ok(None);
+    }
+    let mut quota = serde_json::Map::new();
+    for f in flags {
+        if f == "none" {
+            continue;
+        }
+        let (resource, amounts) = f.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("--quota {f}: write RESOURCE=GUARANTEED[:LIMIT], e.g. gpu=4:8")
+        })?;
+        if !matches!(resource, "cpu" | "memory" | "gpu") {
+            anyhow::bail!("--quota {f}: the resource is cpu, memory or gpu");
+        }
+        let (g, l) = match amounts.split_once(':') {
+            Some((g, l)) => (g, Some(l)),
+            None => (amounts, None),
+        };
+        let mut pair = serde_json::Map::new();
+        if !g.is_empty() {
+            pair.insert("guaranteed".into(), Value::String(g.into()));
+        }
+        if let Some(l) = l.filter(|l| !l.is_empty()) {
+            pair.insert("limit".into(), Value::String(l.into()));
+        }
+        quota.insert(resource.into(), Value::Object(pair));
+    }
+    Ok(Some(Value::Object(quota)))
+}
+
+pub async fn team_set(
+    g: &Globals,
+    name: &str,
+    weight: Option<f64>,
+    quota: &[String],
+) -> Result<()> {
     let client = g.client()?;
+    let mut body = serde_json::Map::new();
+    if let Some(w) = weight {
+        body.insert("weight".into(), serde_json::json!(w));
+    }
+    if let Some(q) = quota_json(quota)? {
+        body.insert("quota".into(), q);
+    }
     let team: Value = client
-        .post_json(
-            "/v1/teams",
-            &serde_json::json!({ "name": name, "weight": weight }),
-        )
+        .put_json(&format!("/v1/teams/{name}"), &Value::Object(body))
         .await?;
+    match g.output {
+        Output::Json => output::print_json(&team)?,
+        Output::Table => output::print(&format!("team {name} updated"))?,
+    }
+    Ok(())
+}
+
+pub async fn team_create(g: &Globals, name: &str, weight: f64, quota: &[String]) -> Result<()> {
+    let client = g.client()?;
+    let mut body = serde_json::json!({ "name": name, "weight": weight });
+    if let Some(q) = quota_json(quota)? {
+        body["quota"] = q;
+    }
+    let team: Value = client.post_json("/v1/teams", &body).await?;
     match g.output {
         Output::Json => output::print_json(&team)?,
         Output::Table => {

@@ -113,6 +113,8 @@ enum Command {
         #[command(subcommand)]
         command: Option<TokenCommand>,
     },
+    /// Replay a GPU-cluster trace through the scheduler in virtual time
+    Sim(tessera_sim::SimArgs),
     /// Measure the scheduler, the API or the whole path
     Bench {
         #[command(subcommand)]
@@ -143,6 +145,29 @@ struct UpArgs {
     /// Time between SIGTERM and SIGKILL when a replica is stopped
     #[arg(long, value_parser = duration_ms, default_value = "10s", value_name = "DURATION")]
     kill_grace: u64,
+    /// Scheduling policy: fifo, fifo-backfill, sjf-oracle, srtf-oracle, las, tiresias, drf, tessera
+    #[arg(long, default_value = "tessera", value_parser = policy_name)]
+    policy: String,
+    /// Price of one CPU core per hour on the local node (for cost accounting)
+    #[arg(long, default_value_t = 0.0, value_name = "PRICE")]
+    price_cpu_hour: f64,
+    /// Price of one GiB of memory per hour on the local node
+    #[arg(long, default_value_t = 0.0, value_name = "PRICE")]
+    price_memory_gib_hour: f64,
+    /// Price of one GPU per hour on the local node
+    #[arg(long, default_value_t = 0.0, value_name = "PRICE")]
+    price_gpu_hour: f64,
+}
+
+fn policy_name(s: &str) -> Result<String, String> {
+    if tessera_scheduler::Policy::named(s).is_some() {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "unknown policy; use one of {}",
+            tessera_scheduler::Policy::NAMES.join(", ")
+        ))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -188,6 +213,18 @@ enum TeamCommand {
         /// Fair-share weight
         #[arg(long, default_value_t = 1.0)]
         weight: f64,
+        /// Quota as RESOURCE=GUARANTEED[:LIMIT], e.g. `gpu=4:8`, `memory=64Gi`; repeat per resource
+        #[arg(long = "quota", value_name = "RESOURCE=G[:L]")]
+        quota: Vec<String>,
+    },
+    /// Change a team's weight or quota (a given quota replaces the old one)
+    Set {
+        name: String,
+        #[arg(long)]
+        weight: Option<f64>,
+        /// Quota as RESOURCE=GUARANTEED[:LIMIT]; `--quota none` removes it
+        #[arg(long = "quota", value_name = "RESOURCE=G[:L]")]
+        quota: Vec<String>,
     },
     /// List teams
     List,
@@ -305,6 +342,21 @@ async fn up(globals: &Globals, args: UpArgs) -> Result<()> {
     config.agent_name = args.node_name;
     config.cgroups = !args.no_cgroups;
     config.kill_grace = Duration::from_millis(args.kill_grace);
+    config.policy = tessera_scheduler::Policy::named(&args.policy).expect("checked by clap");
+    for (flag, v) in [
+        ("--price-cpu-hour", args.price_cpu_hour),
+        ("--price-memory-gib-hour", args.price_memory_gib_hour),
+        ("--price-gpu-hour", args.price_gpu_hour),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            anyhow::bail!("{flag} must be a non-negative number");
+        }
+    }
+    config.prices = tessera_core::node::Prices {
+        cpu_core_hour: args.price_cpu_hour,
+        memory_gib_hour: args.price_memory_gib_hour,
+        gpu_hour: args.price_gpu_hour,
+    };
     tessera_server::run_up(config).await
 }
 
@@ -327,9 +379,16 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Cancel { id } => commands::cancel(g, id).await?,
         Command::Nodes => commands::nodes(g).await?,
         Command::Team { command } => match command {
-            Some(TeamCommand::Create { name, weight }) => {
-                commands::team_create(g, &name, weight).await?
-            }
+            Some(TeamCommand::Create {
+                name,
+                weight,
+                quota,
+            }) => commands::team_create(g, &name, weight, &quota).await?,
+            Some(TeamCommand::Set {
+                name,
+                weight,
+                quota,
+            }) => commands::team_set(g, &name, weight, &quota).await?,
             Some(TeamCommand::List) | None => commands::team_list(g).await?,
         },
         Command::Token { command } => match command {
@@ -340,6 +399,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             Some(TokenCommand::Delete { id }) => commands::token_delete(g, &id).await?,
         },
         Command::Bench { command } => bench::bench(g, command).await?,
+        Command::Sim(args) => tessera_sim::run_cli(args, g.output == Output::Json)?,
     }
     Ok(0)
 }

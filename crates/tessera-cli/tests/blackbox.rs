@@ -823,3 +823,59 @@ fn sigterm_completes_while_someone_follows_logs() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn policy_prices_and_team_quotas_from_the_cli() {
+    let out = Command::new(BIN)
+        .args(["up", "--policy", "nope"])
+        .env(
+            "TESSERA_HOME",
+            std::env::temp_dir().join("tessera-never-used"),
+        )
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown policy"));
+
+    let up = Up::start(&["--policy", "drf", "--price-cpu-hour", "3600"]);
+    let id = job_id(&up.cli_ok(&["run", "-o", "json", "--cpu", "1", "--", "sleep", "0.2"]));
+    let job = up.wait_state(id, &["succeeded"], 20);
+    // One core at 3,600 per hour is 1 per second: about 0.2 for 0.2 s.
+    let cost = job["cost"].as_f64().unwrap();
+    assert!(cost > 0.1 && cost < 2.0, "{job}");
+
+    up.cli_ok(&[
+        "team",
+        "create",
+        "ads",
+        "--quota",
+        "gpu=4:8",
+        "--quota",
+        "memory=64Gi",
+    ]);
+    let teams: Value = serde_json::from_str(&up.cli_ok(&["team", "list", "-o", "json"])).unwrap();
+    let ads = teams
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "ads")
+        .unwrap()
+        .clone();
+    assert_eq!(ads["quota"]["guaranteed"]["gpu_milli"], 4000);
+    assert_eq!(ads["quota"]["limit"]["gpu_milli"], 8000);
+    assert_eq!(ads["quota"]["guaranteed"]["memory_bytes"], 64u64 << 30);
+    let out = up.cli(&["team", "set", "ads", "--quota", "gpu=8:4"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("quota.gpu.limit"));
+    up.cli_ok(&["team", "set", "ads", "--quota", "none", "--weight", "3"]);
+    let teams: Value = serde_json::from_str(&up.cli_ok(&["team", "list", "-o", "json"])).unwrap();
+    let ads = teams
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "ads")
+        .unwrap()
+        .clone();
+    assert!(ads["quota"].is_null(), "{ads}");
+    assert_eq!(ads["weight"], 3.0);
+}

@@ -26,7 +26,7 @@ mod order;
 mod place;
 pub mod policy;
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 pub use policy::{Packing, Policy, Within};
 use tessera_core::quantity::{format_cpu, format_memory};
@@ -289,7 +289,7 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
     );
     let mut orderer = Orderer::new(snapshot, now);
     let mut plan = Plan::default();
-    let mut failed: HashMap<(Shape, bool, bool), String> = HashMap::new();
+    let mut failed: HashMap<(Shape, bool, bool), String> = HashMap::default();
     // The reservation of the first job that could not start (backfill), or
     // the job that blocks all others (strict FIFO).
     let mut reservation: Option<place::Reservation> = None;
@@ -297,10 +297,11 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
     let mut tried_reservation = false;
     let mut waiting_keys: Vec<(usize, Key)> = Vec::new();
     let mut usage = team_usage(snapshot);
+    let team_quotas = quotas(snapshot);
 
     while let Some((qi, key)) = orderer.next() {
         let job = &snapshot.queue[qi];
-        if let Some(reason) = over_limit(snapshot, &usage, job) {
+        if let Some(reason) = over_limit(&team_quotas, &usage, job) {
             plan.waiting.push(Waiting {
                 job_id: job.id,
                 reason,
@@ -427,7 +428,7 @@ fn job_amounts(job: &PendingJob) -> [u64; 3] {
 
 /// What each team's running jobs hold.
 fn team_usage(snapshot: &Snapshot) -> HashMap<&str, [u64; 3]> {
-    let mut usage: HashMap<&str, [u64; 3]> = HashMap::new();
+    let mut usage: HashMap<&str, [u64; 3]> = HashMap::default();
     for r in &snapshot.running {
         let d = job_amounts(&r.job);
         let u = usage.entry(r.job.team.as_str()).or_insert([0; 3]);
@@ -438,12 +439,15 @@ fn team_usage(snapshot: &Snapshot) -> HashMap<&str, [u64; 3]> {
     usage
 }
 
-fn quota_of<'a>(snapshot: &'a Snapshot, team: &str) -> Option<&'a Quota> {
+/// Team quotas by name, looked up once per job.
+type Quotas<'a> = HashMap<&'a str, &'a Quota>;
+
+fn quotas(snapshot: &Snapshot) -> Quotas<'_> {
     snapshot
         .teams
         .iter()
-        .find(|t| t.name == team)
-        .and_then(|t| t.quota.as_ref())
+        .filter_map(|t| t.quota.as_ref().map(|q| (t.name.as_str(), q)))
+        .collect()
 }
 
 fn show_amount(r: usize, v: u64) -> String {
@@ -459,11 +463,11 @@ fn show_amount(r: usize, v: u64) -> String {
 
 /// Why placing `job` would take its team past its borrowing limit.
 fn over_limit(
-    snapshot: &Snapshot,
+    quotas: &Quotas,
     usage: &HashMap<&str, [u64; 3]>,
     job: &PendingJob,
 ) -> Option<String> {
-    let q = quota_of(snapshot, &job.team)?;
+    let q = quotas.get(job.team.as_str())?;
     let used = usage.get(job.team.as_str()).copied().unwrap_or([0; 3]);
     let need = job_amounts(job);
     let limit = q.limit.as_array();
@@ -495,15 +499,16 @@ fn reclaim<'a>(
     plan: &mut Plan,
 ) {
     let grace = snapshot.policy.reclaim_after_ms;
+    let quotas = quotas(snapshot);
     let already: std::collections::HashSet<JobId> =
         plan.preemptions.iter().map(|p| p.for_job).collect();
-    let mut reasons: HashMap<JobId, String> = HashMap::new();
+    let mut reasons: HashMap<JobId, String> = HashMap::default();
     for (qi, _) in waiting {
         let job = &snapshot.queue[*qi];
         if already.contains(&job.id) || now.saturating_sub(job.submitted_at) < grace {
             continue;
         }
-        let Some(q) = quota_of(snapshot, &job.team) else {
+        let Some(q) = quotas.get(job.team.as_str()) else {
             continue;
         };
         let need = job_amounts(job);
@@ -515,7 +520,8 @@ fn reclaim<'a>(
         // Borrowers: teams above their guarantee in a resource this job needs.
         let borrowing = |team: &str| {
             let u = usage.get(team).copied().unwrap_or([0; 3]);
-            let g = quota_of(snapshot, team)
+            let g = quotas
+                .get(team)
                 .map(|q| q.guaranteed.as_array())
                 .unwrap_or([0; 3]);
             (0..3).any(|r| need[r] > 0 && u[r] > g[r])
@@ -612,9 +618,15 @@ fn preempt(
         .collect();
     // Worst first.
     victims.sort_by_key(|v| std::cmp::Reverse(v.0));
-    let mut reasons: HashMap<JobId, String> = HashMap::new();
+    let mut reasons: HashMap<JobId, String> = HashMap::default();
+    // A shape that could not make room cannot for a later job either: later
+    // jobs are worse-ordered, so fewer running jobs may yield to them.
+    let mut no_room: std::collections::HashSet<Shape> = Default::default();
     for (qi, key) in waiting {
         let job = &snapshot.queue[*qi];
+        if no_room.contains(&Shape::of(job)) {
+            continue;
+        }
         // A victim comes later in the order; unless it is of a lower
         // priority class, it must also keep its progress when stopped.
         let eligible = |k: &Key, i: usize| {
@@ -633,7 +645,11 @@ fn preempt(
             continue;
         }
         let demand = Demand::of(job);
-        if let Some(chosen) = cluster.make_room(&demand, &pool, &snapshot.running) {
+        let made = cluster.make_room(&demand, &pool, &snapshot.running);
+        if made.is_none() {
+            no_room.insert(Shape::of(job));
+        }
+        if let Some(chosen) = made {
             let names: Vec<String> = chosen
                 .iter()
                 .map(|i| snapshot.running[*i].job.id.to_string())
@@ -672,15 +688,19 @@ fn preempt(
 /// some set of nodes could hold it once they are empty. Used to refuse such
 /// jobs at submit time instead of queueing them forever.
 pub fn infeasible_reason(nodes: &[NodeView], r: &Resources, replicas: u32) -> Option<String> {
-    let all: Vec<&NodeView> = nodes.iter().collect();
+    let all: Vec<(&NodeView, u64)> = nodes.iter().map(|n| (n, 1)).collect();
     infeasible_among(&all, r, replicas)
 }
 
-fn infeasible_among(live: &[&NodeView], r: &Resources, replicas: u32) -> Option<String> {
+/// Over nodes with a multiplicity (alike nodes counted once, weighted).
+fn infeasible_among(live: &[(&NodeView, u64)], r: &Resources, replicas: u32) -> Option<String> {
     if live.is_empty() {
         return Some("the cluster has no nodes".into());
     }
-    let slots: u64 = live.iter().map(|n| place::slots_when_empty(n, r)).sum();
+    let slots: u64 = live
+        .iter()
+        .map(|(n, count)| place::slots_when_empty(n, r).saturating_mul(*count))
+        .fold(0u64, |a, b| a.saturating_add(b));
     if slots == 0 {
         return Some(format!(
             "no node can ever fit one replica: each needs {}; {}",
@@ -714,12 +734,12 @@ fn describe(r: &Resources) -> String {
     s
 }
 
-fn largest_node(nodes: &[&NodeView], r: &Resources) -> String {
-    let max_cpu = nodes.iter().map(|n| n.cpu_milli).max().unwrap_or(0);
-    let max_mem = nodes.iter().map(|n| n.memory_bytes).max().unwrap_or(0);
+fn largest_node(nodes: &[(&NodeView, u64)], r: &Resources) -> String {
+    let max_cpu = nodes.iter().map(|(n, _)| n.cpu_milli).max().unwrap_or(0);
+    let max_mem = nodes.iter().map(|(n, _)| n.memory_bytes).max().unwrap_or(0);
     let max_gpu = nodes
         .iter()
-        .map(|n| {
+        .map(|(n, _)| {
             n.gpus
                 .iter()
                 .filter(|g| g.healthy && r.gpu_model_allowed(&g.model))
@@ -747,14 +767,19 @@ fn largest_node(nodes: &[&NodeView], r: &Resources) -> String {
 
 /// A reason for a job that did not fit in this pass.
 fn explain(nodes: &[NodeView], cluster: &Cluster, r: &Resources, replicas: u32) -> String {
-    let schedulable = nodes.iter().filter(|n| n.schedulable).count();
+    // Alike nodes answer alike: look at one node of each class, weighted.
+    let live: Vec<(&NodeView, u64)> = cluster
+        .classes()
+        .filter(|(n, _)| nodes[*n].schedulable)
+        .map(|(n, count)| (&nodes[n], count as u64))
+        .collect();
+    let schedulable: u64 = live.iter().map(|(_, c)| c).sum();
     if schedulable == 0 {
         return format!(
             "no schedulable node: all {} node(s) are cordoned, draining or lost",
             nodes.len()
         );
     }
-    let live: Vec<&NodeView> = nodes.iter().filter(|n| n.schedulable).collect();
     if let Some(why) = infeasible_among(&live, r, replicas) {
         return format!("cannot run on the schedulable nodes: {why}");
     }

@@ -4,7 +4,9 @@
 //! grows with each job placed in the pass.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::policy::Within;
 use crate::{PendingJob, RunningJob, Snapshot};
@@ -137,7 +139,7 @@ impl<'a> Orderer<'a> {
             .map(|j| key_of(snapshot, j, 0))
             .collect();
         let mode = if snapshot.policy.fair_share {
-            let mut index: HashMap<&str, usize> = HashMap::new();
+            let mut index: HashMap<&str, usize> = HashMap::default();
             let mut teams: Vec<(Vec<usize>, usize)> = Vec::new();
             let mut team_of = Vec::with_capacity(snapshot.queue.len());
             let mut names: Vec<&str> = Vec::new();
@@ -151,7 +153,7 @@ impl<'a> Orderer<'a> {
                 team_of.push(t);
             }
             for (list, _) in teams.iter_mut() {
-                list.sort_by_key(|i| keys[*i]);
+                list.sort_unstable_by_key(|i| keys[*i]);
             }
             let weight: Vec<f64> = names
                 .iter()
@@ -198,7 +200,7 @@ impl<'a> Orderer<'a> {
             }
         } else {
             let mut order: Vec<usize> = (0..snapshot.queue.len()).collect();
-            order.sort_by_key(|i| keys[*i]);
+            order.sort_unstable_by_key(|i| keys[*i]);
             Mode::Static { order, next: 0 }
         };
         Orderer {

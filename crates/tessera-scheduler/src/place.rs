@@ -2,6 +2,10 @@
 //! node scoring (best fit or fragmentation gradient), GPU choice within a
 //! node, reservations for backfill, and making room by preemption.
 
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap as HashMap;
+
 use tessera_core::Resources;
 
 use crate::policy::Packing;
@@ -107,6 +111,8 @@ pub struct Reservation {
     pub start_at: u64,
     /// Per node: CPU, memory and per-slot GPU thousandths held.
     held: Vec<(u64, u64, Vec<u32>)>,
+    /// Nodes where something is held, in index order.
+    held_nodes: Vec<usize>,
 }
 
 /// A kind of GPU request seen in the workload, for fragmentation scoring.
@@ -124,6 +130,85 @@ pub struct Cluster<'a> {
     models_lower: Vec<Vec<String>>,
     packing: Packing,
     workload: Vec<WorkClass>,
+    classes: Classes,
+}
+
+/// What makes two nodes interchangeable for placement: the same capacity,
+/// GPU models, price, state and free capacity. Nodes of one class score
+/// alike, so a placement scores each class once instead of each node —
+/// the difference between thousands of nodes and a handful of classes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Sig {
+    schedulable: bool,
+    capacity: (u64, u64, usize),
+    model_group: usize,
+    price: [u64; 3],
+    cpu: u64,
+    mem: u64,
+    gpu: Vec<u32>,
+}
+
+#[derive(Debug, Default)]
+struct Classes {
+    by_sig: HashMap<Sig, usize>,
+    /// Per class, its nodes in index order.
+    members: Vec<BTreeSet<usize>>,
+    class_of: Vec<usize>,
+    model_group: Vec<usize>,
+}
+
+impl Classes {
+    fn build(nodes: &[NodeView], free: &[Free], models_lower: &[Vec<String>]) -> Classes {
+        let mut groups: HashMap<&[String], usize> = HashMap::default();
+        let model_group = models_lower
+            .iter()
+            .map(|m| {
+                let n = groups.len();
+                *groups.entry(m.as_slice()).or_insert(n)
+            })
+            .collect();
+        let mut c = Classes {
+            model_group,
+            class_of: vec![usize::MAX; nodes.len()],
+            ..Classes::default()
+        };
+        for i in 0..nodes.len() {
+            c.refresh(nodes, free, i);
+        }
+        c
+    }
+
+    fn sig(&self, nodes: &[NodeView], free: &[Free], i: usize) -> Sig {
+        let n = &nodes[i];
+        Sig {
+            schedulable: n.schedulable,
+            capacity: (n.cpu_milli, n.memory_bytes, n.gpus.len()),
+            model_group: self.model_group[i],
+            price: n.price_per_hour.map(f64::to_bits),
+            cpu: free[i].cpu,
+            mem: free[i].mem,
+            gpu: free[i].gpu.clone(),
+        }
+    }
+
+    /// Puts node `i` in the class its free capacity now belongs to.
+    fn refresh(&mut self, nodes: &[NodeView], free: &[Free], i: usize) {
+        let sig = self.sig(nodes, free, i);
+        let next = self.members.len();
+        let c = *self.by_sig.entry(sig).or_insert(next);
+        if c == next {
+            self.members.push(BTreeSet::new());
+        }
+        let old = self.class_of[i];
+        if old == c {
+            return;
+        }
+        if old != usize::MAX {
+            self.members[old].remove(&i);
+        }
+        self.members[c].insert(i);
+        self.class_of[i] = c;
+    }
 }
 
 impl<'a> Cluster<'a> {
@@ -138,20 +223,24 @@ impl<'a> Cluster<'a> {
         } else {
             Vec::new()
         };
+        let free: Vec<Free> = nodes.iter().map(Free::of).collect();
+        let models_lower: Vec<Vec<String>> = nodes
+            .iter()
+            .map(|n| {
+                n.gpus
+                    .iter()
+                    .map(|g| g.model.to_ascii_lowercase())
+                    .collect()
+            })
+            .collect();
+        let classes = Classes::build(nodes, &free, &models_lower);
         Cluster {
             nodes,
-            free: nodes.iter().map(Free::of).collect(),
-            models_lower: nodes
-                .iter()
-                .map(|n| {
-                    n.gpus
-                        .iter()
-                        .map(|g| g.model.to_ascii_lowercase())
-                        .collect()
-                })
-                .collect(),
+            free,
+            models_lower,
             packing,
             workload,
+            classes,
         }
     }
 
@@ -301,10 +390,84 @@ impl<'a> Cluster<'a> {
         d: &Demand,
         excluding: Option<&Reservation>,
     ) -> Option<Vec<Assignment>> {
-        let mut free = std::mem::take(&mut self.free);
-        let result = self.place_on(&mut free, d, excluding);
-        self.free = free;
-        result
+        let mut out: Vec<Assignment> = Vec::with_capacity(d.replicas as usize);
+        let mut before: Vec<(usize, Free)> = Vec::new();
+        for replica in 0..d.replicas {
+            let Some((node, slots)) = self.best_node(d, excluding) else {
+                // A gang is all or nothing: give back what earlier replicas took.
+                for (node, f) in before.into_iter().rev() {
+                    self.free[node] = f;
+                    self.classes.refresh(self.nodes, &self.free, node);
+                }
+                return None;
+            };
+            before.push((node, self.free[node].clone()));
+            let f = &mut self.free[node];
+            f.cpu -= d.cpu;
+            f.mem -= d.mem;
+            for s in &slots {
+                f.take_gpu(*s, if d.whole > 0 { WHOLE } else { d.milli });
+            }
+            self.classes.refresh(self.nodes, &self.free, node);
+            out.push(Assignment {
+                replica,
+                node,
+                gpus: slots
+                    .iter()
+                    .map(|s| self.nodes[node].gpus[*s].index)
+                    .collect(),
+            });
+        }
+        Some(out)
+    }
+
+    /// The best node for one replica, scoring each class of alike nodes once
+    /// (its lowest-numbered node stands for it) and nodes a reservation
+    /// holds capacity on one by one. Ties go to the lowest node index, as a
+    /// scan of every node would choose.
+    fn best_node(
+        &self,
+        d: &Demand,
+        excluding: Option<&Reservation>,
+    ) -> Option<(usize, Vec<usize>)> {
+        let held_nodes: &[usize] = excluding.map(|r| r.held_nodes.as_slice()).unwrap_or(&[]);
+        let mut best: Option<(Score, usize, Vec<usize>)> = None;
+        let consider = |node: usize,
+                        held: Option<&(u64, u64, Vec<u32>)>,
+                        best: &mut Option<(Score, usize, Vec<usize>)>| {
+            let f = &self.free[node];
+            if !self.fits(node, f, d, held) {
+                return;
+            }
+            let gpus = self.choose_gpus(node, f, d, held);
+            let score = self.score(node, f, d, &gpus);
+            let better = match best {
+                None => true,
+                Some((s, n, _)) => {
+                    score.0 < s.0
+                        || (score.0 == s.0 && score.1 < s.1)
+                        || (score.0 == s.0 && score.1 == s.1 && score.2 < s.2)
+                        || (score == *s && node < *n)
+                }
+            };
+            if better {
+                *best = Some((score, node, gpus));
+            }
+        };
+        for members in &self.classes.members {
+            if let Some(&node) = members
+                .iter()
+                .find(|n| held_nodes.binary_search(n).is_err())
+            {
+                consider(node, None, &mut best);
+            }
+        }
+        if let Some(r) = excluding {
+            for &node in held_nodes {
+                consider(node, Some(&r.held[node]), &mut best);
+            }
+        }
+        best.map(|(_, node, gpus)| (node, gpus))
     }
 
     fn place_on(
@@ -404,10 +567,17 @@ impl<'a> Cluster<'a> {
             })
             .collect();
         ends.sort();
-        let mut scratch = self.free.clone();
-        for (end, i) in ends {
-            self.release_running(&mut scratch, &running[i]);
-            let mut trial = scratch.clone();
+        let order: Vec<usize> = ends.iter().map(|(_, i)| *i).collect();
+        // Whether the job fits only grows with each job released (a gang of
+        // alike replicas fits exactly when the nodes' slots for it add up),
+        // so the first end at which it fits is found by bisection.
+        let k = self.fewest_releases(d, &order, running)?;
+        let end = ends[k - 1].0;
+        {
+            let mut trial = self.free.clone();
+            for i in &order[..k] {
+                self.release_running(&mut trial, &running[*i]);
+            }
             if let Some(assignments) = self.place_on(&mut trial, d, None) {
                 let mut held: Vec<(u64, u64, Vec<u32>)> = self
                     .nodes
@@ -424,14 +594,48 @@ impl<'a> Cluster<'a> {
                         }
                     }
                 }
+                let mut held_nodes: Vec<usize> = assignments.iter().map(|a| a.node).collect();
+                held_nodes.sort_unstable();
+                held_nodes.dedup();
                 return Some(Reservation {
                     job_id: job.id,
                     start_at: end,
                     held,
+                    held_nodes,
                 });
             }
         }
         None
+    }
+
+    /// The fewest of `order` (taken from the front) whose release lets the
+    /// job fit, or `None` when even all of them do not.
+    fn fewest_releases(
+        &self,
+        d: &Demand,
+        order: &[usize],
+        running: &[RunningJob],
+    ) -> Option<usize> {
+        let fits_after = |k: usize| {
+            let mut trial = self.free.clone();
+            for i in &order[..k] {
+                self.release_running(&mut trial, &running[*i]);
+            }
+            self.place_on(&mut trial, d, None).is_some()
+        };
+        if order.is_empty() || !fits_after(order.len()) {
+            return None;
+        }
+        let (mut lo, mut hi) = (1, order.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if fits_after(mid) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Some(lo)
     }
 
     /// Frees the fewest victims (taken in the given order, worst first)
@@ -443,20 +647,8 @@ impl<'a> Cluster<'a> {
         pool: &[usize],
         running: &[RunningJob],
     ) -> Option<Vec<usize>> {
-        let mut scratch = self.free.clone();
-        let mut chosen = Vec::new();
-        let mut fits = false;
-        for &v in pool {
-            self.release_running(&mut scratch, &running[v]);
-            chosen.push(v);
-            if self.place_on(&mut scratch.clone(), d, None).is_some() {
-                fits = true;
-                break;
-            }
-        }
-        if !fits {
-            return None;
-        }
+        let k = self.fewest_releases(d, pool, running)?;
+        let mut chosen: Vec<usize> = pool[..k].to_vec();
         // Spare the victims that turned out not to be needed.
         let mut i = 0;
         while i + 1 < chosen.len() {
@@ -478,21 +670,35 @@ impl<'a> Cluster<'a> {
         }
         let _ = self.place_on(&mut free, d, None);
         self.free = free;
+        self.classes = Classes::build(self.nodes, &self.free, &self.models_lower);
         Some(chosen)
     }
 
     /// Nodes where one replica of `r` fits now.
     pub fn nodes_fitting(&self, r: &Resources) -> usize {
         let d = Demand::from_resources(r, 1);
-        (0..self.nodes.len())
-            .filter(|n| self.fits(*n, &self.free[*n], &d, None))
-            .count()
+        self.classes()
+            .filter(|(n, _)| self.fits(*n, &self.free[*n], &d, None))
+            .map(|(_, count)| count)
+            .sum()
+    }
+
+    /// Each class of alike nodes once: its lowest-numbered node and its size.
+    pub fn classes(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.classes
+            .members
+            .iter()
+            .filter_map(|m| m.first().map(|n| (*n, m.len())))
     }
 
     /// Which resources no schedulable node has enough of, free, for one replica.
     pub fn short_of(&self, r: &Resources) -> Vec<&'static str> {
         let d = Demand::from_resources(r, 1);
-        let live = || (0..self.nodes.len()).filter(|n| self.nodes[*n].schedulable);
+        let live = || {
+            self.classes()
+                .map(|(n, _)| n)
+                .filter(|n| self.nodes[*n].schedulable)
+        };
         let mut short = Vec::new();
         if !live().any(|n| self.free[n].cpu >= d.cpu) {
             short.push("CPU");
@@ -572,4 +778,66 @@ fn workload<'a>(jobs: impl Iterator<Item = &'a PendingJob>) -> Vec<WorkClass> {
             weight: n as f64 / total.max(1) as f64,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_nodes() -> impl Strategy<Value = Vec<NodeView>> {
+        proptest::collection::vec((0u8..3, 0u32..3, any::<bool>(), 0u8..2), 1..40).prop_map(
+            |spec| {
+                spec.into_iter()
+                    .enumerate()
+                    .map(|(i, (used, shares, h100, price))| {
+                        let mut n = NodeView::new(format!("n{i}"), 8000, 64 << 30)
+                            .with_gpus(4, if h100 { "H100" } else { "A100" });
+                        n.free_cpu_milli -= used as u64 * 2000;
+                        for g in n.gpus.iter_mut().take(shares as usize) {
+                            g.free_milli = 500;
+                        }
+                        n.price_per_hour = [0.0, 0.0, 1.0 + price as f64];
+                        n
+                    })
+                    .collect()
+            },
+        )
+    }
+
+    proptest! {
+        /// Scoring classes of alike nodes chooses exactly what scoring every
+        /// node would, for every packing, request and gang size.
+        #[test]
+        fn classes_choose_what_a_full_scan_would(
+            nodes in arb_nodes(),
+            jobs in proptest::collection::vec((1u64..4, 0u32..3, 0u32..3, 1u32..4, any::<bool>()), 1..20),
+            fragmentation in any::<bool>(),
+        ) {
+            let packing = if fragmentation { Packing::Fragmentation } else { Packing::BestFit };
+            let queue: Vec<PendingJob> = jobs
+                .iter()
+                .enumerate()
+                .map(|(i, (cpu, gpu, share, replicas, h100))| {
+                    let r = Resources {
+                        cpu_milli: cpu * 1000,
+                        memory_bytes: 1 << 30,
+                        gpu: if *share == 0 { *gpu } else { 0 },
+                        gpu_milli: if *share == 0 { 0 } else { 300 * share },
+                        gpu_models: if *h100 { vec!["h100".into()] } else { vec![] },
+                    };
+                    PendingJob::new(i as u64, "t", 0, 0, r, *replicas)
+                })
+                .collect();
+            let mut fast = Cluster::new(&nodes, &queue, &[], packing);
+            let slow = Cluster::new(&nodes, &queue, &[], packing);
+            let mut slow_free = slow.free.clone();
+            for j in &queue {
+                let d = Demand::of(j);
+                let a = fast.place(&d, None);
+                let b = slow.place_on(&mut slow_free, &d, None);
+                prop_assert_eq!(a, b);
+            }
+        }
+    }
 }

@@ -125,13 +125,15 @@ impl Policy {
         })
     }
 
-    /// The server's default: priority classes, then least attained service
+    /// The server's default: priority classes, then weighted fair share
+    /// across teams (DRF), then within a team least attained service
     /// in geometric levels (so nobody needs to know durations, and short
     /// jobs pass long ones), backfill behind a reservation so large and gang
     /// jobs are not starved, preemption by priority and level, and
     /// fragmentation-aware GPU packing.
     pub fn tessera() -> Policy {
         Policy {
+            fair_share: true,
             backfill: true,
             preempt: true,
             min_run_before_preempt_ms: 60_000,

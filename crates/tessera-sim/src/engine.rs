@@ -1,0 +1,469 @@
+//! The event loop: jobs arrive and complete in virtual time; at each
+//! distinct event time the simulator applies completions, then arrivals,
+//! then calls [`tessera_scheduler::schedule`] and applies its plan until a
+//! pass neither places nor preempts anything.
+//!
+//! The simulator holds its state in a [`Snapshot`] it keeps up to date
+//! (free capacity per node and GPU slot, the queue, what runs), so a pass
+//! costs no copying: a placement takes capacity, a completion or
+//! preemption gives it back. Every plan is checked against that state (a
+//! replica per assignment, the right GPUs, capacity actually free); a plan
+//! that over-commits is an error, not a silent fix.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Result};
+use tessera_core::JobId;
+use tessera_scheduler::{
+    schedule, Assignment, NodeView, PendingJob, Policy, RunningJob, Snapshot, TeamView,
+};
+
+use crate::trace::SimJob;
+
+/// Scheduling passes at one virtual time before the simulator gives up on
+/// reaching a fixed point (counted in [`EventRun::pass_cap_hits`]).
+pub const MAX_PASSES_PER_EVENT: u32 = 64;
+
+const NOT_RUNNING: usize = usize::MAX;
+
+/// What became of one job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub id: JobId,
+    pub submit_ms: u64,
+    /// First start, and the start of its last attempt.
+    pub first_start_ms: u64,
+    pub last_start_ms: u64,
+    pub finish_ms: u64,
+    /// Run time it needed (and got, over all attempts).
+    pub run_ms: u64,
+    /// Sum of the run time of its attempts (equals `run_ms`; kept as a
+    /// check of preemption accounting).
+    pub ran_ms: u64,
+    pub gpu_milli: u64,
+    pub preemptions: u32,
+}
+
+/// The result of replaying a trace under one policy.
+#[derive(Debug, Clone)]
+pub struct EventRun {
+    pub policy: String,
+    /// Finished jobs, by id.
+    pub outcomes: Vec<Outcome>,
+    /// Jobs still queued when no event was left (a policy that never
+    /// starts them).
+    pub unfinished: usize,
+    pub preemptions: u64,
+    pub schedule_calls: u64,
+    pub schedule_time: Duration,
+    /// Event times at which passes still changed things after
+    /// [`MAX_PASSES_PER_EVENT`].
+    pub pass_cap_hits: u64,
+    /// Passes after the first at an event time that still changed
+    /// something (preemptions are followed by such passes).
+    pub changing_confirmations: u64,
+    /// The largest queue a pass saw.
+    pub max_queue: usize,
+}
+
+#[derive(Debug, Clone)]
+struct JobState {
+    attempt: u32,
+    running_pos: usize,
+    queue_pos: usize,
+    started_at: u64,
+    first_start: Option<u64>,
+    attained_ms: u64,
+    preemptions: u32,
+}
+
+/// The mutable world: the snapshot the scheduler reads, kept current.
+struct World<'a> {
+    jobs: &'a [SimJob],
+    snap: Snapshot,
+    st: Vec<JobState>,
+    /// (end time, job, attempt); stale entries are skipped.
+    ends: BinaryHeap<Reverse<(u64, JobId, u32)>>,
+    /// Per node, GPU index → slot (identity for the nodes we build).
+    slot_of: Vec<HashMap<u32, usize>>,
+    outcomes: Vec<Outcome>,
+    preemptions: u64,
+}
+
+impl<'a> World<'a> {
+    fn pending(&self, j: &SimJob) -> PendingJob {
+        let mut p = PendingJob::new(
+            j.id,
+            j.team.clone(),
+            j.priority,
+            j.submit_ms,
+            j.resources.clone(),
+            j.replicas,
+        );
+        p.expected_runtime_ms = Some(j.run_ms());
+        p.max_runtime_ms = j.max_runtime_ms;
+        // The simulation resumes a preempted job where it stopped.
+        p.resumable = true;
+        p
+    }
+
+    fn slot(&self, node: usize, gpu: u32) -> Result<usize> {
+        match self.slot_of[node].get(&gpu) {
+            Some(s) => Ok(*s),
+            None => bail!("node {node} has no GPU {gpu}"),
+        }
+    }
+
+    /// Takes (or with `give`, returns) one job's capacity on the nodes.
+    fn account(&mut self, job: &PendingJob, assignments: &[Assignment], give: bool) -> Result<()> {
+        let r = &job.resources;
+        let per_gpu = if r.gpu > 0 { 1000 } else { r.gpu_milli };
+        let want_gpus = if r.gpu > 0 {
+            r.gpu as usize
+        } else if r.gpu_milli > 0 {
+            1
+        } else {
+            0
+        };
+        if !give {
+            ensure!(
+                assignments.len() == job.replicas as usize,
+                "job {} has {} replicas but the plan places {}",
+                job.id,
+                job.replicas,
+                assignments.len()
+            );
+        }
+        for a in assignments {
+            ensure!(
+                a.node < self.snap.nodes.len(),
+                "job {}: no node {}",
+                job.id,
+                a.node
+            );
+            ensure!(
+                a.gpus.len() == want_gpus,
+                "job {} replica {}: {} GPUs assigned, {} wanted",
+                job.id,
+                a.replica,
+                a.gpus.len(),
+                want_gpus
+            );
+            let slots: Vec<usize> = a
+                .gpus
+                .iter()
+                .map(|g| self.slot(a.node, *g))
+                .collect::<Result<_>>()?;
+            let n = &mut self.snap.nodes[a.node];
+            if give {
+                n.free_cpu_milli += r.cpu_milli;
+                n.free_memory_bytes += r.memory_bytes;
+                for s in slots {
+                    n.gpus[s].free_milli += per_gpu;
+                    ensure!(
+                        n.gpus[s].free_milli <= 1000,
+                        "GPU {} on {} freed twice",
+                        s,
+                        n.name
+                    );
+                }
+            } else {
+                let (Some(cpu), Some(mem)) = (
+                    n.free_cpu_milli.checked_sub(r.cpu_milli),
+                    n.free_memory_bytes.checked_sub(r.memory_bytes),
+                ) else {
+                    bail!(
+                        "job {}: the plan over-commits CPU or memory on {}",
+                        job.id,
+                        n.name
+                    );
+                };
+                n.free_cpu_milli = cpu;
+                n.free_memory_bytes = mem;
+                for s in slots {
+                    let g = &mut n.gpus[s];
+                    ensure!(
+                        g.healthy && g.free_milli >= per_gpu,
+                        "job {}: the plan over-commits GPU {} on {} ({} free, {} wanted)",
+                        job.id,
+                        g.index,
+                        n.name,
+                        g.free_milli,
+                        per_gpu
+                    );
+                    g.free_milli -= per_gpu;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, job: PendingJob, assignments: Vec<Assignment>, now: u64) -> Result<()> {
+        self.account(&job, &assignments, false)?;
+        let id = job.id as usize;
+        let remaining = self.jobs[id].run_ms().saturating_sub(job.attained_ms);
+        let s = &mut self.st[id];
+        s.started_at = now;
+        s.first_start.get_or_insert(now);
+        s.running_pos = self.snap.running.len();
+        self.ends
+            .push(Reverse((now + remaining, job.id, s.attempt)));
+        self.snap.running.push(RunningJob {
+            job,
+            started_at: now,
+            assignments,
+            preemptible: true,
+        });
+        Ok(())
+    }
+
+    /// Removes a running job, gives its capacity back and returns it.
+    fn stop(&mut self, id: JobId) -> Result<RunningJob> {
+        let pos = self.st[id as usize].running_pos;
+        ensure!(pos != NOT_RUNNING, "job {id} is not running");
+        let r = self.snap.running.swap_remove(pos);
+        if let Some(moved) = self.snap.running.get(pos) {
+            self.st[moved.job.id as usize].running_pos = pos;
+        }
+        let s = &mut self.st[id as usize];
+        s.running_pos = NOT_RUNNING;
+        s.attempt += 1;
+        self.account(&r.job, &r.assignments, true)?;
+        Ok(r)
+    }
+
+    fn complete(&mut self, id: JobId, now: u64) -> Result<()> {
+        let r = self.stop(id)?;
+        let s = &self.st[id as usize];
+        let j = &self.jobs[id as usize];
+        self.outcomes.push(Outcome {
+            id,
+            submit_ms: j.submit_ms,
+            first_start_ms: s.first_start.unwrap_or(r.started_at),
+            last_start_ms: r.started_at,
+            finish_ms: now,
+            run_ms: j.run_ms(),
+            ran_ms: s.attained_ms + (now - r.started_at),
+            gpu_milli: j.gpu_milli(),
+            preemptions: s.preemptions,
+        });
+        Ok(())
+    }
+
+    fn preempt(&mut self, id: JobId, now: u64) -> Result<()> {
+        let r = self.stop(id)?;
+        let mut job = r.job;
+        job.attained_ms += now - r.started_at;
+        let s = &mut self.st[id as usize];
+        s.attained_ms = job.attained_ms;
+        s.preemptions += 1;
+        self.preemptions += 1;
+        self.enqueue(job);
+        Ok(())
+    }
+
+    /// Adds a job to the queue (its order there does not matter: the
+    /// scheduler orders it).
+    fn enqueue(&mut self, job: PendingJob) {
+        self.st[job.id as usize].queue_pos = self.snap.queue.len();
+        self.snap.queue.push(job);
+    }
+
+    /// Takes a job out of the queue in O(1).
+    fn dequeue(&mut self, id: JobId) -> Result<PendingJob> {
+        let pos = self
+            .st
+            .get(id as usize)
+            .map(|s| s.queue_pos)
+            .unwrap_or(NOT_RUNNING);
+        ensure!(
+            pos != NOT_RUNNING,
+            "the plan places job {id}, which is not queued"
+        );
+        let job = self.snap.queue.swap_remove(pos);
+        if let Some(moved) = self.snap.queue.get(pos) {
+            self.st[moved.id as usize].queue_pos = pos;
+        }
+        self.st[id as usize].queue_pos = NOT_RUNNING;
+        Ok(job)
+    }
+
+    /// Applies one plan; returns whether it changed anything.
+    fn apply(&mut self, plan: tessera_scheduler::Plan, now: u64) -> Result<bool> {
+        let changed = !plan.placements.is_empty() || !plan.preemptions.is_empty();
+        for p in plan.placements {
+            let job = self.dequeue(p.job_id)?;
+            self.start(job, p.assignments, now)?;
+        }
+        for p in plan.preemptions {
+            self.preempt(p.job_id, now)?;
+        }
+        Ok(changed)
+    }
+}
+
+/// Whether a pass that only placed jobs is sure to be followed by one that
+/// does nothing. True without backfill and preemption (and without quotas,
+/// which the simulator does not set): every job the pass left waiting
+/// failed to fit on at least the capacity that is left now, and fits are
+/// monotone in free capacity. With backfill the reservation can move once
+/// the newly started jobs run, and preemptive policies may pick new
+/// victims, so those confirm with another pass.
+/// `confirmation_passes_are_no_ops` checks this on a Philly subset.
+pub fn placements_reach_fixpoint(policy: &Policy) -> bool {
+    !policy.backfill && !policy.preempt
+}
+
+/// Replays `jobs` (sorted by submit time and numbered 0.. by
+/// [`crate::trace::prepare`]) on `nodes` under `policy`. Every running job
+/// is preemptible and resumable; every team weighs 1, without quota.
+pub fn simulate(jobs: &[SimJob], nodes: &[NodeView], policy: Policy) -> Result<EventRun> {
+    simulate_with(jobs, nodes, policy, false)
+}
+
+/// [`simulate`]; with `always_confirm`, a pass that changed something is
+/// always followed by another, even where [`placements_reach_fixpoint`]
+/// says it would do nothing (for testing that claim).
+pub fn simulate_with(
+    jobs: &[SimJob],
+    nodes: &[NodeView],
+    policy: Policy,
+    always_confirm: bool,
+) -> Result<EventRun> {
+    for (i, j) in jobs.iter().enumerate() {
+        ensure!(
+            j.id as usize == i,
+            "jobs must be numbered in order (job {} at {i})",
+            j.id
+        );
+        if i > 0 {
+            ensure!(
+                jobs[i - 1].submit_ms <= j.submit_ms,
+                "jobs must be sorted by submit time"
+            );
+        }
+    }
+    let teams: BTreeSet<&str> = jobs.iter().map(|j| j.team.as_str()).collect();
+    let name = policy.name.clone();
+    let mut w = World {
+        jobs,
+        snap: Snapshot {
+            nodes: nodes.to_vec(),
+            queue: Vec::new(),
+            running: Vec::new(),
+            teams: teams
+                .iter()
+                .map(|t| TeamView {
+                    name: t.to_string(),
+                    weight: 1.0,
+                    quota: None,
+                })
+                .collect(),
+            policy,
+        },
+        st: vec![
+            JobState {
+                attempt: 0,
+                running_pos: NOT_RUNNING,
+                queue_pos: NOT_RUNNING,
+                started_at: 0,
+                first_start: None,
+                attained_ms: 0,
+                preemptions: 0,
+            };
+            jobs.len()
+        ],
+        ends: BinaryHeap::new(),
+        slot_of: nodes
+            .iter()
+            .map(|n| {
+                n.gpus
+                    .iter()
+                    .enumerate()
+                    .map(|(s, g)| (g.index, s))
+                    .collect()
+            })
+            .collect(),
+        outcomes: Vec::with_capacity(jobs.len()),
+        preemptions: 0,
+    };
+    let mut next = 0usize;
+    let mut calls = 0u64;
+    let mut sched_time = Duration::ZERO;
+    let mut cap_hits = 0u64;
+    let mut max_queue = 0usize;
+    let mut changing_confirmations = 0u64;
+    let fixpoint = placements_reach_fixpoint(&w.snap.policy);
+    loop {
+        // Skip ends of attempts that were preempted.
+        while let Some(Reverse((_, id, attempt))) = w.ends.peek() {
+            let s = &w.st[*id as usize];
+            if s.attempt == *attempt && s.running_pos != NOT_RUNNING {
+                break;
+            }
+            w.ends.pop();
+        }
+        let t_arrival = jobs.get(next).map(|j| j.submit_ms);
+        let t_end = w.ends.peek().map(|Reverse((t, _, _))| *t);
+        let now = match (t_arrival, t_end) {
+            (None, None) => break,
+            (Some(a), None) => a,
+            (None, Some(e)) => e,
+            (Some(a), Some(e)) => a.min(e),
+        };
+        while let Some(&Reverse((t, id, attempt))) = w.ends.peek() {
+            if t != now {
+                break;
+            }
+            w.ends.pop();
+            let s = &w.st[id as usize];
+            if s.attempt == attempt && s.running_pos != NOT_RUNNING {
+                w.complete(id, now)?;
+            }
+        }
+        while next < jobs.len() && jobs[next].submit_ms == now {
+            let p = w.pending(&jobs[next]);
+            w.enqueue(p);
+            next += 1;
+        }
+        let mut passes = 0;
+        while !w.snap.queue.is_empty() {
+            if passes == MAX_PASSES_PER_EVENT {
+                cap_hits += 1;
+                break;
+            }
+            passes += 1;
+            max_queue = max_queue.max(w.snap.queue.len());
+            let t0 = Instant::now();
+            let plan = schedule(&w.snap, now);
+            sched_time += t0.elapsed();
+            calls += 1;
+            let preempted = !plan.preemptions.is_empty();
+            if !w.apply(plan, now)? {
+                break;
+            }
+            if passes > 1 {
+                changing_confirmations += 1;
+            }
+            if !always_confirm && !preempted && fixpoint {
+                break;
+            }
+        }
+    }
+    let unfinished = w.snap.queue.len();
+    let mut outcomes = w.outcomes;
+    outcomes.sort_by_key(|o| o.id);
+    Ok(EventRun {
+        policy: name,
+        outcomes,
+        unfinished,
+        preemptions: w.preemptions,
+        schedule_calls: calls,
+        schedule_time: sched_time,
+        pass_cap_hits: cap_hits,
+        changing_confirmations,
+        max_queue,
+    })
+}
