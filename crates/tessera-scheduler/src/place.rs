@@ -402,21 +402,10 @@ impl<'a> Cluster<'a> {
                 return None;
             };
             before.push((node, self.free[node].clone()));
-            let f = &mut self.free[node];
-            f.cpu -= d.cpu;
-            f.mem -= d.mem;
-            for s in &slots {
-                f.take_gpu(*s, if d.whole > 0 { WHOLE } else { d.milli });
-            }
+            let mut f = self.free[node].clone();
+            out.push(self.take(&mut f, node, d, &slots, replica));
+            self.free[node] = f;
             self.classes.refresh(self.nodes, &self.free, node);
-            out.push(Assignment {
-                replica,
-                node,
-                gpus: slots
-                    .iter()
-                    .map(|s| self.nodes[node].gpus[*s].index)
-                    .collect(),
-            });
         }
         Some(out)
     }
@@ -504,22 +493,33 @@ impl<'a> Cluster<'a> {
                 }
                 return None;
             };
-            let f = &mut free[node];
-            f.cpu -= d.cpu;
-            f.mem -= d.mem;
-            for s in &slots {
-                f.take_gpu(*s, if d.whole > 0 { WHOLE } else { d.milli });
-            }
-            out.push(Assignment {
-                replica,
-                node,
-                gpus: slots
-                    .iter()
-                    .map(|s| self.nodes[node].gpus[*s].index)
-                    .collect(),
-            });
+            out.push(self.take(&mut free[node], node, d, &slots, replica));
         }
         Some(out)
+    }
+
+    /// Takes one replica's capacity on a node (GPU slots as chosen).
+    fn take(
+        &self,
+        f: &mut Free,
+        node: usize,
+        d: &Demand,
+        slots: &[usize],
+        replica: u32,
+    ) -> Assignment {
+        f.cpu -= d.cpu;
+        f.mem -= d.mem;
+        for s in slots {
+            f.take_gpu(*s, if d.whole > 0 { WHOLE } else { d.milli });
+        }
+        Assignment {
+            replica,
+            node,
+            gpus: slots
+                .iter()
+                .map(|s| self.nodes[node].gpus[*s].index)
+                .collect(),
+        }
     }
 
     fn slot_of(&self, node: usize, index: u32) -> Option<usize> {
