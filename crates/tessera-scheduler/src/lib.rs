@@ -26,6 +26,8 @@ mod order;
 mod place;
 pub mod policy;
 
+use std::sync::Arc;
+
 use rustc_hash::FxHashMap as HashMap;
 
 pub use policy::{Packing, Policy, Within};
@@ -233,7 +235,8 @@ pub struct Placement {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Waiting {
     pub job_id: JobId,
-    pub reason: String,
+    /// Shared between the jobs that wait for the same reason.
+    pub reason: Arc<str>,
 }
 
 /// A running job to stop and requeue so that `for_job` can start.
@@ -289,11 +292,11 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
     );
     let mut orderer = Orderer::new(snapshot, now);
     let mut plan = Plan::default();
-    let mut failed: HashMap<(Shape, bool, bool), String> = HashMap::default();
+    let mut failed: HashMap<(Shape, bool, bool), Arc<str>> = HashMap::default();
     // The reservation of the first job that could not start (backfill), or
     // the job that blocks all others (strict FIFO).
     let mut reservation: Option<place::Reservation> = None;
-    let mut blocked_by: Option<JobId> = None;
+    let mut blocked_by: Option<Arc<str>> = None;
     let mut tried_reservation = false;
     let mut waiting_keys: Vec<(usize, Key)> = Vec::new();
     let mut usage = team_usage(snapshot);
@@ -304,17 +307,15 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
         if let Some(reason) = over_limit(&team_quotas, &usage, job) {
             plan.waiting.push(Waiting {
                 job_id: job.id,
-                reason,
+                reason: reason.into(),
             });
             waiting_keys.push((qi, key));
             continue;
         }
-        if let Some(head) = blocked_by {
+        if let Some(reason) = &blocked_by {
             plan.waiting.push(Waiting {
                 job_id: job.id,
-                reason: format!(
-                    "behind job {head}: under strict FIFO no job passes the first one waiting"
-                ),
+                reason: reason.clone(),
             });
             waiting_keys.push((qi, key));
             continue;
@@ -369,7 +370,10 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
                     ));
                 }
                 if policy.strict {
-                    blocked_by = Some(job.id);
+                    blocked_by = Some(Arc::from(format!(
+                        "behind job {}: under strict FIFO no job passes the first one waiting",
+                        job.id
+                    )));
                 } else if policy.backfill && !tried_reservation {
                     tried_reservation = true;
                     reservation =
@@ -378,6 +382,7 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
                         reason.push_str("; capacity is held for it as running jobs end");
                     }
                 }
+                let reason: Arc<str> = reason.into();
                 failed.insert(cache_key, reason.clone());
                 plan.waiting.push(Waiting {
                     job_id: job.id,
@@ -578,7 +583,7 @@ fn reclaim<'a>(
     }
     for w in plan.waiting.iter_mut() {
         if let Some(r) = reasons.remove(&w.job_id) {
-            w.reason = r;
+            w.reason = r.into();
         }
     }
 }
@@ -679,7 +684,7 @@ fn preempt(
     }
     for w in plan.waiting.iter_mut() {
         if let Some(r) = reasons.remove(&w.job_id) {
-            w.reason = r;
+            w.reason = r.into();
         }
     }
 }

@@ -77,8 +77,8 @@ pub async fn run_cycle(shared: &Shared, periodic: bool) {
         let mut state = shared.state.lock().expect("state lock");
         for w in &plan.waiting {
             if let Some(j) = state.jobs.get_mut(&w.job_id) {
-                if j.state == JobState::Queued {
-                    j.reason = Some(w.reason.clone());
+                if j.state == JobState::Queued && j.reason.as_deref() != Some(&*w.reason) {
+                    j.reason = Some(w.reason.to_string());
                 }
             }
         }
