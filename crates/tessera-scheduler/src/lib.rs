@@ -635,7 +635,9 @@ fn preempt(
         // A victim comes later in the order; unless it is of a lower
         // priority class, it must also keep its progress when stopped.
         let eligible = |k: &Key, i: usize| {
-            !used[i] && k > key && (k.class() > key.class() || snapshot.running[i].job.resumable)
+            !used[i]
+                && k.ranks_after(key)
+                && (k.class() > key.class() || snapshot.running[i].job.resumable)
         };
         let pool: Vec<usize> = victims
             .iter()
@@ -644,7 +646,7 @@ fn preempt(
             .collect();
         if pool.is_empty() {
             // Victims only get better-ordered from here on.
-            if victims.iter().all(|(k, i)| used[*i] || k <= key) {
+            if victims.iter().all(|(k, i)| used[*i] || !k.ranks_after(key)) {
                 break;
             }
             continue;

@@ -26,6 +26,13 @@ impl Key {
     pub fn class(&self) -> i64 {
         self.class
     }
+
+    /// Whether this job ranks strictly after `other` on what the policy
+    /// orders by (priority class, then the policy's criterion), ignoring
+    /// the submit-time tie-break: a tie-break is no reason to preempt.
+    pub fn ranks_after(&self, other: &Key) -> bool {
+        (self.class, self.primary) > (other.class, other.primary)
+    }
 }
 
 pub struct Orderer<'a> {

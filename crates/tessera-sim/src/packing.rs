@@ -158,7 +158,8 @@ pub fn pack(
         snap.queue.clear();
         snap.queue.push(p);
         let t0 = Instant::now();
-        let plan = schedule(&snap, pod.submit_ms);
+        let mut plan = schedule(&snap, pod.submit_ms);
+        drop(std::mem::take(&mut plan.waiting));
         sched_time += t0.elapsed();
         arrived += pod.gpu_milli();
         if let Some(pl) = plan.placements.into_iter().next() {
