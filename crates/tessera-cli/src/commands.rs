@@ -522,6 +522,35 @@ pub async fn team_create(g: &Globals, name: &str, weight: f64, quota: &[String])
     Ok(())
 }
 
+/// `gpu 4/8, memory 64Gi/-` for the resources a quota names.
+pub fn quota_cell(q: &tessera_core::auth::TeamQuota) -> String {
+    use tessera_core::quantity::{format_cpu, format_memory};
+    let show = |v: u64, f: &dyn Fn(u64) -> String| {
+        if v == u64::MAX {
+            "-".to_string()
+        } else {
+            f(v)
+        }
+    };
+    let (g, l) = (q.guaranteed, q.limit);
+    let mut parts = Vec::new();
+    for (name, gv, lv, f) in [
+        (
+            "cpu",
+            g.cpu_milli,
+            l.cpu_milli,
+            &format_cpu as &dyn Fn(u64) -> String,
+        ),
+        ("memory", g.memory_bytes, l.memory_bytes, &format_memory),
+        ("gpu", g.gpu_milli, l.gpu_milli, &format_cpu),
+    ] {
+        if gv > 0 || lv != u64::MAX {
+            parts.push(format!("{name} {}/{}", show(gv, f), show(lv, f)));
+        }
+    }
+    parts.join(", ")
+}
+
 pub async fn team_list(g: &Globals) -> Result<()> {
     let client = g.client()?;
     let body: Value = client.get("/v1/teams", &[]).await?;
@@ -532,11 +561,13 @@ pub async fn team_list(g: &Globals) -> Result<()> {
     let teams: Vec<Team> =
         serde_json::from_value(list).context("unexpected team list from the server")?;
     let now = now_ms();
-    let mut t = Table::new(&["NAME", "WEIGHT", "AGE"]);
+    let mut t = Table::new(&["NAME", "WEIGHT", "QUOTA (GUARANTEED/LIMIT)", "AGE"]);
     for team in teams {
         t.row(vec![
             team.name,
             team.weight.to_string(),
+            team.quota
+                .map_or_else(|| "-".to_string(), |q| quota_cell(&q)),
             format_age(now, team.created_at),
         ]);
     }
