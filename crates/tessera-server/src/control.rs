@@ -57,6 +57,7 @@ pub async fn run_cycle(shared: &Shared, periodic: bool) {
         let mut state = shared.state.lock().expect("state lock");
         if state.queued.is_empty()
             || (!periodic && state.fresh.is_empty() && !state.capacity_changed)
+            || (!periodic && !state.capacity_changed && !state.fresh_can_matter())
         {
             state.fresh.clear();
             return;

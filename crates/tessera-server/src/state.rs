@@ -282,6 +282,44 @@ impl ClusterState {
             .sum()
     }
 
+    /// Whether a pass could do anything for the jobs queued since the last
+    /// one, when no capacity has been freed since: one of them fits some
+    /// node's free capacity now, or outranks a running job by priority (and
+    /// so might preempt it). If not, a pass would place and preempt nothing
+    /// new — the jobs that waited before still cannot fit — and the
+    /// periodic pass gives the new jobs their reasons.
+    pub fn fresh_can_matter(&self) -> bool {
+        let views = self.node_views();
+        let lowest_running = self
+            .active
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .map(|j| j.spec.priority)
+            .min();
+        self.fresh
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .any(|j| {
+                let r = &j.spec.resources;
+                lowest_running.is_some_and(|p| j.spec.priority > p)
+                    || views.iter().any(|n| {
+                        n.schedulable
+                            && n.free_cpu_milli >= r.cpu_milli
+                            && n.free_memory_bytes >= r.memory_bytes
+                            && (r.gpu == 0
+                                || n.gpus
+                                    .iter()
+                                    .filter(|g| g.healthy && g.free_milli == 1000)
+                                    .count() as u32
+                                    >= r.gpu)
+                            && (r.gpu_milli == 0
+                                || n.gpus
+                                    .iter()
+                                    .any(|g| g.healthy && g.free_milli >= r.gpu_milli))
+                    })
+            })
+    }
+
     pub fn max_job_id(&self) -> JobId {
         self.jobs.keys().next_back().copied().unwrap_or(0)
     }
