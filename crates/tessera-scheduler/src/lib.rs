@@ -401,6 +401,7 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
             &mut cluster,
             &orderer,
             &waiting_keys,
+            &usage,
             &mut used,
             &mut plan,
         );
@@ -602,16 +603,46 @@ fn bound(job: &PendingJob, policy: &Policy) -> Option<u64> {
 /// Chooses victims for waiting jobs, best-ordered waiting job first. A
 /// victim must come later in the order than the job it makes room for, be
 /// preemptible and have run long enough; each is used once.
+#[allow(clippy::too_many_arguments)]
 fn preempt(
     snapshot: &Snapshot,
     now: u64,
     cluster: &mut Cluster,
     orderer: &Orderer,
     waiting: &[(usize, Key)],
+    usage: &HashMap<&str, [u64; 3]>,
     used: &mut [bool],
     plan: &mut Plan,
 ) {
     let policy = &snapshot.policy;
+    // Under fair share, a job may take room from another team only while its
+    // own team, room included, stays below that team's weighted dominant
+    // share; otherwise the next pass would hand the room straight back.
+    let mut total = [0u64; 3];
+    for n in snapshot.nodes.iter().filter(|n| n.schedulable) {
+        total[0] += n.cpu_milli;
+        total[1] += n.memory_bytes;
+        total[2] += n.gpus.iter().filter(|g| g.healthy).count() as u64 * 1000;
+    }
+    let weight = |team: &str| {
+        snapshot
+            .teams
+            .iter()
+            .find(|t| t.name == team)
+            .map(|t| t.weight)
+            .unwrap_or(1.0)
+            .max(1e-9)
+    };
+    let share = |team: &str, extra: [u64; 3]| {
+        let u = usage.get(team).copied().unwrap_or([0; 3]);
+        let mut s: f64 = 0.0;
+        for r in 0..3 {
+            if total[r] > 0 {
+                s = s.max((u[r] + extra[r]) as f64 / total[r] as f64);
+            }
+        }
+        s / weight(team)
+    };
     let mut victims: Vec<(Key, usize)> = snapshot
         .running
         .iter()
@@ -626,18 +657,26 @@ fn preempt(
     let mut reasons: HashMap<JobId, String> = HashMap::default();
     // A shape that could not make room cannot for a later job either: later
     // jobs are worse-ordered, so fewer running jobs may yield to them.
-    let mut no_room: std::collections::HashSet<Shape> = Default::default();
+    let mut no_room: std::collections::HashSet<(Shape, &str)> = Default::default();
     for (qi, key) in waiting {
         let job = &snapshot.queue[*qi];
-        if no_room.contains(&Shape::of(job)) {
+        if no_room.contains(&(Shape::of(job), job.team.as_str())) {
             continue;
         }
+        let mine_after = share(&job.team, job_amounts(job));
         // A victim comes later in the order; unless it is of a lower
-        // priority class, it must also keep its progress when stopped.
+        // priority class, it must also keep its progress when stopped, and
+        // under fair share belong to this team or to a team that would
+        // still hold more than this one.
         let eligible = |k: &Key, i: usize| {
+            let v = &snapshot.running[i].job;
             !used[i]
                 && k.ranks_after(key)
-                && (k.class() > key.class() || snapshot.running[i].job.resumable)
+                && (k.class() > key.class()
+                    || (v.resumable
+                        && (!policy.fair_share
+                            || v.team == job.team
+                            || mine_after < share(&v.team, [0; 3]))))
         };
         let pool: Vec<usize> = victims
             .iter()
@@ -654,7 +693,7 @@ fn preempt(
         let demand = Demand::of(job);
         let made = cluster.make_room(&demand, &pool, &snapshot.running);
         if made.is_none() {
-            no_room.insert(Shape::of(job));
+            no_room.insert((Shape::of(job), job.team.as_str()));
         }
         if let Some(chosen) = made {
             let names: Vec<String> = chosen

@@ -66,6 +66,11 @@ pub struct EventRun {
     pub changing_confirmations: u64,
     /// The largest queue a pass saw.
     pub max_queue: usize,
+    /// Preempted jobs started again at the very time they were stopped.
+    pub restarted_at_once: u64,
+    /// Preemptions whose beneficiary had not started by the end of that
+    /// event time (room made for nothing, at least for now).
+    pub preemptions_without_start: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +82,7 @@ struct JobState {
     first_start: Option<u64>,
     attained_ms: u64,
     preemptions: u32,
+    preempted_at: Option<u64>,
 }
 
 /// The mutable world: the snapshot the scheduler reads, kept current.
@@ -90,6 +96,9 @@ struct World<'a> {
     slot_of: Vec<HashMap<u32, usize>>,
     outcomes: Vec<Outcome>,
     preemptions: u64,
+    restarted_at_once: u64,
+    /// Jobs that preemptions at the current event time made room for.
+    beneficiaries: Vec<JobId>,
 }
 
 impl<'a> World<'a> {
@@ -205,6 +214,9 @@ impl<'a> World<'a> {
         let id = job.id as usize;
         let remaining = self.jobs[id].run_ms().saturating_sub(job.attained_ms);
         let s = &mut self.st[id];
+        if s.preempted_at == Some(now) {
+            self.restarted_at_once += 1;
+        }
         s.started_at = now;
         s.first_start.get_or_insert(now);
         s.running_pos = self.snap.running.len();
@@ -259,6 +271,7 @@ impl<'a> World<'a> {
         let s = &mut self.st[id as usize];
         s.attained_ms = job.attained_ms;
         s.preemptions += 1;
+        s.preempted_at = Some(now);
         self.preemptions += 1;
         self.enqueue(job);
         Ok(())
@@ -299,6 +312,7 @@ impl<'a> World<'a> {
         }
         for p in plan.preemptions {
             self.preempt(p.job_id, now)?;
+            self.beneficiaries.push(p.for_job);
         }
         Ok(changed)
     }
@@ -372,6 +386,7 @@ pub fn simulate_with(
                 first_start: None,
                 attained_ms: 0,
                 preemptions: 0,
+                preempted_at: None,
             };
             jobs.len()
         ],
@@ -388,6 +403,8 @@ pub fn simulate_with(
             .collect(),
         outcomes: Vec::with_capacity(jobs.len()),
         preemptions: 0,
+        restarted_at_once: 0,
+        beneficiaries: Vec::new(),
     };
     let mut next = 0usize;
     let mut calls = 0u64;
@@ -395,6 +412,7 @@ pub fn simulate_with(
     let mut cap_hits = 0u64;
     let mut max_queue = 0usize;
     let mut changing_confirmations = 0u64;
+    let mut preemptions_without_start = 0u64;
     let fixpoint = placements_reach_fixpoint(&w.snap.policy);
     loop {
         // Skip ends of attempts that were preempted.
@@ -454,6 +472,12 @@ pub fn simulate_with(
                 break;
             }
         }
+        for b in std::mem::take(&mut w.beneficiaries) {
+            let s = &w.st[b as usize];
+            if s.running_pos == NOT_RUNNING || s.started_at != now {
+                preemptions_without_start += 1;
+            }
+        }
     }
     let unfinished = w.snap.queue.len();
     let mut outcomes = w.outcomes;
@@ -463,6 +487,8 @@ pub fn simulate_with(
         outcomes,
         unfinished,
         preemptions: w.preemptions,
+        restarted_at_once: w.restarted_at_once,
+        preemptions_without_start,
         schedule_calls: calls,
         schedule_time: sched_time,
         pass_cap_hits: cap_hits,

@@ -62,6 +62,11 @@ pub struct EventReport {
     /// Jobs preempted at least once, and the most times one job was.
     pub preempted_jobs: usize,
     pub max_preemptions_per_job: u32,
+    /// Preempted jobs started again at the very time they were stopped,
+    /// and preemptions whose beneficiary had not started by the end of
+    /// that event time: both are work stopped for nothing.
+    pub restarted_at_once: u64,
+    pub preemptions_without_start: u64,
     pub slowdown_by_gpus: BTreeMap<String, Bucket>,
     pub teams: BTreeMap<String, TeamStats>,
     pub jain_fairness: f64,
@@ -247,6 +252,8 @@ pub fn event_report(
             .map(|o| o.preemptions)
             .max()
             .unwrap_or(0),
+        restarted_at_once: run.restarted_at_once,
+        preemptions_without_start: run.preemptions_without_start,
         slowdown_by_gpus: buckets
             .into_iter()
             .map(|(k, (n, sum))| {

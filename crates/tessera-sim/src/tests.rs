@@ -323,6 +323,11 @@ fn preempted_jobs_run_exactly_their_duration() {
     let nodes = uniform_nodes(1, 1);
     let run = simulate(&jobs, &nodes, Policy::named("srtf-oracle").unwrap()).unwrap();
     assert_eq!(run.preemptions, 1);
+    // The room was used by the job it was made for, and the victim waited.
+    assert_eq!(
+        (run.restarted_at_once, run.preemptions_without_start),
+        (0, 0)
+    );
     let a = &run.outcomes[0];
     assert_eq!(
         (a.first_start_ms, a.last_start_ms, a.finish_ms),
