@@ -10,6 +10,14 @@ struct Harness {
     events: mpsc::UnboundedReceiver<FromAgent>,
 }
 
+impl Drop for Harness {
+    /// A test that fails midway must not leave its replicas running:
+    /// stop them the way a restarted agent would.
+    fn drop(&mut self) {
+        reap_orphans(&self.home, &Cgroups::disabled("test"));
+    }
+}
+
 fn harness(cgroups: bool) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().to_path_buf();
