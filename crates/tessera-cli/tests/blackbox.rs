@@ -144,6 +144,19 @@ impl Up {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// One team as `tessera team list -o json` shows it.
+    fn team(&self, name: &str) -> Value {
+        let teams: Value =
+            serde_json::from_str(&self.cli_ok(&["team", "list", "-o", "json"])).unwrap();
+        teams
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("no team {name} in {teams}"))
+            .clone()
+    }
+
     fn http(&self) -> Http {
         Http {
             url: self.url.clone(),
@@ -853,14 +866,7 @@ fn policy_prices_and_team_quotas_from_the_cli() {
         "--quota",
         "memory=64Gi",
     ]);
-    let teams: Value = serde_json::from_str(&up.cli_ok(&["team", "list", "-o", "json"])).unwrap();
-    let ads = teams
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "ads")
-        .unwrap()
-        .clone();
+    let ads = up.team("ads");
     assert_eq!(ads["quota"]["guaranteed"]["gpu_milli"], 4000);
     assert_eq!(ads["quota"]["limit"]["gpu_milli"], 8000);
     assert_eq!(ads["quota"]["guaranteed"]["memory_bytes"], 64u64 << 30);
@@ -868,14 +874,7 @@ fn policy_prices_and_team_quotas_from_the_cli() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("quota.gpu.limit"));
     up.cli_ok(&["team", "set", "ads", "--quota", "none", "--weight", "3"]);
-    let teams: Value = serde_json::from_str(&up.cli_ok(&["team", "list", "-o", "json"])).unwrap();
-    let ads = teams
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "ads")
-        .unwrap()
-        .clone();
+    let ads = up.team("ads");
     assert!(ads["quota"].is_null(), "{ads}");
     assert_eq!(ads["weight"], 3.0);
 }

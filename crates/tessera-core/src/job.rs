@@ -168,6 +168,12 @@ impl Job {
         &self.spec.team
     }
 
+    /// How long the current attempt has held its placement at `now` (from
+    /// its start, or from its placement while it has not started), in ms.
+    pub fn run_ms(&self, now: u64) -> u64 {
+        now.saturating_sub(self.started_at.or(self.scheduled_at).unwrap_or(now))
+    }
+
     /// Nodes the current attempt runs on, comma-separated, for tables.
     pub fn nodes_summary(&self) -> String {
         let mut nodes: Vec<&str> = self.placement.iter().map(|p| p.node.as_str()).collect();

@@ -320,12 +320,7 @@ pub fn finish(
                 j.failures += 1;
                 (j.failures, j.spec.retries.on_failure, "failure")
             };
-            j.attained_ms += now.saturating_sub(j.started_at.or(j.scheduled_at).unwrap_or(now));
-            j.cost += cost;
-            j.state = JobState::Queued;
-            j.placement.clear();
-            j.replicas.clear();
-            j.preempting = None;
+            back_to_queue(j, now, cost);
             j.exit_code = exit_code;
             j.reason = Some(format!("requeued after {what}: {reason}"));
             Some(Event::new(
@@ -361,6 +356,20 @@ pub fn finish(
     shared.wake.notify_one();
 }
 
+/// Ends a job's current attempt and puts it back in the queue, keeping its
+/// place (submit time): the attempt's run time counts as attained service
+/// and its cost is added. Returns the attempt's run time.
+fn back_to_queue(j: &mut Job, now: u64, cost: f64) -> u64 {
+    let ran = j.run_ms(now);
+    j.attained_ms += ran;
+    j.cost += cost;
+    j.state = JobState::Queued;
+    j.placement.clear();
+    j.replicas.clear();
+    j.preempting = None;
+    ran
+}
+
 /// Sends a preempted job back to the queue, keeping its place (submit time)
 /// and counting the run time it loses; retries are not used up.
 fn requeue_preempted(
@@ -373,15 +382,9 @@ fn requeue_preempted(
 ) {
     let cost = state.attempt_cost(id, now);
     state.update_job(id, writes, |j| {
-        let ran = now.saturating_sub(j.started_at.or(j.scheduled_at).unwrap_or(now));
-        j.cost += cost;
-        j.state = JobState::Queued;
+        let ran = back_to_queue(j, now, cost);
         j.preemptions += 1;
-        j.attained_ms += ran;
         j.preempted_ms += ran;
-        j.placement.clear();
-        j.replicas.clear();
-        j.preempting = None;
         j.exit_code = None;
         j.reason = Some(format!("requeued after preemption: {why}"));
         Some(Event::new(

@@ -267,10 +267,7 @@ impl ClusterState {
         let Some(j) = self.jobs.get(&id) else {
             return 0.0;
         };
-        let Some(start) = j.started_at.or(j.scheduled_at) else {
-            return 0.0;
-        };
-        let ms = now.saturating_sub(start);
+        let ms = j.run_ms(now);
         let r = &j.spec.resources;
         j.placement
             .iter()
