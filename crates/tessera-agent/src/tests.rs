@@ -56,11 +56,19 @@ fn start(job: u64, argv: &[&str]) -> StartReplica {
 }
 
 impl Harness {
+    /// The next event other than a heartbeat: heartbeats tick on their own
+    /// clock (the first one right after registering), so tests that expect
+    /// a sequence of replica events must not race them.
     async fn next(&mut self) -> FromAgent {
-        tokio::time::timeout(Duration::from_secs(20), self.events.recv())
-            .await
-            .expect("agent event in time")
-            .expect("agent alive")
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(20), self.events.recv())
+                .await
+                .expect("agent event in time")
+                .expect("agent alive");
+            if !matches!(event, FromAgent::Heartbeat { .. }) {
+                return event;
+            }
+        }
     }
 
     /// Waits for the exit of `job`, skipping other events.
