@@ -64,11 +64,14 @@ pub struct JobSpec {
     pub name: Option<String>,
     /// Owning team; defaults to the caller's team.
     pub team: Option<String>,
-    /// The program and its arguments (argv). Give `command` or `script`.
+    /// The program and its arguments (argv). Give `command` or `script`
+    /// (with an `image`, neither: the image's own entrypoint and command run).
     pub command: Option<Vec<String>>,
     /// A shell script run by `/bin/sh -c`. Give `command` or `script`.
     pub script: Option<String>,
-    /// Container image. Recorded; run as a container once the node has a container executor.
+    /// Container image (e.g. `python:3.12-slim`): each replica runs in a
+    /// Docker container of it; `command` or `script`, when given, replace
+    /// the image's entrypoint. The image must be on the node or pullable.
     pub image: Option<String>,
     /// Extra environment variables.
     #[serde(default)]
@@ -175,9 +178,12 @@ pub const MAX_RETRIES: u32 = 100;
 pub struct JobTemplate {
     pub name: String,
     pub team: String,
-    /// The argv to run (a `script` becomes `["/bin/sh", "-c", script]`).
+    /// The argv to run (a `script` becomes `["/bin/sh", "-c", script]`);
+    /// empty only with an `image`, whose own entrypoint and command run.
     pub argv: Vec<String>,
     pub script: Option<String>,
+    /// Container image the replicas run in; none: they run as processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     pub env: BTreeMap<String, String>,
     pub workdir: Option<String>,
@@ -292,8 +298,9 @@ impl JobSpec {
                 validate_name("name", n)?;
                 n.clone()
             }
-            None => match (&self.command, &self.script) {
-                (Some(argv), _) if !argv.is_empty() => default_name(&argv[0]),
+            None => match (&self.command, &self.script, &self.image) {
+                (Some(argv), _, _) if !argv.is_empty() => default_name(&argv[0]),
+                (None, None, Some(image)) => default_name(image_name(image)),
                 _ => "job".to_string(),
             },
         };
@@ -304,6 +311,9 @@ impl JobSpec {
             }
             None => default_team.to_string(),
         };
+        if let Some(image) = &self.image {
+            validate_image(image)?;
+        }
         let argv = match (&self.command, &self.script) {
             (Some(_), Some(_)) => {
                 return Err(FieldError::new(
@@ -311,10 +321,11 @@ impl JobSpec {
                     "give either `command` or `script`, not both",
                 ))
             }
+            (None, None) if self.image.is_some() => Vec::new(),
             (None, None) => {
                 return Err(FieldError::new(
                     "command",
-                    "a job needs a `command` (argv list) or a `script`",
+                    "a job needs a `command` (argv list), a `script` or an `image`",
                 ))
             }
             (Some(argv), None) => {
@@ -345,14 +356,6 @@ impl JobSpec {
                 vec!["/bin/sh".into(), "-c".into(), script.clone()]
             }
         };
-        if let Some(image) = &self.image {
-            if image.trim().is_empty() || image.contains(char::is_whitespace) {
-                return Err(FieldError::new(
-                    "image",
-                    format!("`{image}` is not an image reference"),
-                ));
-            }
-        }
         for (k, v) in &self.env {
             let field = format!("env.{k}");
             let valid = !k.is_empty()
@@ -505,6 +508,32 @@ impl JobSpec {
     }
 }
 
+/// Checks an image reference: not empty, no whitespace or control
+/// characters. Whether it exists is for the node's container engine to say.
+pub fn validate_image(image: &str) -> Result<(), FieldError> {
+    if image.is_empty() {
+        return Err(FieldError::new("image", "must not be empty"));
+    }
+    if image.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        return Err(FieldError::new(
+            "image",
+            format!(
+                "`{}` is not an image reference: it contains whitespace or control characters (write e.g. `python:3.12-slim`)",
+                image.escape_debug()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The name part of an image reference: `pytorch` for
+/// `nvcr.io/nvidia/pytorch:24.01-py3` or `pytorch@sha256:…`.
+fn image_name(image: &str) -> &str {
+    let without_digest = image.split('@').next().unwrap_or(image);
+    let last = without_digest.rsplit('/').next().unwrap_or(without_digest);
+    last.split(':').next().unwrap_or(last)
+}
+
 /// A job name derived from the program: `python3` for `/usr/bin/python3`.
 fn default_name(program: &str) -> String {
     let base = program.rsplit('/').next().unwrap_or(program);
@@ -628,12 +657,55 @@ retries: {on_failure: 1, on_node_loss: 2}
             ("command: [x]\nretries: -1", "retries"),
             ("command: [x]\nscript: y", "command"),
             ("command: [x]\nreplicas: many", "replicas"),
+            ("command: [x]\nimage: ''", "image"),
+            ("command: [x]\nimage: 'python 3'", "image"),
+            ("command: [x]\nimage: \"py\\tthon\"", "image"),
+            ("command: [x]\nimage: [python]", "image"),
+            ("env: {A: b}", "command"),
         ];
         for (y, field) in cases {
             let e = parse_err(y);
             assert_eq!(e.field, field, "spec {y:?} gave {e:?}");
             assert!(!e.message.is_empty());
         }
+    }
+
+    #[test]
+    fn image_makes_the_command_optional() {
+        let t = parse_ok("image: nvcr.io/nvidia/pytorch:24.01-py3\n");
+        assert_eq!(t.image.as_deref(), Some("nvcr.io/nvidia/pytorch:24.01-py3"));
+        assert!(t.argv.is_empty(), "the image's entrypoint runs");
+        assert_eq!(t.name, "pytorch");
+        assert_eq!(parse_ok("image: 'py@sha256:abc'").name, "py");
+        assert_eq!(parse_ok("image: localhost:5000/app").name, "app");
+        let t = parse_ok("image: python:3.12\ncommand: [python3, -c, 'print(1)']");
+        assert_eq!(t.argv, ["python3", "-c", "print(1)"]);
+        assert_eq!(t.name, "python3");
+        let t = parse_ok("image: alpine\nscript: echo hi");
+        assert_eq!(t.argv, ["/bin/sh", "-c", "echo hi"]);
+        let e = parse_err("image: 'python 3'");
+        assert_eq!(e.field, "image");
+        assert!(e.message.contains("whitespace"), "{}", e.message);
+        let e = parse_err("image: ''\ncommand: [x]");
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("image", "must not be empty")
+        );
+        // Without an image, a command or a script is still required.
+        let e = parse_err("name: x");
+        assert!(e.message.contains("`image`"), "{}", e.message);
+    }
+
+    #[test]
+    fn templates_without_an_image_load_and_omit_it() {
+        let t = parse_ok("command: [x]");
+        let json = serde_json::to_value(&t).unwrap();
+        assert!(json.get("image").is_none(), "{json}");
+        let back: JobTemplate = serde_json::from_value(json).unwrap();
+        assert_eq!(back, t);
+        let t = parse_ok("image: alpine");
+        let back: JobTemplate = serde_json::from_value(serde_json::to_value(&t).unwrap()).unwrap();
+        assert_eq!(back.image.as_deref(), Some("alpine"));
     }
 
     #[test]
