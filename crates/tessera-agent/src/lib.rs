@@ -14,6 +14,7 @@
 //!   replicas, so a restarted agent can find what an earlier one left behind.
 
 pub mod cgroup;
+pub mod container;
 pub mod gpu;
 
 use std::collections::{BTreeMap, HashMap};
@@ -185,7 +186,8 @@ fn parse_key(name: &str) -> Option<ReplicaKey> {
 /// (children that left the group too), and its cgroup. Returns the keys.
 pub fn reap_orphans(home: &Path, cgroups: &Cgroups) -> Vec<ReplicaKey> {
     let dir = running_dir(home);
-    let mut reaped = Vec::new();
+    // Containers carry their replica in labels and need no record.
+    let mut reaped = container::reap(home);
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return reaped;
     };
@@ -383,6 +385,9 @@ async fn run_replica(
     start: StartReplica,
     stop_rx: oneshot::Receiver<(u64, String)>,
 ) {
+    if start.image.is_some() {
+        return container::run(ctx, start, stop_rx).await;
+    }
     let key = start.key;
     let exited = |code, signal, cause| FromAgent::Exited {
         key,

@@ -52,6 +52,7 @@ fn start(job: u64, argv: &[&str]) -> StartReplica {
         cpu_milli: 1000,
         memory_bytes: 256 << 20,
         max_runtime_ms: None,
+        image: None,
     }
 }
 

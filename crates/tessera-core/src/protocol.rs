@@ -35,6 +35,9 @@ pub struct StartReplica {
     pub cpu_milli: u64,
     pub memory_bytes: u64,
     pub max_runtime_ms: Option<u64>,
+    /// Run the replica in a container of this image instead of as a process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

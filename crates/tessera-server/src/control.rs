@@ -286,6 +286,7 @@ fn start_message(job: &Job, p: &ReplicaPlacement) -> StartReplica {
         cpu_milli: job.spec.resources.cpu_milli,
         memory_bytes: job.spec.resources.memory_bytes,
         max_runtime_ms: job.spec.max_runtime_ms,
+        image: job.spec.image.clone(),
     }
 }
 
