@@ -16,6 +16,7 @@
 pub mod cgroup;
 pub mod container;
 pub mod gpu;
+pub mod remote;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -50,6 +51,12 @@ pub struct AgentConfig {
     pub gpu_xml: Option<PathBuf>,
     /// Enforce limits with cgroups where possible.
     pub cgroups: bool,
+    /// How often to say it is alive.
+    pub heartbeat: Duration,
+    /// Give every replica a watchdog that stops it once the lease in
+    /// [`lease_path`] has run out — so work stops on time even if this
+    /// agent process has died (a remote agent; see [`remote`]).
+    pub watchdog: bool,
 }
 
 impl AgentConfig {
@@ -63,6 +70,8 @@ impl AgentConfig {
             memory_bytes: None,
             gpu_xml: None,
             cgroups: true,
+            heartbeat: HEARTBEAT,
+            watchdog: false,
         }
     }
 }
@@ -82,7 +91,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|s| s.trim().to_string())
@@ -140,6 +149,10 @@ pub fn inventory(config: &AgentConfig, cgroups: &Cgroups) -> Inventory {
 fn proc_start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 2..];
+    // A zombie has ended; only its parent's `wait` is missing.
+    if after.starts_with('Z') || after.starts_with('X') {
+        return None;
+    }
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
@@ -172,6 +185,9 @@ fn replica_of_process(pid: u32) -> Option<ReplicaKey> {
 fn parse_key(name: &str) -> Option<ReplicaKey> {
     let mut parts = name.split('.').map(|p| p.parse::<u64>().ok());
     let (job_id, attempt, replica) = (parts.next()??, parts.next()??, parts.next()??);
+    if parts.next().is_some() {
+        return None;
+    }
     Some(ReplicaKey {
         job_id,
         attempt: u32::try_from(attempt).ok()?,
@@ -316,12 +332,96 @@ impl Agent {
         reap_orphans(&self.config.home, &self.cgroups)
     }
 
+    /// Takes over the replicas an earlier agent on the same home left
+    /// running (a remote agent that crashed or was restarted): each live one
+    /// is watched to its end, can be stopped, and keeps its `max_runtime`
+    /// deadline; each that ended while no agent watched is reported with the
+    /// exit status its wrapper recorded ([`ExitCause::Unknown`] when none
+    /// was). Returns the replicas still running. Call before [`Agent::run`].
+    pub fn adopt_orphans(&mut self) -> Vec<ReplicaKey> {
+        let dir = running_dir(&self.config.home);
+        let mut running = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return running;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let Some(key) = parse_key(&name) else {
+                continue;
+            };
+            let body = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let mut parts = body.split_whitespace();
+            let pid = parts.next().and_then(|p| p.parse::<u32>().ok());
+            let start = parts.next().and_then(|p| p.parse::<u64>().ok());
+            let deadline = parts.nth(1).and_then(|p| p.parse::<u64>().ok());
+            let alive =
+                matches!((pid, start), (Some(pid), Some(st)) if proc_start_time(pid) == Some(st));
+            if let (true, Some(pid), Some(start)) = (alive, pid, start) {
+                info!(replica = %key, pid, "adopting a replica an earlier agent started");
+                let (stop_tx, stop_rx) = oneshot::channel();
+                self.stops.insert(key, stop_tx);
+                let ctx = ReplicaCtx {
+                    watchdog: self.config.watchdog,
+                    home: self.config.home.clone(),
+                    grace: self.config.kill_grace,
+                    cgroups: self.cgroups.clone(),
+                    events: self.events.clone(),
+                };
+                let done = self.done_tx.clone();
+                tokio::spawn(async move {
+                    watch_adopted(ctx, key, pid, start, deadline, stop_rx).await;
+                    let _ = done.send(key);
+                });
+                running.push(key);
+            } else {
+                let (code, signal, cause) = recorded_exit(&self.config.home, key);
+                info!(replica = %key, ?code, "a replica ended while no agent watched it");
+                self.cgroups.kill_all(&key.to_string());
+                self.cgroups.remove(&key.to_string());
+                let _ = std::fs::remove_file(entry.path());
+                let _ = std::fs::remove_file(status_path(&self.config.home, key));
+                let _ = self.events.send(FromAgent::Exited {
+                    key,
+                    code,
+                    signal,
+                    cause,
+                    at: now_ms(),
+                });
+            }
+        }
+        // Containers of this home, running or ended while no agent watched.
+        for (key, id) in container::running_containers_blocking(&self.config.home) {
+            if self.stops.contains_key(&key) {
+                continue;
+            }
+            info!(replica = %key, container = %id, "adopting a container an earlier agent started");
+            let (stop_tx, stop_rx) = oneshot::channel();
+            self.stops.insert(key, stop_tx);
+            let (home, grace) = (self.config.home.clone(), self.config.kill_grace);
+            let (events, done) = (self.events.clone(), self.done_tx.clone());
+            tokio::spawn(async move {
+                container::adopt(home, grace, key, id, stop_rx, events).await;
+                let _ = done.send(key);
+            });
+            running.push(key);
+        }
+        running.sort();
+        running
+    }
+
+    /// The replicas this agent runs now (started or adopted, not yet ended).
+    pub fn running(&self) -> Vec<ReplicaKey> {
+        let mut keys: Vec<ReplicaKey> = self.stops.keys().copied().collect();
+        keys.sort();
+        keys
+    }
+
     /// Registers, then serves commands until the command channel closes.
     pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<ToAgent>) {
         let inventory = self.inventory();
         let node = inventory.name.clone();
         let _ = self.events.send(FromAgent::Register(inventory));
-        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        let mut heartbeat = tokio::time::interval(self.config.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -337,6 +437,12 @@ impl Agent {
                             debug!(%key, "stop for a replica that is not running");
                         }
                     }
+                    Some(ToAgent::StopAll { grace_ms, reason }) => {
+                        for (_, stop) in self.stops.drain() {
+                            let _ = stop.send((grace_ms, reason.clone()));
+                        }
+                    }
+                    Some(ToAgent::Welcome { .. }) => {}
                     None => break,
                 },
                 Some(key) = self.done_rx.recv() => {
@@ -358,6 +464,7 @@ impl Agent {
         let (stop_tx, stop_rx) = oneshot::channel();
         self.stops.insert(key, stop_tx);
         let ctx = ReplicaCtx {
+            watchdog: self.config.watchdog,
             home: self.config.home.clone(),
             grace: self.config.kill_grace,
             cgroups: self.cgroups.clone(),
@@ -372,13 +479,54 @@ impl Agent {
 }
 
 struct ReplicaCtx {
+    watchdog: bool,
     home: PathBuf,
     grace: Duration,
     cgroups: Cgroups,
     events: mpsc::UnboundedSender<FromAgent>,
 }
 
-const CGROUP_WRAPPER: &str = "IFS=:; for p in $TESSERA_CGROUP_PROCS; do echo $$ > \"$p\" || exit 125; done; unset IFS TESSERA_CGROUP_PROCS; exec \"$@\"";
+/// Every replica runs under this small `sh` wrapper, the leader of the
+/// replica's process group. It joins the replica's cgroups (when there are
+/// any), runs the program in the foreground and writes its exit status to
+/// the status file, so that an agent restarted while the replica ran can
+/// still learn how it ended. It survives SIGTERM (a handler, not an ignore,
+/// so the program keeps the default disposition) and waits for the program
+/// to finish its own shutdown; when the program died of a signal, the
+/// wrapper re-raises it, so the agent sees what the program saw.
+const REPLICA_WRAPPER: &str = r#"s=$TESSERA_STATUS_FILE
+if [ -n "$TESSERA_CGROUP_PROCS" ]; then IFS=:; for p in $TESSERA_CGROUP_PROCS; do echo $$ > "$p" || exit 125; done; unset IFS; fi
+w=
+if [ -n "$TESSERA_LEASE_FILE" ]; then
+  lf=$TESSERA_LEASE_FILE; lg=$TESSERA_LEASE_GRACE
+  ( trap '' TERM INT HUP
+    while sleep 1; do
+      d=$(cat "$lf" 2>/dev/null)
+      [ "$(date +%s)" -le "${d:-0}" ] && continue
+      echo lease > "$s.lease"; kill -TERM 0; sleep "$lg"; kill -KILL 0; exit 0
+    done ) </dev/null >/dev/null 2>&1 &
+  w=$!
+fi
+unset TESSERA_CGROUP_PROCS TESSERA_STATUS_FILE TESSERA_LEASE_FILE TESSERA_LEASE_GRACE
+trap : TERM INT HUP
+"$@"
+c=$?
+[ -n "$w" ] && kill -KILL $w 2>/dev/null
+echo $c > "$s"
+trap - TERM INT HUP
+if [ $c -gt 128 ] && [ $c -lt 160 ]; then kill -$((c - 128)) $$; fi
+exit $c"#;
+
+/// The lease file of a remote agent: the Unix second until which the
+/// server's lease holds. Replicas' watchdogs stop them once it has passed.
+pub fn lease_path(home: &Path) -> PathBuf {
+    home.join("agent").join("lease")
+}
+
+/// Where the wrapper of `key` writes the program's exit status.
+fn status_path(home: &Path, key: ReplicaKey) -> PathBuf {
+    running_dir(home).join(format!("{key}.status"))
+}
 
 async fn run_replica(
     ctx: ReplicaCtx,
@@ -412,9 +560,7 @@ async fn run_replica(
         }
         Ok((mut child, cg_name)) => {
             let pid = child.id().unwrap_or(0);
-            if let Some(st) = proc_start_time(pid) {
-                let _ = std::fs::write(&pidfile, format!("{pid} {st}\n"));
-            }
+            write_pidfile(&ctx.home, key, pid, now_ms(), start.max_runtime_ms);
             let _ = ctx.events.send(FromAgent::Started {
                 key,
                 pid,
@@ -467,10 +613,117 @@ async fn run_replica(
                 let cg = ctx.cgroups.clone();
                 let _ = tokio::task::spawn_blocking(move || cg.remove(&name)).await;
             }
+            if lease_stopped(&ctx.home, key) {
+                cause = ExitCause::Disconnected;
+            }
             let _ = std::fs::remove_file(&pidfile);
+            let _ = std::fs::remove_file(status_path(&ctx.home, key));
+            let _ =
+                std::fs::remove_file(status_path(&ctx.home, key).with_extension("status.lease"));
             let _ = ctx.events.send(exited(code, signal, cause));
         }
     }
+}
+
+/// Records a started replica: leader pid, its start time (to tell it from a
+/// later process with the same pid), when it started and its deadline.
+fn write_pidfile(
+    home: &Path,
+    key: ReplicaKey,
+    pid: u32,
+    started_at: u64,
+    max_runtime: Option<u64>,
+) {
+    if let Some(st) = proc_start_time(pid) {
+        let deadline = max_runtime
+            .map(|m| (started_at + m).to_string())
+            .unwrap_or_else(|| "-".into());
+        let _ = std::fs::write(
+            running_dir(home).join(key.to_string()),
+            format!("{pid} {st} {started_at} {deadline}\n"),
+        );
+    }
+}
+
+/// How a replica that ended unwatched ended, from its wrapper's status file.
+fn recorded_exit(home: &Path, key: ReplicaKey) -> (Option<i32>, Option<i32>, ExitCause) {
+    if lease_stopped(home, key) {
+        return (None, Some(15), ExitCause::Disconnected);
+    }
+    let code = std::fs::read_to_string(status_path(home, key))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    match code {
+        Some(c) if c > 128 && c < 160 => (None, Some(c - 128), ExitCause::Exited),
+        Some(c) => (Some(c), None, ExitCause::Exited),
+        None => (None, None, ExitCause::Unknown),
+    }
+}
+
+/// Whether the replica's watchdog stopped it because the lease ran out.
+fn lease_stopped(home: &Path, key: ReplicaKey) -> bool {
+    status_path(home, key)
+        .with_extension("status.lease")
+        .exists()
+}
+
+/// Watches a replica this agent did not start (it cannot `wait` for it):
+/// polls its leader until it is gone, stops it on request or at its
+/// deadline, then reports how it ended.
+async fn watch_adopted(
+    ctx: ReplicaCtx,
+    key: ReplicaKey,
+    pid: u32,
+    start: u64,
+    deadline_ms: Option<u64>,
+    mut stop_rx: oneshot::Receiver<(u64, String)>,
+) {
+    let pgid = Pid::from_raw(pid as i32);
+    let alive = move || proc_start_time(pid) == Some(start);
+    let mut cause = ExitCause::Exited;
+    let mut stopping: Option<std::time::Instant> = None;
+    let mut grace = ctx.grace;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while alive() {
+        tokio::select! {
+            _ = tick.tick() => {}
+            stop = &mut stop_rx, if stopping.is_none() => {
+                if let Ok((grace_ms, reason)) = stop {
+                    debug!(%key, %reason, "stopping an adopted replica");
+                    grace = Duration::from_millis(grace_ms);
+                }
+                cause = ExitCause::Stopped;
+                let _ = killpg(pgid, Signal::SIGTERM);
+                stopping = Some(std::time::Instant::now());
+            }
+        }
+        if stopping.is_none() && deadline_ms.is_some_and(|d| now_ms() >= d) {
+            cause = ExitCause::TimedOut;
+            let _ = killpg(pgid, Signal::SIGTERM);
+            stopping = Some(std::time::Instant::now());
+        }
+        if stopping.is_some_and(|t| t.elapsed() >= grace) {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+    let _ = killpg(pgid, Signal::SIGKILL);
+    let (code, signal, recorded) = recorded_exit(&ctx.home, key);
+    if cause == ExitCause::Exited {
+        cause = recorded;
+    }
+    let name = key.to_string();
+    ctx.cgroups.kill_all(&name);
+    ctx.cgroups.remove(&name);
+    let _ = std::fs::remove_file(running_dir(&ctx.home).join(&name));
+    let _ = std::fs::remove_file(status_path(&ctx.home, key));
+    let _ = std::fs::remove_file(status_path(&ctx.home, key).with_extension("status.lease"));
+    let _ = ctx.events.send(FromAgent::Exited {
+        key,
+        code,
+        signal,
+        cause,
+        at: now_ms(),
+    });
 }
 
 /// SIGTERM to the group, then SIGKILL after `grace`.
@@ -525,21 +778,21 @@ fn spawn_replica(
         .cgroups
         .create(&cg_name, start.cpu_milli, start.memory_bytes)
         .map_err(|e| format!("cannot set up cgroup limits: {e}"))?;
-    let mut cmd = if procs.is_empty() {
-        let mut c = tokio::process::Command::new(&program);
-        c.args(&start.argv[1..]);
-        c
-    } else {
-        let mut c = tokio::process::Command::new("/bin/sh");
-        c.arg("-c")
-            .arg(CGROUP_WRAPPER)
-            .arg("tessera-replica")
-            .arg(&program)
-            .args(&start.argv[1..]);
-        let joined: Vec<String> = procs.iter().map(|p| p.display().to_string()).collect();
-        c.env("TESSERA_CGROUP_PROCS", joined.join(":"));
-        c
-    };
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(REPLICA_WRAPPER)
+        .arg("tessera-replica")
+        .arg(&program)
+        .args(&start.argv[1..]);
+    let joined: Vec<String> = procs.iter().map(|p| p.display().to_string()).collect();
+    cmd.env("TESSERA_CGROUP_PROCS", joined.join(":"))
+        .env("TESSERA_STATUS_FILE", status_path(&ctx.home, key));
+    if ctx.watchdog {
+        cmd.env("TESSERA_LEASE_FILE", lease_path(&ctx.home)).env(
+            "TESSERA_LEASE_GRACE",
+            ctx.grace.as_secs_f64().ceil().max(1.0).to_string(),
+        );
+    }
     let cuda = start
         .gpus
         .iter()

@@ -309,3 +309,110 @@ async fn cgroup_limits_apply_where_writable() {
     assert_eq!(h.exit_of(7).await.0, Some(0));
     assert!(h.log(7).contains("fine"));
 }
+
+/// An agent that crashes leaves its replicas running; the next agent on the
+/// same home adopts them, can stop them, and reports how they ended — with
+/// the real exit code, although it never was their parent.
+#[tokio::test]
+async fn a_restarted_agent_adopts_running_replicas_and_reports_their_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().to_path_buf();
+    let mut config = AgentConfig::new(&home);
+    config.kill_grace = Duration::from_millis(300);
+    config.cgroups = false;
+    config.name = Some("n".into());
+    // What a crashed agent leaves behind: live replicas and their pidfiles
+    // (started exactly as the agent starts them, then never waited for).
+    let (etx, _old_events) = mpsc::unbounded_channel();
+    let ctx = ReplicaCtx {
+        watchdog: false,
+        home: home.clone(),
+        grace: config.kill_grace,
+        cgroups: Cgroups::disabled("test"),
+        events: etx,
+    };
+    std::fs::create_dir_all(running_dir(&home)).unwrap();
+    for (job, script) in [(21, "sleep 1; exit 7"), (22, "sleep 30"), (24, "exit 3")] {
+        let s = start(job, &["/bin/sh", "-c", script]);
+        let (child, _) = spawn_replica(&ctx, &s).unwrap();
+        write_pidfile(&home, s.key, child.id().unwrap(), now_ms(), None);
+        drop(child);
+    }
+    // Let the quick one end before the new agent looks.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (etx, mut events) = mpsc::unbounded_channel();
+    let mut agent = Agent::new(config.clone(), etx).unwrap();
+    let adopted = agent.adopt_orphans();
+    assert_eq!(
+        adopted.iter().map(|k| k.job_id).collect::<Vec<_>>(),
+        vec![21, 22]
+    );
+    assert_eq!(agent.running(), adopted);
+    let (cmd, crx) = mpsc::unbounded_channel();
+    tokio::spawn(agent.run(crx));
+    cmd.send(ToAgent::Stop {
+        key: ReplicaKey {
+            job_id: 22,
+            attempt: 1,
+            replica: 0,
+        },
+        grace_ms: 200,
+        reason: "test".into(),
+    })
+    .unwrap();
+    let mut exits = std::collections::BTreeMap::new();
+    while exits.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Some(FromAgent::Exited {
+                key, code, cause, ..
+            })) => {
+                exits.insert(key.job_id, (code, cause));
+            }
+            Ok(Some(_)) => {}
+            other => panic!("expected Exited, got {other:?}"),
+        }
+    }
+    assert_eq!(exits[&24], (Some(3), ExitCause::Exited), "ended unwatched");
+    assert_eq!(exits[&21], (Some(7), ExitCause::Exited), "adopted, ran out");
+    assert_eq!(exits[&22].1, ExitCause::Stopped, "adopted, then stopped");
+    // Nothing is left to adopt.
+    let (etx, _events) = mpsc::unbounded_channel();
+    assert!(Agent::new(config, etx).unwrap().adopt_orphans().is_empty());
+}
+
+/// A program that handles SIGTERM gets the whole grace period to finish:
+/// the wrapper waits for it rather than dying first.
+#[tokio::test]
+async fn a_program_handling_term_gets_its_grace_period() {
+    let mut h = harness(false);
+    let marker = h.home.join("cleaned-up");
+    let ready = h.home.join("ready");
+    let script = format!(
+        "trap 'sleep 0.1; touch {}; exit 0' TERM; touch {}; sleep 30 & wait",
+        marker.display(),
+        ready.display()
+    );
+    h.cmd
+        .send(ToAgent::Start(start(23, &["/bin/sh", "-c", &script])))
+        .unwrap();
+    assert!(matches!(h.next().await, FromAgent::Register(_)));
+    assert!(matches!(h.next().await, FromAgent::Started { .. }));
+    while !ready.exists() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.cmd
+        .send(ToAgent::Stop {
+            key: ReplicaKey {
+                job_id: 23,
+                attempt: 1,
+                replica: 0,
+            },
+            grace_ms: 5000,
+            reason: "test".into(),
+        })
+        .unwrap();
+    let (_, _, cause) = h.exit_of(23).await;
+    assert_eq!(cause, ExitCause::Stopped);
+    assert!(marker.exists(), "the TERM handler ran to completion");
+}

@@ -15,6 +15,7 @@
 mod bench;
 mod client;
 mod commands;
+mod fleet;
 mod output;
 mod run;
 
@@ -77,6 +78,21 @@ struct Cli {
 enum Command {
     /// Start the control plane and a local agent on this machine (runs until Ctrl-C)
     Up(UpArgs),
+    /// Start the control plane alone; remote agents bring the machines
+    Server(fleet::ServerArgs),
+    /// Run this machine as a node of a remote control plane
+    Agent(fleet::AgentArgs),
+    /// Mint join tokens for new nodes
+    #[command(name = "join-token")]
+    JoinToken {
+        #[command(subcommand)]
+        command: fleet::JoinTokenCommand,
+    },
+    /// Drain, cordon, uncordon or remove a node
+    Node {
+        #[command(subcommand)]
+        command: fleet::NodeCommand,
+    },
     /// Run a command as a job: `tessera run [FLAGS] -- CMD ARGS...`
     Run(run::RunArgs),
     /// Submit a job spec file (YAML or JSON; `-` reads stdin)
@@ -159,7 +175,7 @@ struct UpArgs {
     price_gpu_hour: f64,
 }
 
-fn policy_name(s: &str) -> Result<String, String> {
+pub(crate) fn policy_name(s: &str) -> Result<String, String> {
     if tessera_scheduler::Policy::named(s).is_some() {
         Ok(s.to_string())
     } else {
@@ -302,7 +318,7 @@ pub struct Globals {
 }
 
 impl Globals {
-    fn home(&self) -> Result<PathBuf> {
+    pub(crate) fn home(&self) -> Result<PathBuf> {
         match &self.home {
             Some(h) => Ok(h.clone()),
             None => client::default_home(),
@@ -371,6 +387,10 @@ async fn dispatch(cli: Cli) -> Result<u8> {
     let g = &globals;
     match cli.command {
         Command::Up(args) => up(g, args).await?,
+        Command::Server(args) => fleet::server(g, args).await?,
+        Command::Agent(args) => fleet::agent(g, args).await?,
+        Command::JoinToken { command } => fleet::join_token(g, command).await?,
+        Command::Node { command } => fleet::node(g, command).await?,
         Command::Run(args) => return run::run(g, args).await,
         Command::Submit { file } => commands::submit(g, &file).await?,
         Command::Jobs(args) => commands::jobs(g, &args).await?,

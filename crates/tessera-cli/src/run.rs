@@ -51,7 +51,7 @@ pub struct RunArgs {
     /// Working directory (a relative path is taken from the current directory)
     #[arg(long, value_name = "DIR")]
     pub workdir: Option<String>,
-    /// Container image (recorded with the job)
+    /// Run as a container of this image (without CMD, the image's own entrypoint runs)
     #[arg(long)]
     pub image: Option<String>,
     /// Print replica 0's logs until the job ends, then exit with its exit code
@@ -59,7 +59,7 @@ pub struct RunArgs {
     pub follow: bool,
     /// The program and its arguments
     #[arg(
-        required = true,
+        required_unless_present = "image",
         trailing_var_arg = true,
         allow_hyphen_values = true,
         value_name = "CMD"
@@ -122,7 +122,7 @@ pub fn build_spec(args: &RunArgs, cwd: Option<&std::path::Path>) -> Result<JobSp
     let spec = JobSpec {
         name: args.name.clone(),
         team: args.team.clone(),
-        command: Some(args.command.clone()),
+        command: (!args.command.is_empty()).then(|| args.command.clone()),
         script: None,
         image: args.image.clone(),
         env: args.env.iter().cloned().collect::<BTreeMap<_, _>>(),

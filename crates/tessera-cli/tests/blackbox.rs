@@ -648,7 +648,7 @@ fn seed_api_metrics_and_openapi() {
     let http = up.http();
     let (s, created) = http.post(
         "/tasks",
-        json!({"task_name": "seed", "cpu_count": 1, "memory_size": "256Mi", "image": "busybox", "command": ["echo", "hi"]}),
+        json!({"task_name": "seed", "cpu_count": 1, "memory_size": "256Mi", "command": ["echo", "hi"]}),
     );
     assert_eq!(s, 201, "{created}");
     let id = created["id"].as_u64().unwrap();

@@ -74,6 +74,26 @@ pub struct TokenRecord {
     pub role: Role,
     pub hash: String,
     pub created_at: u64,
+    /// What the token is for; records written before kinds existed are API tokens.
+    #[serde(default)]
+    pub kind: TokenKind,
+}
+
+/// The three kinds of secrets the control plane hands out. Only API tokens
+/// open the REST API; a join token only admits a new node; a node
+/// credential only opens that node's agent connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum TokenKind {
+    #[default]
+    Api,
+    /// Lets an agent join the pool; `uses_left: None` means unlimited uses.
+    Join {
+        expires_at: Option<u64>,
+        uses_left: Option<u32>,
+    },
+    /// The credential a joined node's agent connects with.
+    Node { node: String },
 }
 
 /// Who is calling, once a token has been checked.

@@ -94,4 +94,8 @@ pub struct Node {
     /// Milliseconds since the Unix epoch.
     pub registered_at: u64,
     pub last_heartbeat: u64,
+    /// While draining: when work still running is stopped and requeued
+    /// (milliseconds since the Unix epoch); none waits for it to finish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_deadline: Option<u64>,
 }

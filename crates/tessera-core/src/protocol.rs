@@ -1,8 +1,14 @@
 //! The messages between the control plane and a node agent.
 //!
 //! The local agent of `tessera up` exchanges them over in-process channels;
-//! remote agents will exchange the same messages over a connection. Add new
-//! variants rather than changing old ones.
+//! remote agents exchange the same messages as JSON text frames over one
+//! WebSocket they open to the server. Add new variants rather than changing
+//! old ones.
+//!
+//! The attempt number in [`ReplicaKey`] is the placement's epoch: every
+//! requeue starts a new attempt, and the server refuses reports about any
+//! attempt but the current one (and stops such replicas), so a copy left
+//! behind by a partitioned node can never be mistaken for the live one.
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +55,23 @@ pub enum ToAgent {
         grace_ms: u64,
         reason: String,
     },
+    /// The first message on a remote agent's connection: the terms the
+    /// server holds the agent to. The agent heartbeats every `heartbeat_ms`
+    /// and, unless configured otherwise, stops all its work once it has
+    /// heard nothing from the server for `lease_ms` — which the server
+    /// chooses so that this happens before it declares the node lost.
+    Welcome {
+        node: String,
+        heartbeat_ms: u64,
+        lease_ms: u64,
+        /// SIGTERM-to-SIGKILL grace for replicas stopped when the lease runs out.
+        grace_ms: u64,
+    },
+    /// Stop every replica this agent runs.
+    StopAll {
+        grace_ms: u64,
+        reason: String,
+    },
 }
 
 /// Why a replica ended.
@@ -64,6 +87,12 @@ pub enum ExitCause {
     OutOfMemory,
     /// It could not be started at all.
     SpawnFailed(String),
+    /// The agent stopped it because it lost contact with the server for
+    /// longer than its lease (the server treats the node as lost).
+    Disconnected,
+    /// It was running when its agent restarted and ended while no agent
+    /// watched it; its exit status could not be recovered.
+    Unknown,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,5 +114,14 @@ pub enum FromAgent {
     Heartbeat {
         node: String,
         at: u64,
+    },
+    /// Sent by a remote agent after `Register` and any reports it held back
+    /// while disconnected: the replicas it runs right now. The server
+    /// reconciles against it — replicas it expected there but that are not
+    /// running are lost; replicas running there that it no longer wants
+    /// (a stale attempt, a cancelled job) are stopped.
+    Sync {
+        node: String,
+        running: Vec<ReplicaKey>,
     },
 }

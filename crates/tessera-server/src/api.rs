@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tessera_core::auth::{ResourceAmounts, Role, Team, TeamQuota};
+use tessera_core::auth::{ResourceAmounts, Role, Team, TeamQuota, TokenKind};
 use tessera_core::node::GpuInfo;
 use tessera_core::protocol::{ReplicaKey, ToAgent};
 use tessera_core::spec::{validate_name, validate_team_name, JobSpec, Quantity, ResourcesSpec};
@@ -44,6 +44,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/logs", get(job_logs))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{name}", delete(crate::fleet::remove))
+        .route("/v1/nodes/{name}/cordon", post(crate::fleet::cordon))
+        .route("/v1/nodes/{name}/uncordon", post(crate::fleet::uncordon))
+        .route("/v1/nodes/{name}/drain", post(crate::fleet::drain))
+        .route("/v1/join-tokens", post(crate::fleet::create_join_token))
+        .route("/v1/agents/join", post(crate::fleet::join))
+        .route("/v1/agents/connect", get(crate::fleet::connect))
         .route("/tasks", post(seed_create_task))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -56,13 +63,16 @@ pub fn router(shared: Arc<Shared>) -> Router {
     paths(
         healthz, whoami, list_teams, create_team, update_team, list_tokens, create_token, delete_token,
         list_jobs, submit_job, get_job, cancel_job, job_events, job_logs, list_nodes,
-        seed_create_task
+        seed_create_task, crate::fleet::create_join_token, crate::fleet::join,
+        crate::fleet::cordon, crate::fleet::uncordon, crate::fleet::drain, crate::fleet::remove
     ),
     components(schemas(
         ErrorBody, Job, Event, JobSpec, ResourcesSpec, Quantity, Team, TeamQuota, ResourceAmounts,
         TeamUpdate, QuotaSpec, QuotaPair, TokenCreate,
         TokenCreated, TokenInfo, TeamCreate, JobList, EventList, NodeList, NodeView, NodeGpu,
-        SeedTask, SeedCreated, WhoAmI, GpuInfo
+        SeedTask, SeedCreated, WhoAmI, GpuInfo, crate::fleet::JoinTokenCreate,
+        crate::fleet::JoinTokenCreated, crate::fleet::JoinRequest, crate::fleet::Joined,
+        crate::fleet::DrainRequest, crate::fleet::NodeStateChanged
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))
@@ -84,7 +94,7 @@ impl utoipa::Modify for BearerAuth {
 
 // ---------- helpers ----------
 
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -103,7 +113,7 @@ fn body_text(body: &Bytes) -> Result<&str, ApiError> {
         .map_err(|_| ApiError::bad_request("the request body is not UTF-8 text"))
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -514,7 +524,7 @@ async fn list_tokens(
     let mut tokens: Vec<TokenInfo> = state
         .tokens
         .values()
-        .filter(|t| caller.0.can_read_team(&t.team))
+        .filter(|t| caller.0.can_read_team(&t.team) && t.kind == TokenKind::Api)
         .map(|t| TokenInfo {
             id: t.id.clone(),
             name: t.name.clone(),
@@ -597,9 +607,7 @@ async fn create_job(shared: &Shared, caller: &Caller, spec: JobSpec) -> Result<J
     let job = Job::new(id, template, caller.0.token_id.clone(), now);
     let mut msg = format!("submitted by {} (team {})", caller.0.token_id, job.team());
     if let Some(image) = &job.spec.image {
-        msg.push_str(&format!(
-            "; image `{image}` is recorded, but this node has no container executor yet: the command runs as a process"
-        ));
+        msg.push_str(&format!("; runs as a container of image `{image}`"));
     }
     let event = Event::new(id, now, "submitted", msg);
     commit(

@@ -7,7 +7,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use tessera_core::auth::{Principal, Role, TokenRecord};
+use tessera_core::auth::{Principal, Role, TokenKind, TokenRecord};
 
 use crate::error::ApiError;
 use crate::Shared;
@@ -33,6 +33,7 @@ pub fn mint(name: &str, team: &str, role: Role, now: u64) -> (String, TokenRecor
         role,
         hash: hash_token(&secret),
         created_at: now,
+        kind: Default::default(),
     };
     (secret, record)
 }
@@ -72,6 +73,11 @@ impl FromRequestParts<Arc<Shared>> for Caller {
             .tokens
             .get(&hash)
             .ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?;
+        if record.kind != TokenKind::Api {
+            return Err(ApiError::unauthorized(
+                "this is a join token or a node credential, not an API token",
+            ));
+        }
         Ok(Caller(Principal {
             token_id: record.id.clone(),
             team: record.team.clone(),

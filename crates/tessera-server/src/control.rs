@@ -402,51 +402,167 @@ fn requeue_preempted(
     shared.wake.notify_one();
 }
 
+/// A report and the node whose connection carried it (none: the local
+/// agent of `tessera up`, which is trusted).
+#[derive(Debug, Clone)]
+pub struct AgentReport {
+    pub from: Option<Arc<str>>,
+    pub event: FromAgent,
+}
+
+impl From<FromAgent> for AgentReport {
+    fn from(event: FromAgent) -> AgentReport {
+        AgentReport { from: None, event }
+    }
+}
+
 /// Applies agent reports in batches: one lock, one commit per batch.
-pub async fn agent_events_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<FromAgent>) {
+pub async fn agent_events_loop<T: Into<AgentReport>>(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<T>,
+) {
     while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
+        let mut batch = vec![first.into()];
         while let Ok(more) = rx.try_recv() {
-            batch.push(more);
+            batch.push(more.into());
             if batch.len() >= 1024 {
                 break;
             }
         }
-        let mut writes = Vec::new();
-        let mut stops = Vec::new();
-        let staged = {
-            let mut state = shared.state.lock().expect("state lock");
-            for ev in batch {
-                handle_agent_event(&shared, &mut state, ev, &mut writes, &mut stops);
-            }
-            let staged = shared.stage(writes);
-            let agents = shared.agents.lock().expect("agents lock");
-            for (node, msg) in stops {
-                if let Some(tx) = agents.get(&node) {
-                    let _ = tx.send(msg);
+        apply_reports(&shared, batch, None).await;
+    }
+}
+
+/// Applies a batch of reports under one lock and one commit. With
+/// `connect`, the batch is a remote agent's handshake, and its connection
+/// becomes the node's only after the batch is applied: no placement can
+/// reach the agent before the server has reconciled what it runs.
+pub async fn apply_reports(
+    shared: &Shared,
+    batch: Vec<AgentReport>,
+    connect: Option<(String, mpsc::UnboundedSender<ToAgent>)>,
+) {
+    let mut writes = Vec::new();
+    let mut stops = Vec::new();
+    let staged = {
+        let mut state = shared.state.lock().expect("state lock");
+        let now = now_ms();
+        for r in batch {
+            if let Some(from) = &r.from {
+                // Any word from an agent renews its lease (server clock:
+                // agents' clocks may disagree with ours).
+                if let Some(n) = state.nodes.get_mut(&**from) {
+                    n.last_heartbeat = now;
                 }
             }
-            staged
-        };
-        staged.durable().await;
-        shared.changed();
+            handle_agent_event(
+                shared,
+                &mut state,
+                r.from.as_deref(),
+                r.event,
+                &mut writes,
+                &mut stops,
+            );
+        }
+        if let Some((node, tx)) = connect {
+            // A newer connection replaces an older one, whose task then ends.
+            shared
+                .agents
+                .lock()
+                .expect("agents lock")
+                .insert(node.clone(), tx);
+            state.connected.insert(node);
+            state.capacity_changed = true;
+            shared.wake.notify_one();
+        }
+        let staged = shared.stage(writes);
+        crate::fleet::send_all(shared, stops);
+        staged
+    };
+    staged.durable().await;
+    shared.changed();
+}
+
+/// Whether `from` may report on replica `key` of `job`: the local agent
+/// always; a remote agent only on replicas placed on its node.
+fn placed_on(job: &Job, key: &ReplicaKey, from: Option<&str>) -> bool {
+    from.is_none_or(|node| {
+        job.placement
+            .iter()
+            .any(|p| p.replica == key.replica && p.node == node)
+    })
+}
+
+/// Refuses a report about a replica that is not the current attempt's (or
+/// not this node's): counts it, records it on the job, and stops such a
+/// replica if the report says it runs.
+#[allow(clippy::too_many_arguments)]
+fn refuse_stale(
+    shared: &Shared,
+    state: &mut ClusterState,
+    from: Option<&str>,
+    key: ReplicaKey,
+    running: bool,
+    now: u64,
+    writes: &mut Vec<Write>,
+    stops: &mut Vec<(String, ToAgent)>,
+) {
+    shared.metrics.stale_reports.inc();
+    let node = from.unwrap_or("the local node");
+    let current = state.jobs.get(&key.job_id).map(|j| j.attempt);
+    warn!(replica = %key, %node, ?current, "refused a report about a replica that is not current");
+    if state.jobs.contains_key(&key.job_id) {
+        state.add_event(
+            Event::new(
+                key.job_id,
+                now,
+                "refused",
+                format!(
+                    "refused a report from {node} about attempt {} (current attempt {}){}",
+                    key.attempt,
+                    current.unwrap_or(0),
+                    if running {
+                        "; that copy is being stopped"
+                    } else {
+                        ""
+                    }
+                ),
+            ),
+            writes,
+        );
+    }
+    if running {
+        if let Some(node) = from {
+            stops.push((
+                node.to_string(),
+                ToAgent::Stop {
+                    key,
+                    grace_ms: shared.kill_grace_ms,
+                    reason: "stale attempt: the job was rescheduled".into(),
+                },
+            ));
+        }
     }
 }
 
 fn handle_agent_event(
     shared: &Shared,
     state: &mut ClusterState,
+    from: Option<&str>,
     ev: FromAgent,
     writes: &mut Vec<Write>,
     stops: &mut Vec<(String, ToAgent)>,
 ) {
     let now = now_ms();
     match ev {
-        FromAgent::Heartbeat { node, at } => {
+        FromAgent::Heartbeat { node, .. } => {
             // Kept in memory only: a heartbeat is not worth an fsync.
             if let Some(n) = state.nodes.get_mut(&node) {
-                n.last_heartbeat = at;
+                n.last_heartbeat = now;
             }
+        }
+        FromAgent::Sync { node, running } => {
+            reconcile(shared, state, &node, &running, now, writes, stops);
         }
         FromAgent::Register(inv) => {
             let node = match state.nodes.get(&inv.name) {
@@ -460,6 +576,7 @@ fn handle_agent_event(
                     },
                     registered_at: n.registered_at,
                     last_heartbeat: now,
+                    drain_deadline: n.drain_deadline,
                 },
                 None => Node {
                     inventory: inv,
@@ -467,6 +584,7 @@ fn handle_agent_event(
                     state: NodeState::Ready,
                     registered_at: now,
                     last_heartbeat: now,
+                    drain_deadline: None,
                 },
             };
             writes.push(Write::Node(Box::new(node.clone())));
@@ -475,12 +593,14 @@ fn handle_agent_event(
             shared.wake.notify_one();
         }
         FromAgent::Started { key, pid, at } => {
-            let Some(job) = state.jobs.get(&key.job_id) else {
-                return;
-            };
-            if job.attempt != key.attempt || !job.state.is_active() {
+            let current = state.jobs.get(&key.job_id).is_some_and(|job| {
+                job.attempt == key.attempt && job.state.is_active() && placed_on(job, &key, from)
+            });
+            if !current {
+                refuse_stale(shared, state, from, key, true, now, writes, stops);
                 return;
             }
+            let job = &state.jobs[&key.job_id];
             let first = job.state == JobState::Scheduled;
             let replicas = job.spec.replicas;
             let submitted_at = job.submitted_at;
@@ -529,12 +649,28 @@ fn handle_agent_event(
             cause,
             at,
         } => {
-            let Some(job) = state.jobs.get(&key.job_id) else {
-                return;
-            };
-            if job.attempt != key.attempt || !job.state.is_active() {
+            let current = state.jobs.get(&key.job_id).is_some_and(|job| {
+                job.attempt == key.attempt && job.state.is_active() && placed_on(job, &key, from)
+            });
+            if !current {
+                refuse_stale(shared, state, from, key, false, now, writes, stops);
                 return;
             }
+            if matches!(cause, ExitCause::Disconnected | ExitCause::Unknown) {
+                let node = from.unwrap_or("the local node").to_string();
+                let reason = if cause == ExitCause::Disconnected {
+                    format!("node {node} stopped the job after losing contact with the server")
+                } else {
+                    format!(
+                        "node {node}'s agent restarted and the job's end could not be recovered"
+                    )
+                };
+                crate::fleet::lose_job(
+                    shared, state, key.job_id, &node, &reason, now, writes, stops,
+                );
+                return;
+            }
+            let job = &state.jobs[&key.job_id];
             let ok = cause == ExitCause::Exited && code == Some(0);
             let what = describe_exit(job, key.replica, code, signal, &cause);
             let mut ev = None;
@@ -649,12 +785,88 @@ fn describe_exit(
             format_memory(job.spec.resources.memory_bytes)
         ),
         ExitCause::SpawnFailed(msg) => format!("{who}could not start: {msg}"),
+        ExitCause::Disconnected => format!("{who}stopped: its node lost contact with the server"),
+        ExitCause::Unknown => format!("{who}ended while its agent was down"),
         ExitCause::Stopped => format!("{who}stopped on request"),
         ExitCause::Exited => match (code, signal) {
             (Some(c), _) => format!("{who}exited with code {c}"),
             (None, Some(s)) => format!("{who}killed by signal {s}"),
             _ => format!("{who}ended"),
         },
+    }
+}
+
+/// Reconciles what a (re)connecting agent runs with what the server
+/// expects there: replicas expected but not running are lost (their jobs
+/// requeued per policy); running replicas the server no longer wants — a
+/// stale attempt, a cancelled or preempted job — are stopped; the rest are
+/// confirmed.
+fn reconcile(
+    shared: &Shared,
+    state: &mut ClusterState,
+    node: &str,
+    running: &[ReplicaKey],
+    now: u64,
+    writes: &mut Vec<Write>,
+    stops: &mut Vec<(String, ToAgent)>,
+) {
+    let reported: std::collections::HashSet<ReplicaKey> = running.iter().copied().collect();
+    for key in running {
+        let wanted = state.jobs.get(&key.job_id).is_some_and(|j| {
+            j.attempt == key.attempt && j.state.is_active() && placed_on(j, key, Some(node))
+        });
+        if !wanted {
+            refuse_stale(shared, state, Some(node), *key, true, now, writes, stops);
+            continue;
+        }
+        let job = &state.jobs[&key.job_id];
+        if job.cancel_requested || job.preempting.is_some() {
+            let reason = if job.cancel_requested {
+                "cancelled on request".to_string()
+            } else {
+                job.preempting.clone().unwrap_or_default()
+            };
+            stops.push((
+                node.to_string(),
+                ToAgent::Stop {
+                    key: *key,
+                    grace_ms: shared.kill_grace_ms,
+                    reason,
+                },
+            ));
+        }
+    }
+    let missing: Vec<JobId> = state
+        .active
+        .iter()
+        .copied()
+        .filter(|id| {
+            let j = &state.jobs[id];
+            j.placement.iter().any(|p| {
+                p.node == node
+                    && !reported.contains(&ReplicaKey {
+                        job_id: j.id,
+                        attempt: j.attempt,
+                        replica: p.replica,
+                    })
+                    && j.replicas
+                        .iter()
+                        .find(|r| r.replica == p.replica)
+                        .is_none_or(|r| r.state != ReplicaState::Exited)
+            })
+        })
+        .collect();
+    for id in missing {
+        crate::fleet::lose_job(
+            shared,
+            state,
+            id,
+            node,
+            &format!("node {node} reconnected without the job's replica running"),
+            now,
+            writes,
+            stops,
+        );
     }
 }
 

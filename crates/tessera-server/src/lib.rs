@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod control;
 pub mod error;
+pub mod fleet;
 pub mod logs;
 pub mod metrics;
 pub mod state;
@@ -63,6 +64,13 @@ pub struct Shared {
     pub shutting_down: std::sync::atomic::AtomicBool,
     /// The scheduling policy.
     pub policy: tessera_scheduler::Policy,
+    /// How often agents heartbeat, and how long the server waits without
+    /// one before it declares a node lost.
+    pub heartbeat_ms: u64,
+    pub node_lease_ms: u64,
+    /// Reports from remote agents, to the report loop.
+    pub reports: mpsc::UnboundedSender<control::AgentReport>,
+    reports_rx: Mutex<Option<mpsc::UnboundedReceiver<control::AgentReport>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -79,7 +87,12 @@ impl Shared {
         kill_grace: Duration,
     ) -> Shared {
         let next = state.max_job_id() + 1;
+        let (reports, reports_rx) = mpsc::unbounded_channel();
         Shared {
+            heartbeat_ms: tessera_agent::HEARTBEAT.as_millis() as u64,
+            node_lease_ms: DEFAULT_NODE_LEASE.as_millis() as u64,
+            reports,
+            reports_rx: Mutex::new(Some(reports_rx)),
             store,
             state: Mutex::new(state),
             wake: Notify::new(),
@@ -93,6 +106,16 @@ impl Shared {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             policy: tessera_scheduler::Policy::tessera(),
         }
+    }
+
+    /// Starts the loops every control plane runs: scheduling, reports from
+    /// remote agents, leases.
+    pub fn spawn_loops(self: &Arc<Self>) {
+        if let Some(rx) = self.reports_rx.lock().expect("reports lock").take() {
+            tokio::spawn(control::agent_events_loop(self.clone(), rx));
+        }
+        tokio::spawn(control::scheduling_loop(self.clone()));
+        tokio::spawn(fleet::lease_loop(self.clone()));
     }
 
     /// Tells log followers that jobs changed.
@@ -133,6 +156,18 @@ impl Staged {
     }
 }
 
+/// How long a node may be silent before it is declared lost, by default.
+/// (Longer when the heartbeat and kill grace need it; see [`min_node_lease`].)
+pub const DEFAULT_NODE_LEASE: Duration = Duration::from_secs(40);
+
+/// The shortest node lease that lets a cut-off agent stop its work (its own
+/// lease of at least three heartbeats, then the kill grace, with a margin
+/// for replica watchdogs) before the server reschedules it.
+pub fn min_node_lease(heartbeat: Duration, kill_grace: Duration) -> Duration {
+    let hb = heartbeat.as_millis() as u64;
+    Duration::from_millis(4 * hb + kill_grace.as_millis() as u64 + 2000.max(hb) + 1000)
+}
+
 /// Settings of `tessera up`.
 #[derive(Debug, Clone)]
 pub struct UpConfig {
@@ -148,6 +183,15 @@ pub struct UpConfig {
     pub policy: tessera_scheduler::Policy,
     /// The local node's prices per resource-hour.
     pub prices: tessera_core::node::Prices,
+    /// Run a local agent in this process (`tessera up`); without one, the
+    /// process is the control plane alone (`tessera server`) and remote
+    /// agents bring the capacity.
+    pub local_agent: bool,
+    /// How often agents heartbeat.
+    pub heartbeat: Duration,
+    /// How long a node may be silent before it is declared lost [default:
+    /// [`DEFAULT_NODE_LEASE`] or [`min_node_lease`], whichever is longer].
+    pub node_lease: Option<Duration>,
 }
 
 impl UpConfig {
@@ -163,6 +207,9 @@ impl UpConfig {
             kill_grace: Duration::from_secs(10),
             policy: tessera_scheduler::Policy::tessera(),
             prices: tessera_core::node::Prices::default(),
+            local_agent: true,
+            heartbeat: tessera_agent::HEARTBEAT,
+            node_lease: None,
         }
     }
 }
@@ -233,9 +280,30 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the whole platform in this process until SIGINT or SIGTERM.
+/// Runs the control plane — with a local agent for `tessera up` — until
+/// SIGINT or SIGTERM.
 pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    let heartbeat_ms = config.heartbeat.as_millis() as u64;
+    let node_lease_ms = config
+        .node_lease
+        .unwrap_or_else(|| DEFAULT_NODE_LEASE.max(min_node_lease(config.heartbeat, config.kill_grace)))
+        .as_millis() as u64;
+    let kill_grace_ms = config.kill_grace.as_millis() as u64;
+    if heartbeat_ms == 0 {
+        anyhow::bail!("--heartbeat must be more than zero");
+    }
+    if fleet::agent_lease_ms(node_lease_ms, heartbeat_ms, kill_grace_ms).is_none() {
+        anyhow::bail!(
+            "--node-lease ({}) is too short for --heartbeat {} and --kill-grace {}: it must be at least {}, so that a cut-off agent stops its work before the server reschedules it",
+            tessera_core::quantity::format_duration(node_lease_ms),
+            tessera_core::quantity::format_duration(heartbeat_ms),
+            tessera_core::quantity::format_duration(kill_grace_ms),
+            tessera_core::quantity::format_duration(
+                min_node_lease(config.heartbeat, config.kill_grace).as_millis() as u64
+            )
+        );
+    }
     let home = config.home.clone();
     std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;
     let home = home.canonicalize()?;
@@ -252,6 +320,38 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     let mut state = ClusterState::from_loaded(loaded);
     let first = bootstrap(store.as_ref(), &mut state, &home).await?;
 
+    let mut shared = Shared::new(store.clone(), state, home.clone(), config.kill_grace);
+    shared.policy = config.policy.clone();
+    shared.heartbeat_ms = heartbeat_ms;
+    shared.node_lease_ms = node_lease_ms;
+    let shared = Arc::new(shared);
+    if !config.local_agent {
+        // The control plane alone. Work placed on remote agents survives a
+        // restart of the server: each node gets a whole lease from now to
+        // reconnect and report what it runs before it is declared lost.
+        let now = now_ms();
+        for n in shared.state.lock().expect("state lock").nodes.values_mut() {
+            n.last_heartbeat = now;
+        }
+        shared.spawn_loops();
+        let addr = listener.local_addr()?;
+        let url = format!("http://{addr}");
+        std::fs::write(home.join("config"), format!("url = {url}\n"))
+            .context("writing the config file")?;
+        info!(%url, home = %home.display(), ready_ms = started.elapsed().as_millis() as u64,
+            first_start = first, "Tessera control plane is up");
+        eprintln!(
+            "Tessera control plane is up at {url} (no local agent; state in {}; admin token in {})",
+            home.display(),
+            home.join("admin.token").display()
+        );
+        return serve(listener, shared, async {
+            shutdown_signal().await;
+            info!("shutting down; agents keep their work running and reconnect to the next start");
+        })
+        .await;
+    }
+
     let mut agent_config = AgentConfig::new(&home);
     agent_config.name = config.agent_name.clone();
     agent_config.cpu_milli = config.agent_cpu_milli;
@@ -259,6 +359,7 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     agent_config.gpu_xml = config.agent_gpu_xml.clone();
     agent_config.cgroups = config.cgroups;
     agent_config.kill_grace = config.kill_grace;
+    agent_config.heartbeat = config.heartbeat;
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let agent = Agent::new(agent_config, events_tx).context("starting the local agent")?;
     // Stop what an earlier run left running before its jobs are requeued.
@@ -271,10 +372,6 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     }
     let inventory = agent.inventory();
     let node_name = inventory.name.clone();
-
-    let mut shared = Shared::new(store.clone(), state, home.clone(), config.kill_grace);
-    shared.policy = config.policy.clone();
-    let shared = Arc::new(shared);
     // Recover jobs the last run was running, and register the local node
     // before the API answers, so submissions are checked against it.
     let writes = {
@@ -282,13 +379,29 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
         let mut state = shared.state.lock().expect("state lock");
         writes.extend(control::recover_interrupted(&shared, &mut state, now_ms()));
         let now = now_ms();
-        // `tessera up` has exactly one agent, in this process: nodes an earlier
-        // run knew under other names (another host name, `--node-name`) are
-        // gone, and nothing may be placed on them.
+        // The local agent of an earlier run is gone with it: nodes an earlier
+        // run knew under other names (another host name, `--node-name`) and
+        // that joined no other way are gone, and nothing may be placed on
+        // them. Joined remote nodes get a lease to reconnect.
+        let joined: std::collections::HashSet<String> = state
+            .tokens
+            .values()
+            .filter_map(|t| match &t.kind {
+                tessera_core::auth::TokenKind::Node { node } => Some(node.clone()),
+                _ => None,
+            })
+            .collect();
+        for n in state.nodes.values_mut() {
+            n.last_heartbeat = now;
+        }
         let stale: Vec<String> = state
             .nodes
             .values()
-            .filter(|n| n.inventory.name != node_name && n.state != NodeState::Lost)
+            .filter(|n| {
+                n.inventory.name != node_name
+                    && n.state != NodeState::Lost
+                    && !joined.contains(&n.inventory.name)
+            })
             .map(|n| n.inventory.name.clone())
             .collect();
         for name in stale {
@@ -306,11 +419,13 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
                 .map(|n| n.state)
                 .filter(|s| *s != NodeState::Lost)
                 .unwrap_or(NodeState::Ready),
-            registered_at: prev.map(|n| n.registered_at).unwrap_or(now),
+            registered_at: prev.as_ref().map(|n| n.registered_at).unwrap_or(now),
             last_heartbeat: now,
+            drain_deadline: prev.and_then(|n| n.drain_deadline),
         };
         writes.push(Write::Node(Box::new(node.clone())));
         state.nodes.insert(node_name.clone(), node);
+        state.connected.insert(node_name.clone());
         writes
     };
     commit(store.as_ref(), writes)
@@ -324,7 +439,7 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
         .insert(node_name.clone(), cmd_tx);
     tokio::spawn(agent.run(cmd_rx));
     tokio::spawn(control::agent_events_loop(shared.clone(), events_rx));
-    tokio::spawn(control::scheduling_loop(shared.clone()));
+    shared.spawn_loops();
 
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
@@ -354,12 +469,20 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
             control::stop_all(&shared, config.kill_grace + Duration::from_secs(2)).await;
         }
     };
+    serve(listener, shared, on_signal).await
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    on_signal: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     // Small streamed writes (log lines) must not wait for delayed ACKs.
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, api::router(shared.clone()))
+    axum::serve(listener, api::router(shared))
         .with_graceful_shutdown(on_signal)
         .await
         .context("serving HTTP")?;

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub placements: Counter,
     pub preemptions: Counter,
     pub finished: Family<StateLabel, Counter>,
+    pub agent_connections: Counter,
+    pub nodes_lost: Counter,
+    pub stale_reports: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -109,7 +112,28 @@ impl Metrics {
             "Jobs that reached a final state",
             finished.clone(),
         );
+        let agent_connections = Counter::default();
+        registry.register(
+            "agent_connections",
+            "Agent connections accepted (first connections and reconnections)",
+            agent_connections.clone(),
+        );
+        let nodes_lost = Counter::default();
+        registry.register(
+            "nodes_lost",
+            "Nodes declared lost after missing heartbeats past their lease",
+            nodes_lost.clone(),
+        );
+        let stale_reports = Counter::default();
+        registry.register(
+            "agent_stale_reports",
+            "Agent reports refused because they named an attempt that is not current",
+            stale_reports.clone(),
+        );
         Metrics {
+            agent_connections,
+            nodes_lost,
+            stale_reports,
             registry,
             jobs,
             queue_length,

@@ -30,6 +30,10 @@ pub struct ClusterState {
     /// waited in the last pass still cannot fit, and only `fresh` jobs need
     /// a look.
     pub capacity_changed: bool,
+    /// Nodes whose agent is connected now (in memory only). Work is placed
+    /// only there: a node between connections keeps its running work until
+    /// its lease runs out, but gets nothing new.
+    pub connected: std::collections::HashSet<String>,
 }
 
 /// What is allocated on one node.
@@ -158,7 +162,7 @@ impl ClusterState {
                 let a = alloc.get(&inv.name).cloned().unwrap_or_default();
                 NodeView {
                     name: inv.name.clone(),
-                    schedulable: n.state.schedulable(),
+                    schedulable: n.state.schedulable() && self.connected.contains(&inv.name),
                     cpu_milli: inv.cpu_milli,
                     memory_bytes: inv.memory_bytes,
                     free_cpu_milli: inv.cpu_milli.saturating_sub(a.cpu_milli),

@@ -51,6 +51,7 @@ fn node(name: &str, cpu: u64, gpus: u32) -> Node {
         state: NodeState::Ready,
         registered_at: 0,
         last_heartbeat: 0,
+        drain_deadline: None,
     }
 }
 
@@ -70,6 +71,7 @@ fn world(nodes: &[Node]) -> World {
     state.tokens.insert(rec.hash.clone(), rec);
     for n in nodes {
         state.nodes.insert(n.inventory.name.clone(), n.clone());
+        state.connected.insert(n.inventory.name.clone());
     }
     let dir = std::env::temp_dir();
     let shared = Arc::new(Shared::new(
@@ -165,6 +167,7 @@ impl World {
         let key = match cmd {
             ToAgent::Start(s) => s.key,
             ToAgent::Stop { key, .. } => *key,
+            other => panic!("no replica in {other:?}"),
         };
         self.from_agent
             .send(FromAgent::Exited {

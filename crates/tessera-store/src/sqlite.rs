@@ -289,6 +289,7 @@ mod tests {
                         role: Role::Member,
                         hash: "h".into(),
                         created_at: 1,
+                        kind: Default::default(),
                     }),
                     Write::Job(Box::new(j.clone())),
                     Write::Event(Event::new(1, 5, "submitted", "by t1")),
@@ -360,6 +361,7 @@ mod tests {
             role: Role::Viewer,
             hash: "same-hash".into(),
             created_at: 1,
+            kind: Default::default(),
         };
         commit(&s, vec![Write::Token(tok("a"))]).await.unwrap();
         // Same hash, other id: violates UNIQUE(hash), applies nothing.
