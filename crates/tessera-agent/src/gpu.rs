@@ -132,6 +132,70 @@ pub fn discover() -> (Vec<GpuInfo>, &'static str) {
     (Vec::new(), SOURCE_NONE)
 }
 
+/// Reads live telemetry of every GPU from `source` (as [`discover`] named it): NVML, or
+/// `nvidia-smi -q -x`, or the file `xml` when the inventory came from one. Empty when there
+/// are no GPUs or the source fails (logged). Blocks; call it through `spawn_blocking`.
+pub fn sample_telemetry(source: &str, xml: Option<&std::path::Path>) -> Vec<GpuTelemetry> {
+    let from_xml = |text: String| {
+        parse_nvidia_smi_telemetry(&text).unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read GPU telemetry");
+            Vec::new()
+        })
+    };
+    if let Some(path) = xml {
+        return std::fs::read_to_string(path)
+            .map(from_xml)
+            .unwrap_or_default();
+    }
+    match source {
+        SOURCE_NVML => match nvml_telemetry() {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "NVML telemetry failed");
+                Vec::new()
+            }
+        },
+        SOURCE_NVIDIA_SMI => {
+            match run_with_timeout("nvidia-smi", &["-q", "-x"], NVIDIA_SMI_TIMEOUT) {
+                Ok(text) => from_xml(text),
+                Err(e) => {
+                    warn!(error = %e, "nvidia-smi telemetry failed");
+                    Vec::new()
+                }
+            }
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn nvml_telemetry() -> Result<Vec<GpuTelemetry>, NvmlError> {
+    let nvml = init_nvml()?;
+    let mut out = Vec::new();
+    for position in 0..nvml.device_count()? {
+        let Ok(device) = nvml.device_by_index(position) else {
+            continue;
+        };
+        let ecc = device
+            .total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
+            .ok();
+        let pending = device.are_pages_pending_retired().unwrap_or(false);
+        out.push(GpuTelemetry {
+            index: device.minor_number().unwrap_or(position),
+            uuid: device.uuid().unwrap_or_default(),
+            utilization_percent: device.utilization_rates().ok().map(|u| u.gpu),
+            memory_used_bytes: device.memory_info().ok().map(|m| m.used),
+            temperature_celsius: device
+                .temperature(nvml_wrapper::enum_wrappers::device::TemperatureSensor::Gpu)
+                .ok(),
+            power_watts: device.power_usage().ok().map(|mw| mw as f64 / 1000.0),
+            ecc_uncorrected_volatile: ecc,
+            healthy: ecc.unwrap_or(0) == 0 && !pending,
+        });
+    }
+    out.sort_by_key(|t| t.index);
+    Ok(out)
+}
+
 /// Parses the XML that `nvidia-smi -q -x` prints into inventory entries, sorted by index.
 ///
 /// index = `<minor_number>` (the GPU's position in the document when that is "N/A"),

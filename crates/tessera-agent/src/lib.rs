@@ -420,7 +420,15 @@ impl Agent {
     pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<ToAgent>) {
         let inventory = self.inventory();
         let node = inventory.name.clone();
+        let gpu_source = inventory.gpu_source.clone();
         let _ = self.events.send(FromAgent::Register(inventory));
+        let usage = tokio::spawn(usage_loop(
+            node.clone(),
+            gpu_source,
+            self.config.gpu_xml.clone(),
+            self.config.heartbeat,
+            self.events.clone(),
+        ));
         let mut heartbeat = tokio::time::interval(self.config.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -450,6 +458,7 @@ impl Agent {
                 }
             }
         }
+        usage.abort();
         // The control plane is gone: stop everything we run.
         for (_, stop) in self.stops.drain() {
             let _ = stop.send((
@@ -642,6 +651,95 @@ fn write_pidfile(
             running_dir(home).join(key.to_string()),
             format!("{pid} {st} {started_at} {deadline}\n"),
         );
+    }
+}
+
+/// CPU time counters from `/proc/stat`: (busy, total) jiffies.
+fn cpu_times() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+/// Memory in use: `MemTotal - MemAvailable`, bytes.
+fn memory_used() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    field("MemTotal:").saturating_sub(field("MemAvailable:"))
+}
+
+/// Samples the machine's usage every heartbeat and reports it.
+async fn usage_loop(
+    node: String,
+    gpu_source: String,
+    gpu_xml: Option<PathBuf>,
+    every: Duration,
+    events: mpsc::UnboundedSender<FromAgent>,
+) {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .unwrap_or(1);
+    let mut prev = cpu_times();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = cpu_times();
+        let cpu_used_milli = match (prev, now) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                (b1.saturating_sub(b0) as f64 / (t1 - t0) as f64 * cores as f64 * 1000.0) as u64
+            }
+            _ => 0,
+        };
+        prev = now;
+        let (source, xml) = (gpu_source.clone(), gpu_xml.clone());
+        let gpus = if source == gpu::SOURCE_NONE && xml.is_none() {
+            Vec::new()
+        } else {
+            tokio::task::spawn_blocking(move || gpu::sample_telemetry(&source, xml.as_deref()))
+                .await
+                .unwrap_or_default()
+        };
+        let usage = tessera_core::node::NodeUsage {
+            at: now_ms(),
+            cpu_used_milli,
+            memory_used_bytes: memory_used(),
+            gpus: gpus
+                .into_iter()
+                .map(|g| tessera_core::node::GpuUsage {
+                    index: g.index,
+                    utilization_percent: g.utilization_percent,
+                    memory_used_bytes: g.memory_used_bytes,
+                    temperature_celsius: g.temperature_celsius,
+                    power_watts: g.power_watts,
+                    ecc_uncorrected_volatile: g.ecc_uncorrected_volatile,
+                    healthy: g.healthy,
+                })
+                .collect(),
+        };
+        if events
+            .send(FromAgent::Usage {
+                node: node.clone(),
+                usage,
+            })
+            .is_err()
+        {
+            return;
+        }
     }
 }
 

@@ -343,7 +343,7 @@ pub async fn run(mut config: AgentConfig, remote: RemoteConfig) -> anyhow::Resul
         loop {
             tokio::select! {
                 ev = ev_rx.recv() => match ev {
-                    Some(FromAgent::Heartbeat { .. }) => {}
+                    Some(FromAgent::Heartbeat { .. } | FromAgent::Usage { .. }) => {}
                     Some(ev) => {
                         let ev = link.observe(ev);
                         link.held.push_back(ev);
@@ -501,7 +501,7 @@ async fn serve(
                 }
                 let text = Message::Text(serde_json::to_string(&ev).expect("serialisable").into());
                 if sink.send(text).await.is_err() {
-                    if !matches!(ev, FromAgent::Heartbeat { .. }) {
+                    if !matches!(ev, FromAgent::Heartbeat { .. } | FromAgent::Usage { .. }) {
                         link.held.push_back(ev);
                     }
                     return;

@@ -66,7 +66,7 @@ impl Harness {
                 .await
                 .expect("agent event in time")
                 .expect("agent alive");
-            if !matches!(event, FromAgent::Heartbeat { .. }) {
+            if !matches!(event, FromAgent::Heartbeat { .. } | FromAgent::Usage { .. }) {
                 return event;
             }
         }

@@ -48,6 +48,8 @@ pub struct NodeInfo {
     pub limits_note: String,
     #[serde(default)]
     pub last_heartbeat: u64,
+    #[serde(default)]
+    pub usage: Option<tessera_core::node::NodeUsage>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -381,6 +383,7 @@ pub fn nodes_table(nodes: &[NodeInfo], now: u64) -> Table {
         "CPU",
         "MEMORY",
         "GPUS",
+        "IN USE",
         "LIMITS",
         "HEARTBEAT",
     ]);
@@ -391,6 +394,14 @@ pub fn nodes_table(nodes: &[NodeInfo], now: u64) -> Table {
             output::cpu_fraction(n.allocated_cpu_milli, n.cpu_milli),
             output::memory_fraction(n.allocated_memory_bytes, n.memory_bytes),
             gpu_cell(&n.gpus),
+            match &n.usage {
+                Some(u) => format!(
+                    "{} cpu, {}",
+                    tessera_core::quantity::format_cpu(u.cpu_used_milli),
+                    tessera_core::quantity::format_memory(u.memory_used_bytes)
+                ),
+                None => "-".into(),
+            },
             if n.limits_enforced {
                 "enforced"
             } else {
@@ -405,6 +416,43 @@ pub fn nodes_table(nodes: &[NodeInfo], now: u64) -> Table {
         ]);
     }
     t
+}
+
+/// Live GPU telemetry, one line per GPU that reported any.
+pub fn gpu_notes(nodes: &[NodeInfo]) -> String {
+    let mut out = String::new();
+    for n in nodes {
+        for g in n.usage.iter().flat_map(|u| &u.gpus) {
+            let mut parts = Vec::new();
+            if let Some(v) = g.utilization_percent {
+                parts.push(format!("{v}% busy"));
+            }
+            if let Some(v) = g.memory_used_bytes {
+                parts.push(format!("{} used", tessera_core::quantity::format_memory(v)));
+            }
+            if let Some(v) = g.temperature_celsius {
+                parts.push(format!("{v} C"));
+            }
+            if let Some(v) = g.power_watts {
+                parts.push(format!("{v:.0} W"));
+            }
+            parts.push(
+                if g.healthy {
+                    "healthy"
+                } else {
+                    "UNHEALTHY (not scheduled)"
+                }
+                .into(),
+            );
+            out.push_str(&format!(
+                "{} gpu {}: {}\n",
+                n.name,
+                g.index,
+                parts.join(", ")
+            ));
+        }
+    }
+    out
 }
 
 /// Why limits are not enforced, one line per node where they are not.
@@ -439,6 +487,11 @@ pub async fn nodes(g: &Globals) -> Result<()> {
         return Ok(());
     }
     let mut text = nodes_table(&nodes, now_ms()).render();
+    let gpus = gpu_notes(&nodes);
+    if !gpus.is_empty() {
+        text.push('\n');
+        text.push_str(&gpus);
+    }
     let notes = limits_notes(&nodes);
     if !notes.is_empty() {
         text.push('\n');

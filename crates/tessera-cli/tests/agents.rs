@@ -110,6 +110,13 @@ impl Fleet {
     }
 
     fn start_agent(&mut self, name: &str) {
+        self.start_agent_with(name, &[]);
+    }
+
+    fn start_agent_with(&mut self, name: &str, extra: &[&str]) {
+        if !self.agents.iter().any(|(n, _)| n == name) {
+            self.agents.push((name.to_string(), None));
+        }
         let home = self.agent_home(name);
         std::fs::create_dir_all(&home).unwrap();
         let child = Command::new(BIN)
@@ -123,6 +130,7 @@ impl Fleet {
             .arg("--labels")
             .arg(format!("rack={name}"))
             .args(["--no-cgroups", "--kill-grace", "500ms", "--cpu", "2"])
+            .args(extra)
             .env("TESSERA_HOME", &home)
             .stdin(Stdio::null())
             .stdout(log_file(self.dir.path().join(format!("{name}.log"))))
@@ -505,4 +513,67 @@ fn cordon_and_drain() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no node named `nope`"));
     f.cli(&["cancel", &long.to_string()]);
+}
+
+/// Heartbeats carry live usage; a GPU that starts reporting uncorrectable
+/// ECC errors leaves scheduling until it reports healthy again.
+#[test]
+fn heartbeats_carry_usage_and_an_unhealthy_gpu_is_not_scheduled() {
+    let mut f = Fleet::start(&[]);
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/fixtures/gpu/h100/nvidia-smi-q-busy.xml");
+    let healthy = std::fs::read_to_string(&fixture).expect("GPU fixture");
+    let xml = f.dir.path().join("gpu.xml");
+    std::fs::write(&xml, &healthy).unwrap();
+    f.start_agent_with("g1", &["--gpu-xml", xml.to_str().unwrap()]);
+    f.wait_nodes_ready(1);
+    let usage_of = |f: &Fleet| {
+        f.nodes()
+            .into_iter()
+            .find(|n| n["name"] == "g1")
+            .map(|n| n["usage"].clone())
+            .unwrap_or(Value::Null)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while usage_of(&f).is_null() {
+        assert!(Instant::now() < deadline, "no usage reported");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let usage = usage_of(&f);
+    assert!(usage["memory_used_bytes"].as_u64().unwrap() > 0, "{usage}");
+    assert!(
+        usage["gpus"][0]["utilization_percent"].as_u64().is_some(),
+        "{usage}"
+    );
+    // ECC errors appear.
+    let block = healthy.find("<volatile>").unwrap();
+    let tag = "<dram_uncorrectable>";
+    let start = block + healthy[block..].find(tag).unwrap() + tag.len();
+    let end = start + healthy[start..].find('<').unwrap();
+    let broken = format!("{}2{}", &healthy[..start], &healthy[end..]);
+    std::fs::write(&xml, broken).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = f.nodes().into_iter().find(|n| n["name"] == "g1").unwrap();
+        if n["gpus"][0]["healthy"] == false {
+            break;
+        }
+        assert!(Instant::now() < deadline, "GPU never marked unhealthy: {n}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = f.cli(&["nodes"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("UNHEALTHY"),
+        "{out:?}"
+    );
+    let id = f.submit("true", &["--gpu", "1", "--cpu", "0.5"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        f.job(id)["job"]["state"],
+        "queued",
+        "not placed on a sick GPU"
+    );
+    // Healthy again: the job runs.
+    std::fs::write(&xml, &healthy).unwrap();
+    f.wait_state(id, &["succeeded"], 20);
 }

@@ -99,3 +99,29 @@ pub struct Node {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_deadline: Option<u64>,
 }
+
+/// Live usage of a node, sent by its agent with every heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeUsage {
+    /// Milliseconds since the Unix epoch (the agent's clock).
+    pub at: u64,
+    /// CPU in use on the whole machine, in thousandths of a core.
+    pub cpu_used_milli: u64,
+    /// Memory in use on the whole machine (total minus available), bytes.
+    pub memory_used_bytes: u64,
+    pub gpus: Vec<GpuUsage>,
+}
+
+/// Live telemetry of one GPU. Measurements a GPU does not report are absent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GpuUsage {
+    pub index: u32,
+    pub utilization_percent: Option<u32>,
+    pub memory_used_bytes: Option<u64>,
+    pub temperature_celsius: Option<u32>,
+    pub power_watts: Option<f64>,
+    /// Volatile uncorrectable ECC errors since the driver loaded.
+    pub ecc_uncorrected_volatile: Option<u64>,
+    /// False once the GPU reports errors; it is then taken out of scheduling.
+    pub healthy: bool,
+}

@@ -115,6 +115,12 @@ pub enum FromAgent {
         node: String,
         at: u64,
     },
+    /// Live usage, sent with every heartbeat. A GPU reported unhealthy
+    /// here is taken out of scheduling until it reports healthy again.
+    Usage {
+        node: String,
+        usage: crate::node::NodeUsage,
+    },
     /// Sent by a remote agent after `Register` and any reports it held back
     /// while disconnected: the replicas it runs right now. The server
     /// reconciles against it — replicas it expected there but that are not

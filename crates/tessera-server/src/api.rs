@@ -71,6 +71,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         TeamUpdate, QuotaSpec, QuotaPair, TokenCreate,
         TokenCreated, TokenInfo, TeamCreate, JobList, EventList, NodeList, NodeView, NodeGpu,
         SeedTask, SeedCreated, WhoAmI, GpuInfo, crate::fleet::JoinTokenCreate,
+        tessera_core::node::NodeUsage, tessera_core::node::GpuUsage,
         crate::fleet::JoinTokenCreated, crate::fleet::JoinRequest, crate::fleet::Joined,
         crate::fleet::DrainRequest, crate::fleet::NodeStateChanged
     )),
@@ -589,7 +590,11 @@ async fn create_job(shared: &Shared, caller: &Caller, spec: JobSpec) -> Result<J
             )
             .with_field("team"));
         }
-        let nodes = state.live_node_views();
+        // A GPU that is unhealthy now may recover: it still counts here.
+        let mut nodes = state.live_node_views();
+        for g in nodes.iter_mut().flat_map(|n| n.gpus.iter_mut()) {
+            g.healthy = true;
+        }
         if let Some(why) =
             tessera_scheduler::infeasible_reason(&nodes, &template.resources, template.replicas)
         {
@@ -920,6 +925,8 @@ pub struct NodeView {
     pub labels: std::collections::BTreeMap<String, String>,
     pub last_heartbeat: u64,
     pub running_replicas: u32,
+    /// Live usage from the node's last heartbeat, when it sent one.
+    pub usage: Option<tessera_core::node::NodeUsage>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -968,6 +975,7 @@ async fn list_nodes(State(shared): State<Arc<Shared>>, _caller: Caller) -> Json<
                 labels: inv.labels.clone(),
                 last_heartbeat: n.last_heartbeat,
                 running_replicas: a.replicas,
+                usage: state.usage.get(&inv.name).cloned(),
             }
         })
         .collect();

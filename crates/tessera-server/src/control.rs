@@ -561,6 +561,31 @@ fn handle_agent_event(
                 n.last_heartbeat = now;
             }
         }
+        FromAgent::Usage { node, usage } => {
+            if from.is_some_and(|f| f != node) {
+                return;
+            }
+            // A GPU that turns unhealthy leaves scheduling (and comes back
+            // when it reports healthy again); only changes are written.
+            if let Some(n) = state.nodes.get_mut(&node) {
+                let mut changed = false;
+                for g in &usage.gpus {
+                    if let Some(inv) = n.inventory.gpus.iter_mut().find(|x| x.index == g.index) {
+                        if inv.healthy != g.healthy {
+                            warn!(%node, gpu = g.index, healthy = g.healthy, "GPU health changed");
+                            inv.healthy = g.healthy;
+                            changed = true;
+                        }
+                    }
+                }
+                if changed {
+                    writes.push(Write::Node(Box::new(n.clone())));
+                    state.capacity_changed = true;
+                    shared.wake.notify_one();
+                }
+            }
+            state.usage.insert(node, usage);
+        }
         FromAgent::Sync { node, running } => {
             reconcile(shared, state, &node, &running, now, writes, stops);
         }

@@ -287,7 +287,9 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     let heartbeat_ms = config.heartbeat.as_millis() as u64;
     let node_lease_ms = config
         .node_lease
-        .unwrap_or_else(|| DEFAULT_NODE_LEASE.max(min_node_lease(config.heartbeat, config.kill_grace)))
+        .unwrap_or_else(|| {
+            DEFAULT_NODE_LEASE.max(min_node_lease(config.heartbeat, config.kill_grace))
+        })
         .as_millis() as u64;
     let kill_grace_ms = config.kill_grace.as_millis() as u64;
     if heartbeat_ms == 0 {

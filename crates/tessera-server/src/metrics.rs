@@ -32,8 +32,19 @@ pub struct NodeResourceLabel {
     pub resource: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GpuLabel {
+    pub node: String,
+    pub gpu: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub node_used: Family<NodeResourceLabel, Gauge<f64, AtomicU64>>,
+    pub gpu_utilization: Family<GpuLabel, Gauge<f64, AtomicU64>>,
+    pub gpu_memory_used: Family<GpuLabel, Gauge<f64, AtomicU64>>,
+    pub gpu_temperature: Family<GpuLabel, Gauge<f64, AtomicU64>>,
+    pub gpu_healthy: Family<GpuLabel, Gauge<f64, AtomicU64>>,
     pub jobs: Family<StateLabel, Gauge>,
     pub queue_length: Family<TeamLabel, Gauge>,
     pub node_capacity: Family<NodeResourceLabel, Gauge<f64, AtomicU64>>,
@@ -130,7 +141,44 @@ impl Metrics {
             "Agent reports refused because they named an attempt that is not current",
             stale_reports.clone(),
         );
+        let node_used = Family::<NodeResourceLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "node_used",
+            "Live node usage from agent heartbeats (cpu in cores, memory in bytes)",
+            node_used.clone(),
+        );
+        let gpu_utilization = Family::<GpuLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "gpu_utilization_ratio",
+            "Fraction of time a kernel ran on the GPU, from agent heartbeats",
+            gpu_utilization.clone(),
+        );
+        let gpu_memory_used = Family::<GpuLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "gpu_memory_used",
+            "GPU memory in use, from agent heartbeats",
+            Unit::Bytes,
+            gpu_memory_used.clone(),
+        );
+        let gpu_temperature = Family::<GpuLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "gpu_temperature",
+            "GPU temperature, from agent heartbeats",
+            Unit::Other("celsius".into()),
+            gpu_temperature.clone(),
+        );
+        let gpu_healthy = Family::<GpuLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "gpu_healthy",
+            "1 while the GPU reports no errors, 0 once it does (then it is not scheduled)",
+            gpu_healthy.clone(),
+        );
         Metrics {
+            node_used,
+            gpu_utilization,
+            gpu_memory_used,
+            gpu_temperature,
+            gpu_healthy,
             agent_connections,
             nodes_lost,
             stale_reports,
@@ -204,6 +252,48 @@ impl Metrics {
             self.node_allocated
                 .get_or_create(&label("gpu"))
                 .set(a.gpus_in_use() as f64);
+        }
+        self.node_used.clear();
+        self.gpu_utilization.clear();
+        self.gpu_memory_used.clear();
+        self.gpu_temperature.clear();
+        self.gpu_healthy.clear();
+        for (name, u) in &state.usage {
+            if state
+                .nodes
+                .get(name)
+                .is_none_or(|n| n.state == tessera_core::node::NodeState::Lost)
+            {
+                continue;
+            }
+            let label = |r: &str| NodeResourceLabel {
+                node: name.clone(),
+                resource: r.into(),
+            };
+            self.node_used
+                .get_or_create(&label("cpu"))
+                .set(u.cpu_used_milli as f64 / 1000.0);
+            self.node_used
+                .get_or_create(&label("memory"))
+                .set(u.memory_used_bytes as f64);
+            for g in &u.gpus {
+                let l = GpuLabel {
+                    node: name.clone(),
+                    gpu: g.index.to_string(),
+                };
+                if let Some(v) = g.utilization_percent {
+                    self.gpu_utilization.get_or_create(&l).set(v as f64 / 100.0);
+                }
+                if let Some(v) = g.memory_used_bytes {
+                    self.gpu_memory_used.get_or_create(&l).set(v as f64);
+                }
+                if let Some(v) = g.temperature_celsius {
+                    self.gpu_temperature.get_or_create(&l).set(v as f64);
+                }
+                self.gpu_healthy
+                    .get_or_create(&l)
+                    .set(if g.healthy { 1.0 } else { 0.0 });
+            }
         }
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);

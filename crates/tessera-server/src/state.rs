@@ -34,6 +34,8 @@ pub struct ClusterState {
     /// only there: a node between connections keeps its running work until
     /// its lease runs out, but gets nothing new.
     pub connected: std::collections::HashSet<String>,
+    /// The latest usage each node's agent reported (in memory only).
+    pub usage: HashMap<String, tessera_core::node::NodeUsage>,
 }
 
 /// What is allocated on one node.
