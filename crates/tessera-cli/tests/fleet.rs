@@ -685,10 +685,50 @@ fn agent_container_killed_mid_job() {
 /// ends once.
 #[test]
 fn agent_cut_off_mid_job() {
+    cut_off_mid_job(None);
+}
+
+/// As above, but the cut comes when the server has not heard from the
+/// agent for a while (the agent's last report is 4.45-4.75 s old, though the
+/// server pings it every 500 ms): the server's lease on the node runs from
+/// that last report, so the agent must report often enough for its own,
+/// shorter lease to run out first. Where the agent reports more often than
+/// that, the cut comes after 10 s and the test is the one above.
+#[test]
+#[ignore = "product bug: a remote agent heartbeats every 5 s whatever the server's --heartbeat, so with --heartbeat 500ms --node-lease 6s the node is declared lost and the job started elsewhere before the cut-off agent's 2 s lease stops its copy"]
+fn agent_cut_off_long_after_its_last_report() {
+    cut_off_mid_job(Some((4450, 4750)));
+}
+
+/// Cuts off the agent running a job: 800 ms after the job started, or, with
+/// `quiet`, once the server has not heard from the node for a time in that
+/// window (in ms; at most 10 s after the start).
+fn cut_off_mid_job(quiet: Option<(u64, u64)>) {
     let fleet = Fleet::start(&["a1", "a2"]);
     let id = fleet.submit("cut", 30.0, 2.0);
     let first = fleet.wait_copy_started(id, 1);
-    std::thread::sleep(Duration::from_millis(800));
+    match quiet {
+        None => std::thread::sleep(Duration::from_millis(800)),
+        Some((from, to)) => {
+            let give_up = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < give_up {
+                let nodes = fleet.cli(&["nodes"]);
+                let last = nodes
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|n| n["name"] == first.as_str())
+                    .and_then(|n| n["last_heartbeat"].as_u64())
+                    .expect("the node's last heartbeat");
+                let silent = (now_ns() / 1_000_000) as u64 - last;
+                if (from..to).contains(&silent) {
+                    eprintln!("cutting {first} off {silent} ms after its last report");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
     docker_ok(&["network", "disconnect", &fleet.net, &fleet.cname(&first)]);
     let cut_at = now_ns();
     let second = fleet.wait_copy_started(id, 2);
@@ -714,6 +754,11 @@ fn agent_cut_off_mid_job() {
         lost_ms * 1_000_000 >= stopped,
         "requeued at {lost_ms} ms, before the cut-off copy stopped at {} ms: {requeued:#}",
         stopped / 1_000_000
+    );
+    eprintln!(
+        "cut-off copy stopped {} ms after the cut; job requeued {} ms after the cut",
+        (stopped - cut_at) / 1_000_000,
+        (lost_ms * 1_000_000).saturating_sub(cut_at) / 1_000_000
     );
     assert_no_overlap(&all, &[]);
 
