@@ -281,60 +281,199 @@ impl<'a> Shape<'a> {
     }
 }
 
+/// Teams and request shapes, numbered once per pass, so that the walk over
+/// the queue indexes small arrays instead of hashing names and requests for
+/// every job.
+struct Index<'a> {
+    /// Team names: the queued jobs' teams first, in order of first
+    /// appearance in the queue (fair share breaks ties by it), then the
+    /// running jobs' and the listed teams'.
+    names: Vec<&'a str>,
+    /// How many teams have queued jobs (`0..queued_teams`).
+    queued_teams: usize,
+    /// Per queued job, its team and its shape.
+    team_of: Vec<u32>,
+    shape_of: Vec<u32>,
+    /// Per running job, its team.
+    running_team: Vec<u32>,
+    /// Per team: its quota (the last listed with one), its weight (the first
+    /// listed; 1 when not listed).
+    quota: Vec<Option<&'a Quota>>,
+    weight: Vec<f64>,
+    /// Per shape, a job's total demand ([`job_amounts`]).
+    amounts: Vec<[u64; 3]>,
+    /// Per queued job, its run-time bound (only under backfill, where
+    /// reservations use it).
+    bound_of: Vec<Option<u64>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(snapshot: &'a Snapshot) -> Index<'a> {
+        let mut ids: HashMap<&'a str, u32> = HashMap::default();
+        let mut names: Vec<&'a str> = Vec::new();
+        let mut intern = |name: &'a str| {
+            *ids.entry(name).or_insert_with(|| {
+                names.push(name);
+                names.len() as u32 - 1
+            })
+        };
+        let mut shapes: HashMap<Shape<'a>, u32> = HashMap::default();
+        let mut amounts = Vec::new();
+        let mut team_of = Vec::with_capacity(snapshot.queue.len());
+        let mut shape_of = Vec::with_capacity(snapshot.queue.len());
+        for j in &snapshot.queue {
+            team_of.push(intern(j.team.as_str()));
+            let next = amounts.len() as u32;
+            let s = *shapes.entry(Shape::of(j)).or_insert(next);
+            if s == next {
+                amounts.push(job_amounts(j));
+            }
+            shape_of.push(s);
+        }
+        let queued_teams = team_of.iter().max().map_or(0, |t| *t as usize + 1);
+        let bound_of = if snapshot.policy.backfill {
+            snapshot
+                .queue
+                .iter()
+                .map(|j| bound(j, &snapshot.policy))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let running_team = snapshot
+            .running
+            .iter()
+            .map(|r| intern(r.job.team.as_str()))
+            .collect();
+        let listed: Vec<u32> = snapshot
+            .teams
+            .iter()
+            .map(|t| intern(t.name.as_str()))
+            .collect();
+        let mut quota = vec![None; names.len()];
+        let mut weight: Vec<Option<f64>> = vec![None; names.len()];
+        for (t, id) in snapshot.teams.iter().zip(&listed) {
+            if let Some(q) = &t.quota {
+                quota[*id as usize] = Some(q);
+            }
+            weight[*id as usize].get_or_insert(t.weight);
+        }
+        Index {
+            names,
+            queued_teams,
+            team_of,
+            shape_of,
+            running_team,
+            quota,
+            weight: weight.into_iter().map(|w| w.unwrap_or(1.0)).collect(),
+            amounts,
+            bound_of,
+        }
+    }
+
+    /// What each team's running jobs hold.
+    fn usage(&self, snapshot: &Snapshot) -> Vec<[u64; 3]> {
+        let mut usage = vec![[0u64; 3]; self.names.len()];
+        for (r, t) in snapshot.running.iter().zip(&self.running_team) {
+            let d = job_amounts(&r.job);
+            let u = &mut usage[*t as usize];
+            for k in 0..3 {
+                u[k] += d[k];
+            }
+        }
+        usage
+    }
+}
+
 /// Computes a plan. Pure: the same snapshot and time give the same plan.
 pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
     let policy = &snapshot.policy;
+    let ix = Index::new(snapshot);
     let mut cluster = Cluster::new(
         &snapshot.nodes,
         &snapshot.queue,
         &snapshot.running,
         policy.packing,
     );
-    let mut orderer = Orderer::new(snapshot, now);
-    let mut plan = Plan::default();
-    let mut failed: HashMap<(Shape, bool, bool), Arc<str>> = HashMap::default();
+    let mut orderer = Orderer::new(
+        snapshot,
+        now,
+        &ix.team_of,
+        &ix.shape_of,
+        &ix.running_team,
+        ix.queued_teams,
+        &ix.weight,
+    );
+    let mut plan = Plan {
+        waiting: Vec::with_capacity(snapshot.queue.len()),
+        ..Plan::default()
+    };
+    // Per shape, the reason it failed, by (reservation made, in time).
+    let mut failed: Vec<[Option<Arc<str>>; 4]> = vec![Default::default(); ix.amounts.len()];
+    // Per (team, shape), the last quota reason and the usage it was for.
+    let mut quota_reasons: HashMap<(u32, u32), ([u64; 3], Arc<str>)> = HashMap::default();
     // The reservation of the first job that could not start (backfill), or
     // the job that blocks all others (strict FIFO).
     let mut reservation: Option<place::Reservation> = None;
     let mut blocked_by: Option<Arc<str>> = None;
     let mut tried_reservation = false;
-    let mut waiting_keys: Vec<(usize, Key)> = Vec::new();
-    let mut usage = team_usage(snapshot);
-    let team_quotas = quotas(snapshot);
+    let mut waiting_jobs: Vec<u32> = Vec::with_capacity(snapshot.queue.len());
+    let mut usage = ix.usage(snapshot);
 
-    while let Some((qi, key)) = orderer.next() {
-        let job = &snapshot.queue[qi];
-        if let Some(reason) = over_limit(&team_quotas, &usage, job) {
-            plan.waiting.push(Waiting {
-                job_id: job.id,
-                reason: reason.into(),
-            });
-            waiting_keys.push((qi, key));
-            continue;
+    // The walk reads queued jobs themselves only to place them: the job id
+    // comes with its key, the rest from the index (a queue of a million
+    // jobs does not fit in any cache).
+    while let Some(entry) = orderer.next() {
+        let job_id = entry.key.job_id();
+        let qi = entry.qi as usize;
+        let (team, shape) = (entry.team, entry.shape);
+        let t = team as usize;
+        if let Some(q) = ix.quota[t] {
+            let need = ix.amounts[shape as usize];
+            let used = usage[t];
+            let limit = q.limit.as_array();
+            if let Some(r) =
+                (0..3).find(|r| need[*r] > 0 && used[*r].saturating_add(need[*r]) > limit[*r])
+            {
+                let cached = quota_reasons
+                    .get(&(team, shape))
+                    .filter(|(u, _)| *u == used)
+                    .map(|(_, reason)| reason.clone());
+                let reason = cached.unwrap_or_else(|| {
+                    let reason: Arc<str> =
+                        quota_reason(&snapshot.queue[qi].team, r, used[r], need[r], q).into();
+                    quota_reasons.insert((team, shape), (used, reason.clone()));
+                    reason
+                });
+                plan.waiting.push(Waiting { job_id, reason });
+                waiting_jobs.push(qi as u32);
+                continue;
+            }
         }
         if let Some(reason) = &blocked_by {
             plan.waiting.push(Waiting {
-                job_id: job.id,
+                job_id,
                 reason: reason.clone(),
             });
-            waiting_keys.push((qi, key));
+            waiting_jobs.push(qi as u32);
             continue;
         }
         // Whether this job would be gone before the reserved one could start.
-        let in_time = reservation.as_ref().is_some_and(|r| {
-            bound(job, policy).is_some_and(|b| now.saturating_add(b) <= r.start_at)
-        });
+        let in_time = reservation
+            .as_ref()
+            .is_some_and(|r| ix.bound_of[qi].is_some_and(|b| now.saturating_add(b) <= r.start_at));
         // Same shape, same outcome within a pass (free capacity only shrinks,
         // the reservation does not change once made).
-        let cache_key = (Shape::of(job), reservation.is_some(), in_time);
-        if let Some(reason) = failed.get(&cache_key) {
+        let slot = usize::from(reservation.is_some()) * 2 + usize::from(in_time);
+        if let Some(reason) = &failed[shape as usize][slot] {
             plan.waiting.push(Waiting {
-                job_id: job.id,
+                job_id,
                 reason: reason.clone(),
             });
-            waiting_keys.push((qi, key));
+            waiting_jobs.push(qi as u32);
             continue;
         }
+        let job = &snapshot.queue[qi];
         let demand = Demand::of(job);
         let placed = match &reservation {
             None => cluster.place(&demand, None),
@@ -350,11 +489,10 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
         };
         match placed {
             Some(assignments) => {
-                orderer.placed(qi);
-                let d = job_amounts(job);
-                let u = usage.entry(job.team.as_str()).or_insert([0; 3]);
+                orderer.placed(qi, t);
+                let d = ix.amounts[shape as usize];
                 for r in 0..3 {
-                    u[r] += d[r];
+                    usage[t][r] += d[r];
                 }
                 plan.placements.push(Placement {
                     job_id: job.id,
@@ -383,12 +521,12 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
                     }
                 }
                 let reason: Arc<str> = reason.into();
-                failed.insert(cache_key, reason.clone());
+                failed[shape as usize][slot] = Some(reason.clone());
                 plan.waiting.push(Waiting {
                     job_id: job.id,
                     reason,
                 });
-                waiting_keys.push((qi, key));
+                waiting_jobs.push(qi as u32);
             }
         }
     }
@@ -398,9 +536,10 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
         preempt(
             snapshot,
             now,
+            &ix,
             &mut cluster,
             &orderer,
-            &waiting_keys,
+            &waiting_jobs,
             &usage,
             &mut used,
             &mut plan,
@@ -410,8 +549,9 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
         reclaim(
             snapshot,
             now,
+            &ix,
             &mut cluster,
-            &waiting_keys,
+            &waiting_jobs,
             &mut usage,
             &mut used,
             &mut plan,
@@ -432,30 +572,6 @@ fn job_amounts(job: &PendingJob) -> [u64; 3] {
     ]
 }
 
-/// What each team's running jobs hold.
-fn team_usage(snapshot: &Snapshot) -> HashMap<&str, [u64; 3]> {
-    let mut usage: HashMap<&str, [u64; 3]> = HashMap::default();
-    for r in &snapshot.running {
-        let d = job_amounts(&r.job);
-        let u = usage.entry(r.job.team.as_str()).or_insert([0; 3]);
-        for k in 0..3 {
-            u[k] += d[k];
-        }
-    }
-    usage
-}
-
-/// Team quotas by name, looked up once per job.
-type Quotas<'a> = HashMap<&'a str, &'a Quota>;
-
-fn quotas(snapshot: &Snapshot) -> Quotas<'_> {
-    snapshot
-        .teams
-        .iter()
-        .filter_map(|t| t.quota.as_ref().map(|q| (t.name.as_str(), q)))
-        .collect()
-}
-
 fn show_amount(r: usize, v: u64) -> String {
     if v == u64::MAX {
         return "unlimited".into();
@@ -467,67 +583,59 @@ fn show_amount(r: usize, v: u64) -> String {
     }
 }
 
-/// Why placing `job` would take its team past its borrowing limit.
-fn over_limit(
-    quotas: &Quotas,
-    usage: &HashMap<&str, [u64; 3]>,
-    job: &PendingJob,
-) -> Option<String> {
-    let q = quotas.get(job.team.as_str())?;
-    let used = usage.get(job.team.as_str()).copied().unwrap_or([0; 3]);
-    let need = job_amounts(job);
-    let limit = q.limit.as_array();
-    let guaranteed = q.guaranteed.as_array();
-    (0..3).find(|r| need[*r] > 0 && used[*r].saturating_add(need[*r]) > limit[*r]).map(|r| {
-        format!(
-            "team quota: team `{}` holds {} {} and this job needs {} more; its limit is {} (guaranteed {})",
-            job.team,
-            show_amount(r, used[r]),
-            RESOURCE_NAMES[r],
-            show_amount(r, need[r]),
-            show_amount(r, limit[r]),
-            show_amount(r, guaranteed[r]),
-        )
-    })
+/// Why placing a job that needs `need` more of resource `r` would take its
+/// team, which holds `used`, past its borrowing limit.
+fn quota_reason(team: &str, r: usize, used: u64, need: u64, q: &Quota) -> String {
+    format!(
+        "team quota: team `{}` holds {} {} and this job needs {} more; its limit is {} (guaranteed {})",
+        team,
+        show_amount(r, used),
+        RESOURCE_NAMES[r],
+        show_amount(r, need),
+        show_amount(r, q.limit.as_array()[r]),
+        show_amount(r, q.guaranteed.as_array()[r]),
+    )
 }
 
 /// Reclaims guaranteed quota: a waiting job whose team stays within its
 /// guarantee (counting the job) and has waited past the grace period gets
 /// room by preempting jobs of teams that borrow beyond their guarantee —
 /// lowest priority first, then the most recently started.
-fn reclaim<'a>(
-    snapshot: &'a Snapshot,
+#[allow(clippy::too_many_arguments)]
+fn reclaim(
+    snapshot: &Snapshot,
     now: u64,
+    ix: &Index,
     cluster: &mut Cluster,
-    waiting: &[(usize, Key)],
-    usage: &mut HashMap<&'a str, [u64; 3]>,
+    waiting: &[u32],
+    usage: &mut [[u64; 3]],
     used: &mut [bool],
     plan: &mut Plan,
 ) {
     let grace = snapshot.policy.reclaim_after_ms;
-    let quotas = quotas(snapshot);
     let already: std::collections::HashSet<JobId> =
         plan.preemptions.iter().map(|p| p.for_job).collect();
     let mut reasons: HashMap<JobId, String> = HashMap::default();
-    for (qi, _) in waiting {
-        let job = &snapshot.queue[*qi];
+    for qi in waiting {
+        let qi = *qi as usize;
+        let job = &snapshot.queue[qi];
         if already.contains(&job.id) || now.saturating_sub(job.submitted_at) < grace {
             continue;
         }
-        let Some(q) = quotas.get(job.team.as_str()) else {
+        let team = ix.team_of[qi] as usize;
+        let Some(q) = ix.quota[team] else {
             continue;
         };
-        let need = job_amounts(job);
-        let mine = usage.get(job.team.as_str()).copied().unwrap_or([0; 3]);
+        let need = ix.amounts[ix.shape_of[qi] as usize];
+        let mine = usage[team];
         let guaranteed = q.guaranteed.as_array();
         if (0..3).any(|r| need[r] > 0 && mine[r] + need[r] > guaranteed[r]) {
             continue;
         }
         // Borrowers: teams above their guarantee in a resource this job needs.
-        let borrowing = |team: &str| {
-            let u = usage.get(team).copied().unwrap_or([0; 3]);
-            let g = quotas
-                .get(team)
+        let borrowing = |t: usize| {
+            let u = usage[t];
+            let g = ix.quota[t]
                 .map(|q| q.guaranteed.as_array())
                 .unwrap_or([0; 3]);
             (0..3).any(|r| need[r] > 0 && u[r] > g[r])
@@ -535,7 +643,8 @@ fn reclaim<'a>(
         let mut pool: Vec<usize> = (0..snapshot.running.len())
             .filter(|i| {
                 let r = &snapshot.running[*i];
-                !used[*i] && r.preemptible && r.job.team != job.team && borrowing(&r.job.team)
+                let t = ix.running_team[*i] as usize;
+                !used[*i] && r.preemptible && t != team && borrowing(t)
             })
             .collect();
         if pool.is_empty() {
@@ -554,10 +663,9 @@ fn reclaim<'a>(
             used[i] = true;
             let v = &snapshot.running[i];
             let d = job_amounts(&v.job);
-            if let Some(u) = usage.get_mut(v.job.team.as_str()) {
-                for r in 0..3 {
-                    u[r] = u[r].saturating_sub(d[r]);
-                }
+            let u = &mut usage[ix.running_team[i] as usize];
+            for r in 0..3 {
+                u[r] = u[r].saturating_sub(d[r]);
             }
             names.push(v.job.id.to_string());
             plan.preemptions.push(Preemption {
@@ -569,7 +677,7 @@ fn reclaim<'a>(
                 ),
             });
         }
-        let u = usage.entry(job.team.as_str()).or_insert([0; 3]);
+        let u = &mut usage[team];
         for r in 0..3 {
             u[r] += need[r];
         }
@@ -581,6 +689,9 @@ fn reclaim<'a>(
                 names.join(", ")
             ),
         );
+    }
+    if reasons.is_empty() {
+        return;
     }
     for w in plan.waiting.iter_mut() {
         if let Some(r) = reasons.remove(&w.job_id) {
@@ -607,10 +718,11 @@ fn bound(job: &PendingJob, policy: &Policy) -> Option<u64> {
 fn preempt(
     snapshot: &Snapshot,
     now: u64,
+    ix: &Index,
     cluster: &mut Cluster,
     orderer: &Orderer,
-    waiting: &[(usize, Key)],
-    usage: &HashMap<&str, [u64; 3]>,
+    waiting: &[u32],
+    usage: &[[u64; 3]],
     used: &mut [bool],
     plan: &mut Plan,
 ) {
@@ -624,17 +736,9 @@ fn preempt(
         total[1] += n.memory_bytes;
         total[2] += n.gpus.iter().filter(|g| g.healthy).count() as u64 * 1000;
     }
-    let weight = |team: &str| {
-        snapshot
-            .teams
-            .iter()
-            .find(|t| t.name == team)
-            .map(|t| t.weight)
-            .unwrap_or(1.0)
-            .max(1e-9)
-    };
-    let share = |team: &str, extra: [u64; 3]| {
-        let u = usage.get(team).copied().unwrap_or([0; 3]);
+    let weight = |team: usize| ix.weight[team].max(1e-9);
+    let share = |team: usize, extra: [u64; 3]| {
+        let u = usage[team];
         let mut s: f64 = 0.0;
         for r in 0..3 {
             if total[r] > 0 {
@@ -657,26 +761,30 @@ fn preempt(
     let mut reasons: HashMap<JobId, String> = HashMap::default();
     // A shape that could not make room cannot for a later job either: later
     // jobs are worse-ordered, so fewer running jobs may yield to them.
-    let mut no_room: std::collections::HashSet<(Shape, &str)> = Default::default();
-    for (qi, key) in waiting {
-        let job = &snapshot.queue[*qi];
-        if no_room.contains(&(Shape::of(job), job.team.as_str())) {
+    let mut no_room: std::collections::HashSet<(u32, u32)> = Default::default();
+    for qi in waiting {
+        let qi = *qi as usize;
+        let job = &snapshot.queue[qi];
+        let key = &orderer.key(qi);
+        let (team, shape) = (ix.team_of[qi], ix.shape_of[qi]);
+        if no_room.contains(&(shape, team)) {
             continue;
         }
-        let mine_after = share(&job.team, job_amounts(job));
+        let mine_after = share(team as usize, ix.amounts[shape as usize]);
         // A victim comes later in the order; unless it is of a lower
         // priority class, it must also keep its progress when stopped, and
         // under fair share belong to this team or to a team that would
         // still hold more than this one.
         let eligible = |k: &Key, i: usize| {
             let v = &snapshot.running[i].job;
+            let vt = ix.running_team[i];
             !used[i]
                 && k.ranks_after(key)
                 && (k.class() > key.class()
                     || (v.resumable
                         && (!policy.fair_share
-                            || v.team == job.team
-                            || mine_after < share(&v.team, [0; 3]))))
+                            || vt == team
+                            || mine_after < share(vt as usize, [0; 3]))))
         };
         let pool: Vec<usize> = victims
             .iter()
@@ -693,7 +801,7 @@ fn preempt(
         let demand = Demand::of(job);
         let made = cluster.make_room(&demand, &pool, &snapshot.running);
         if made.is_none() {
-            no_room.insert((Shape::of(job), job.team.as_str()));
+            no_room.insert((shape, team));
         }
         if let Some(chosen) = made {
             let names: Vec<String> = chosen
@@ -722,6 +830,9 @@ fn preempt(
                 ),
             );
         }
+    }
+    if reasons.is_empty() {
+        return;
     }
     for w in plan.waiting.iter_mut() {
         if let Some(r) = reasons.remove(&w.job_id) {
@@ -848,5 +959,7 @@ fn explain(nodes: &[NodeView], cluster: &Cluster, r: &Resources, replicas: u32) 
     }
 }
 
+#[cfg(test)]
+mod reference;
 #[cfg(test)]
 mod tests;

@@ -6,8 +6,6 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use rustc_hash::FxHashMap as HashMap;
-
 use crate::policy::Within;
 use crate::{PendingJob, RunningJob, Snapshot};
 
@@ -22,6 +20,11 @@ pub struct Key {
 }
 
 impl Key {
+    /// The job it is the key of.
+    pub fn job_id(&self) -> u64 {
+        self.id
+    }
+
     /// The priority class (smaller is a higher priority).
     pub fn class(&self) -> i64 {
         self.class
@@ -38,19 +41,28 @@ impl Key {
 pub struct Orderer<'a> {
     snapshot: &'a Snapshot,
     now: u64,
-    keys: Vec<Key>,
     mode: Mode,
+}
+
+/// A queued job as the walk needs it: its key (which carries its id), where
+/// it is in the queue, its team and its request shape — so that walking a
+/// long queue reads one array in order instead of the jobs themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Entry {
+    pub key: Key,
+    pub qi: u32,
+    pub team: u32,
+    pub shape: u32,
 }
 
 enum Mode {
     Static {
-        order: Vec<usize>,
+        order: Vec<Entry>,
         next: usize,
     },
     Fair {
-        /// Per team, queue indices best first, and a cursor.
-        teams: Vec<(Vec<usize>, usize)>,
-        team_of: Vec<usize>,
+        /// Per team, its queued jobs best first, and a cursor.
+        teams: Vec<(Vec<Entry>, usize)>,
         heap: BinaryHeap<TeamTurn>,
         usage: Vec<[f64; 3]>,
         weight: Vec<f64>,
@@ -138,47 +150,92 @@ fn demand(job: &PendingJob) -> [f64; 3] {
     ]
 }
 
-impl<'a> Orderer<'a> {
-    pub fn new(snapshot: &'a Snapshot, now: u64) -> Orderer<'a> {
-        let keys: Vec<Key> = snapshot
-            .queue
+/// Sorts entries by key. The queue usually arrives in submit order and keys
+/// take few distinct (class, primary) values, so the entries are first
+/// spread over those values (stably) and each run is sorted only when it is
+/// not sorted already. Equal to a plain sort: an entry's position depends
+/// only on its (unique) value.
+fn sort_entries(v: &mut Vec<Entry>) {
+    if v.is_sorted() {
+        return;
+    }
+    let mut buckets: Vec<(i64, u64)> = Vec::new();
+    for Entry { key: k, .. } in v.iter() {
+        let b = (k.class, k.primary);
+        if !buckets.contains(&b) {
+            if buckets.len() == 8 {
+                v.sort_unstable();
+                return;
+            }
+            buckets.push(b);
+        }
+    }
+    buckets.sort_unstable();
+    let mut start = vec![0usize; buckets.len() + 1];
+    let bucket = |k: &Key| {
+        buckets
             .iter()
-            .map(|j| key_of(snapshot, j, 0))
-            .collect();
+            .position(|b| *b == (k.class, k.primary))
+            .unwrap_or(0)
+    };
+    for e in v.iter() {
+        start[bucket(&e.key) + 1] += 1;
+    }
+    for b in 0..buckets.len() {
+        start[b + 1] += start[b];
+    }
+    let mut out = vec![v[0]; v.len()];
+    let mut at = start.clone();
+    for e in v.iter() {
+        let b = bucket(&e.key);
+        out[at[b]] = *e;
+        at[b] += 1;
+    }
+    for b in 0..buckets.len() {
+        let run = &mut out[start[b]..start[b + 1]];
+        if !run.is_sorted() {
+            run.sort_unstable();
+        }
+    }
+    *v = out;
+}
+
+impl<'a> Orderer<'a> {
+    /// `team_of` gives each queued job's team, numbered by first appearance
+    /// in the queue (`0..teams`), `shape_of` its request shape,
+    /// `running_team` each running job's team (teams with nothing queued
+    /// come after), `weight` each team's fair-share weight.
+    pub fn new(
+        snapshot: &'a Snapshot,
+        now: u64,
+        team_of: &[u32],
+        shape_of: &[u32],
+        running_team: &[u32],
+        teams: usize,
+        weight: &[f64],
+    ) -> Orderer<'a> {
+        let entries = snapshot.queue.iter().enumerate().map(|(i, j)| Entry {
+            key: key_of(snapshot, j, 0),
+            qi: i as u32,
+            team: team_of[i],
+            shape: shape_of[i],
+        });
         let mode = if snapshot.policy.fair_share {
-            let mut index: HashMap<&str, usize> = HashMap::default();
-            let mut teams: Vec<(Vec<usize>, usize)> = Vec::new();
-            let mut team_of = Vec::with_capacity(snapshot.queue.len());
-            let mut names: Vec<&str> = Vec::new();
-            for (i, j) in snapshot.queue.iter().enumerate() {
-                let t = *index.entry(j.team.as_str()).or_insert_with(|| {
-                    teams.push((Vec::new(), 0));
-                    names.push(j.team.as_str());
-                    teams.len() - 1
-                });
-                teams[t].0.push(i);
-                team_of.push(t);
+            let mut lists: Vec<(Vec<Entry>, usize)> = vec![(Vec::new(), 0); teams];
+            for e in entries {
+                lists[e.team as usize].0.push(e);
             }
-            for (list, _) in teams.iter_mut() {
-                list.sort_unstable_by_key(|i| keys[*i]);
+            for (list, _) in lists.iter_mut() {
+                sort_entries(list);
             }
-            let weight: Vec<f64> = names
-                .iter()
-                .map(|n| {
-                    snapshot
-                        .teams
-                        .iter()
-                        .find(|t| t.name == *n)
-                        .map(|t| t.weight)
-                        .unwrap_or(1.0)
-                })
-                .collect();
-            let mut usage = vec![[0.0; 3]; teams.len()];
-            for r in &snapshot.running {
-                if let Some(t) = index.get(r.job.team.as_str()) {
+            let weight: Vec<f64> = weight[..teams].to_vec();
+            let mut usage = vec![[0.0; 3]; teams];
+            for (r, t) in snapshot.running.iter().zip(running_team) {
+                let t = *t as usize;
+                if t < teams {
                     let d = demand(&r.job);
                     for k in 0..3 {
-                        usage[*t][k] += d[k];
+                        usage[t][k] += d[k];
                     }
                 }
             }
@@ -189,16 +246,15 @@ impl<'a> Orderer<'a> {
                 total[2] += n.gpus.iter().filter(|g| g.healthy).count() as f64 * 1000.0;
             }
             let mut heap = BinaryHeap::new();
-            for (t, (list, _)) in teams.iter().enumerate() {
+            for (t, (list, _)) in lists.iter().enumerate() {
                 heap.push(TeamTurn {
-                    class: keys[list[0]].class,
+                    class: list[0].key.class,
                     share: dominant(&usage[t], &total, weight[t]),
                     team: t,
                 });
             }
             Mode::Fair {
-                teams,
-                team_of,
+                teams: lists,
                 heap,
                 usage,
                 weight,
@@ -206,25 +262,29 @@ impl<'a> Orderer<'a> {
                 last: None,
             }
         } else {
-            let mut order: Vec<usize> = (0..snapshot.queue.len()).collect();
-            order.sort_unstable_by_key(|i| keys[*i]);
+            let mut order: Vec<Entry> = entries.collect();
+            sort_entries(&mut order);
             Mode::Static { order, next: 0 }
         };
         Orderer {
             snapshot,
             now,
-            keys,
             mode,
         }
     }
 
-    /// The next job to consider, with its key.
-    pub fn next(&mut self) -> Option<(usize, Key)> {
+    /// The key of queued job `qi`.
+    pub fn key(&self, qi: usize) -> Key {
+        key_of(self.snapshot, &self.snapshot.queue[qi], 0)
+    }
+
+    /// The next job to consider.
+    pub fn next(&mut self) -> Option<Entry> {
         match &mut self.mode {
             Mode::Static { order, next } => {
-                let i = *order.get(*next)?;
+                let e = *order.get(*next)?;
                 *next += 1;
-                Some((i, self.keys[i]))
+                Some(e)
             }
             Mode::Fair {
                 teams,
@@ -233,35 +293,42 @@ impl<'a> Orderer<'a> {
                 weight,
                 total,
                 last,
-                ..
             } => {
                 if let Some(t) = last.take() {
-                    let (list, cursor) = &teams[t];
-                    if let Some(i) = list.get(*cursor) {
-                        heap.push(TeamTurn {
-                            class: self.keys[*i].class,
+                    let (list, cursor) = &mut teams[t];
+                    if let Some(&e) = list.get(*cursor) {
+                        let turn = TeamTurn {
+                            class: e.key.class,
                             share: dominant(&usage[t], total, weight[t]),
                             team: t,
-                        });
+                        };
+                        // Pushing the turn and popping the best would give
+                        // it straight back when it beats every other team
+                        // (turns are distinct: they name their team).
+                        if heap.peek().is_none_or(|top| turn > *top) {
+                            *cursor += 1;
+                            *last = Some(t);
+                            return Some(e);
+                        }
+                        heap.push(turn);
                     }
                 }
                 let turn = heap.pop()?;
                 let (list, cursor) = &mut teams[turn.team];
-                let i = list[*cursor];
+                let e = list[*cursor];
                 *cursor += 1;
                 *last = Some(turn.team);
-                Some((i, self.keys[i]))
+                Some(e)
             }
         }
     }
 
     /// The job just returned by `next` was placed: its team's share grows.
-    pub fn placed(&mut self, qi: usize) {
-        if let Mode::Fair { usage, team_of, .. } = &mut self.mode {
+    pub fn placed(&mut self, qi: usize, team: usize) {
+        if let Mode::Fair { usage, .. } = &mut self.mode {
             let d = demand(&self.snapshot.queue[qi]);
-            let t = team_of[qi];
             for k in 0..3 {
-                usage[t][k] += d[k];
+                usage[team][k] += d[k];
             }
         }
     }

@@ -854,3 +854,165 @@ fn fair_share_never_preempts_a_team_that_would_then_hold_less() {
         vec![1]
     );
 }
+
+// ---- the fast pass chooses exactly what the reference pass chooses ----
+
+/// A richer snapshot for comparing against [`crate::reference`]: more teams
+/// (some weighted, some under quota, one listed twice), jobs started at
+/// different times (some not preemptible, some with a `max_runtime`), the
+/// queue in any order, and a time at which minimum run times and reclaim
+/// grace periods may or may not have passed.
+fn arb_rich_snapshot() -> impl Strategy<Value = (Snapshot, u64)> {
+    (
+        arb_snapshot(),
+        proptest::collection::vec((0u8..4, 1u8..4, 0u64..6, 0u64..6), 0..6),
+        any::<u64>(),
+        0u64..200_000,
+        0u8..5,
+    )
+        .prop_map(|(mut s, teams, seed, now, runtime_every)| {
+            let mut x = seed | 1;
+            let mut rnd = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            for j in s
+                .queue
+                .iter_mut()
+                .chain(s.running.iter_mut().map(|r| &mut r.job))
+            {
+                j.team = format!("t{}", rnd() % 5);
+                if runtime_every > 0 && rnd() % u64::from(runtime_every) == 0 {
+                    j.max_runtime_ms = Some(rnd() % 300_000);
+                }
+            }
+            for r in s.running.iter_mut() {
+                r.started_at = rnd() % 150_000;
+                r.preemptible = rnd() % 5 != 0;
+            }
+            // Shuffle the queue: the plan must not depend on its order
+            // beyond what the reference also depends on.
+            for i in (1..s.queue.len()).rev() {
+                let k = (rnd() % (i as u64 + 1)) as usize;
+                s.queue.swap(i, k);
+            }
+            s.teams = teams
+                .iter()
+                .map(|(t, w, g, l)| TeamView {
+                    name: format!("t{t}"),
+                    weight: f64::from(*w) / 2.0,
+                    quota: (g + l > 0).then(|| Quota {
+                        guaranteed: Amounts {
+                            gpu_milli: g * 1000,
+                            cpu_milli: g * 4000,
+                            ..Amounts::ZERO
+                        },
+                        limit: Amounts {
+                            gpu_milli: (g + l) * 1000,
+                            ..Amounts::UNLIMITED
+                        },
+                    }),
+                })
+                .collect();
+            (s, now)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1500))]
+
+    /// Same plan as the reference scheduler — placements, their order, every
+    /// waiting job's reason (in the same order), preemptions — for every
+    /// policy, queue order, team weights and quotas.
+    #[test]
+    fn same_plan_as_the_reference((snap, now) in arb_rich_snapshot()) {
+        prop_assert_eq!(schedule(&snap, now), crate::reference::schedule(&snap, now));
+    }
+}
+
+/// The same on large synthetic snapshots (thousands of jobs, many teams
+/// under quota, some of the cluster busy), where the fast paths — stopping
+/// early, skipping shapes known not to fit, the fair-share run — do most of
+/// the work.
+#[test]
+fn same_plan_as_the_reference_at_scale() {
+    for (seed, policy) in Policy::NAMES.iter().enumerate() {
+        let mut x = seed as u64 * 7919 + 1;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let nodes: Vec<NodeView> = (0..60)
+            .map(|i| {
+                NodeView::new(format!("n{i}"), 64_000, 512 * GI).with_gpus(
+                    if i % 10 == 9 { 0 } else { 8 },
+                    if i % 3 == 0 { "A100" } else { "H100" },
+                )
+            })
+            .collect();
+        let queue: Vec<PendingJob> = (0..3000u64)
+            .map(|id| {
+                let kind = rnd(100);
+                let (r, replicas) = if kind < 65 {
+                    let g = [1, 1, 2, 4, 8][rnd(5) as usize];
+                    let mut r = res(u64::from(g) * 6, u64::from(g) * 48, g);
+                    if rnd(4) == 0 {
+                        r.gpu_models = vec!["H100".into()];
+                    }
+                    (r, 1)
+                } else if kind < 75 {
+                    (frac(250 * (1 + rnd(3) as u32)), 1)
+                } else if kind < 95 {
+                    (res(1 + rnd(16), 2 + rnd(60), 0), 1)
+                } else {
+                    (res(48, 384, 8), 2 + rnd(3) as u32)
+                };
+                let mut j = PendingJob::new(
+                    id + 1,
+                    format!("team-{}", rnd(12)),
+                    if rnd(10) == 0 { 5 } else { 0 },
+                    rnd(10_000),
+                    r,
+                    replicas,
+                );
+                j.expected_runtime_ms = Some(1 + rnd(4_000_000));
+                j.attained_ms = if rnd(3) == 0 { rnd(2_000_000) } else { 0 };
+                j.resumable = true;
+                j
+            })
+            .collect();
+        let teams: Vec<TeamView> = (0..12)
+            .map(|t| TeamView {
+                name: format!("team-{t}"),
+                weight: 1.0 + (t % 3) as f64,
+                quota: (t % 4 != 3).then_some(Quota {
+                    guaranteed: gpus(15),
+                    limit: gpus(20 + t * 2),
+                }),
+            })
+            .collect();
+        // Fill part of the cluster with the first jobs, then queue the rest.
+        let mut s = Snapshot {
+            nodes,
+            queue: queue[..400].to_vec(),
+            teams,
+            policy: Policy::named("drf").unwrap(),
+            ..Snapshot::default()
+        };
+        let plan = schedule(&s, 0);
+        start(&mut s, &plan, 0);
+        s.queue = queue[400..].to_vec();
+        s.policy = Policy::named(policy).unwrap();
+        for now in [0, 45_000, 200_000, 5_000_000] {
+            assert_eq!(
+                schedule(&s, now),
+                crate::reference::schedule(&s, now),
+                "policy {policy} at {now}"
+            );
+        }
+    }
+}
