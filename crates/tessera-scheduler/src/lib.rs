@@ -300,8 +300,11 @@ struct Index<'a> {
     /// listed; 1 when not listed).
     quota: Vec<Option<&'a Quota>>,
     weight: Vec<f64>,
-    /// Per shape, a job's total demand ([`job_amounts`]).
+    /// Per shape, a job's total demand ([`job_amounts`]), its first job and
+    /// how many jobs ask for it.
     amounts: Vec<[u64; 3]>,
+    shape_job: Vec<u32>,
+    shape_count: Vec<u64>,
     /// Per queued job, its run-time bound (only under backfill, where
     /// reservations use it).
     bound_of: Vec<Option<u64>>,
@@ -319,15 +322,20 @@ impl<'a> Index<'a> {
         };
         let mut shapes: HashMap<Shape<'a>, u32> = HashMap::default();
         let mut amounts = Vec::new();
+        let mut shape_job = Vec::new();
+        let mut shape_count = Vec::new();
         let mut team_of = Vec::with_capacity(snapshot.queue.len());
         let mut shape_of = Vec::with_capacity(snapshot.queue.len());
-        for j in &snapshot.queue {
+        for (i, j) in snapshot.queue.iter().enumerate() {
             team_of.push(intern(j.team.as_str()));
             let next = amounts.len() as u32;
             let s = *shapes.entry(Shape::of(j)).or_insert(next);
             if s == next {
                 amounts.push(job_amounts(j));
+                shape_job.push(i as u32);
+                shape_count.push(0);
             }
+            shape_count[s as usize] += 1;
             shape_of.push(s);
         }
         let queued_teams = team_of.iter().max().map_or(0, |t| *t as usize + 1);
@@ -367,6 +375,8 @@ impl<'a> Index<'a> {
             quota,
             weight: weight.into_iter().map(|w| w.unwrap_or(1.0)).collect(),
             amounts,
+            shape_job,
+            shape_count,
             bound_of,
         }
     }
@@ -389,12 +399,18 @@ impl<'a> Index<'a> {
 pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
     let policy = &snapshot.policy;
     let ix = Index::new(snapshot);
-    let mut cluster = Cluster::new(
-        &snapshot.nodes,
-        &snapshot.queue,
-        &snapshot.running,
-        policy.packing,
-    );
+    // The workload fragmentation scoring expects: the queue, one shape at a
+    // time, and what runs.
+    let queued = ix.shape_job.iter().zip(&ix.shape_count).map(|(i, n)| {
+        let j = &snapshot.queue[*i as usize];
+        (&j.resources, j.replicas, *n)
+    });
+    let running = snapshot
+        .running
+        .iter()
+        .map(|r| (&r.job.resources, r.job.replicas, 1));
+    let mut cluster =
+        Cluster::with_workload(&snapshot.nodes, policy.packing, queued.chain(running));
     let mut orderer = Orderer::new(
         snapshot,
         now,

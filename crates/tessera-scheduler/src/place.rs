@@ -2,6 +2,7 @@
 //! node scoring (best fit or fragmentation gradient), GPU choice within a
 //! node, reservations for backfill, and making room by preemption.
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 
 use rustc_hash::FxHashMap as HashMap;
@@ -17,7 +18,7 @@ const WHOLE: u32 = 1000;
 type Score = (f64, f64, f64);
 
 /// Free capacity of one node.
-#[derive(Debug, Clone)]
+#[derive(Debug, Default)]
 struct Free {
     cpu: u64,
     mem: u64,
@@ -25,6 +26,26 @@ struct Free {
     gpu: Vec<u32>,
     /// Slots entirely free.
     whole: u32,
+}
+
+impl Clone for Free {
+    fn clone(&self) -> Free {
+        Free {
+            cpu: self.cpu,
+            mem: self.mem,
+            gpu: self.gpu.clone(),
+            whole: self.whole,
+        }
+    }
+
+    /// Reuses the GPU list's allocation (trials copy all nodes' free
+    /// capacity over and over).
+    fn clone_from(&mut self, source: &Free) {
+        self.cpu = source.cpu;
+        self.mem = source.mem;
+        self.gpu.clone_from(&source.gpu);
+        self.whole = source.whole;
+    }
 }
 
 impl Free {
@@ -127,10 +148,15 @@ struct WorkClass {
 pub struct Cluster<'a> {
     nodes: &'a [NodeView],
     free: Vec<Free>,
-    models_lower: Vec<Vec<String>>,
+    /// Per node, its group of alike GPU model lists; per group, the models
+    /// lowercased (nodes mostly share one list, lowercased once).
+    model_group: Vec<usize>,
+    group_models: Vec<Vec<String>>,
     packing: Packing,
     workload: Vec<WorkClass>,
     classes: Classes,
+    /// Scratch copies of `free` for trials, reused between them.
+    scratch: RefCell<Vec<Free>>,
 }
 
 /// What makes two nodes interchangeable for placement: the same capacity,
@@ -158,17 +184,9 @@ struct Classes {
 }
 
 impl Classes {
-    fn build(nodes: &[NodeView], free: &[Free], models_lower: &[Vec<String>]) -> Classes {
-        let mut groups: HashMap<&[String], usize> = HashMap::default();
-        let model_group = models_lower
-            .iter()
-            .map(|m| {
-                let n = groups.len();
-                *groups.entry(m.as_slice()).or_insert(n)
-            })
-            .collect();
+    fn build(nodes: &[NodeView], free: &[Free], model_group: &[usize]) -> Classes {
         let mut c = Classes {
-            model_group,
+            model_group: model_group.to_vec(),
             class_of: vec![usize::MAX; nodes.len()],
             ..Classes::default()
         };
@@ -212,35 +230,66 @@ impl Classes {
 }
 
 impl<'a> Cluster<'a> {
+    #[cfg(test)]
     pub fn new(
         nodes: &'a [NodeView],
         queue: &[PendingJob],
         running: &[RunningJob],
         packing: Packing,
     ) -> Cluster<'a> {
+        let jobs = queue.iter().chain(running.iter().map(|r| &r.job));
+        Cluster::with_workload(nodes, packing, jobs.map(|j| (&j.resources, j.replicas, 1)))
+    }
+
+    /// Free capacity as the nodes report it. `jobs` are the requests seen
+    /// (resources, replicas, how many jobs ask for it) that fragmentation
+    /// scoring expects to arrive.
+    pub fn with_workload<'r>(
+        nodes: &'a [NodeView],
+        packing: Packing,
+        jobs: impl Iterator<Item = (&'r Resources, u32, u64)>,
+    ) -> Cluster<'a> {
         let workload = if packing == Packing::Fragmentation {
-            workload(queue.iter().chain(running.iter().map(|r| &r.job)))
+            workload(jobs)
         } else {
             Vec::new()
         };
         let free: Vec<Free> = nodes.iter().map(Free::of).collect();
-        let models_lower: Vec<Vec<String>> = nodes
-            .iter()
-            .map(|n| {
-                n.gpus
-                    .iter()
-                    .map(|g| g.model.to_ascii_lowercase())
-                    .collect()
-            })
-            .collect();
-        let classes = Classes::build(nodes, &free, &models_lower);
+        let mut groups: HashMap<Vec<String>, usize> = HashMap::default();
+        let mut group_models: Vec<Vec<String>> = Vec::new();
+        let mut model_group = Vec::with_capacity(nodes.len());
+        for (i, n) in nodes.iter().enumerate() {
+            let same_as_previous = i > 0 && {
+                let p = &nodes[i - 1];
+                p.gpus.len() == n.gpus.len()
+                    && p.gpus.iter().zip(&n.gpus).all(|(a, b)| a.model == b.model)
+            };
+            if same_as_previous {
+                model_group.push(model_group[i - 1]);
+                continue;
+            }
+            let lower: Vec<String> = n
+                .gpus
+                .iter()
+                .map(|g| g.model.to_ascii_lowercase())
+                .collect();
+            let next = group_models.len();
+            let g = *groups.entry(lower.clone()).or_insert(next);
+            if g == next {
+                group_models.push(lower);
+            }
+            model_group.push(g);
+        }
+        let classes = Classes::build(nodes, &free, &model_group);
         Cluster {
             nodes,
             free,
-            models_lower,
+            model_group,
+            group_models,
             packing,
             workload,
             classes,
+            scratch: RefCell::new(Vec::new()),
         }
     }
 
@@ -248,7 +297,7 @@ impl<'a> Cluster<'a> {
         d.models.is_empty()
             || d.models
                 .iter()
-                .any(|m| self.models_lower[node][slot].contains(m.as_str()))
+                .any(|m| self.group_models[self.model_group[node]][slot].contains(m.as_str()))
     }
 
     /// Whether one replica fits on `node` given `free` (and what a
@@ -333,24 +382,25 @@ impl<'a> Cluster<'a> {
         score
     }
 
-    /// Expected GPU thousandths on a node that the typical job could not use.
-    fn fragmentation(&self, free: &Free) -> f64 {
-        let total: u32 = free.gpu.iter().sum();
+    /// Expected GPU thousandths on a node (with `cpu` free, `gpu` free per
+    /// slot, `whole` slots entirely free) that the typical job could not use.
+    fn fragmentation(&self, cpu: u64, gpu: &[u32], whole: u32) -> f64 {
+        let total: u32 = gpu.iter().sum();
         if total == 0 {
             return 0.0;
         }
         let mut frag = 0.0;
         for c in &self.workload {
-            let unusable = if free.cpu < c.cpu {
+            let unusable = if cpu < c.cpu {
                 total
             } else if c.whole > 0 {
-                if free.whole >= c.whole {
-                    free.gpu.iter().filter(|m| **m < WHOLE).sum()
+                if whole >= c.whole {
+                    gpu.iter().filter(|m| **m < WHOLE).sum()
                 } else {
                     total
                 }
             } else {
-                free.gpu.iter().filter(|m| **m < c.milli).sum()
+                gpu.iter().filter(|m| **m < c.milli).sum()
             };
             frag += c.weight * unusable as f64;
         }
@@ -373,13 +423,26 @@ impl<'a> Cluster<'a> {
         if self.packing == Packing::BestFit || self.workload.is_empty() {
             return (fit, 0.0, price);
         }
-        let mut after = free.clone();
-        after.cpu -= d.cpu;
-        after.mem -= d.mem;
+        let per = if d.whole > 0 { WHOLE } else { d.milli };
+        let mut buf = [0u32; 16];
+        let mut heap = Vec::new();
+        let gpu_after: &mut [u32] = if free.gpu.len() <= buf.len() {
+            &mut buf[..free.gpu.len()]
+        } else {
+            heap.extend_from_slice(&free.gpu);
+            &mut heap
+        };
+        gpu_after.copy_from_slice(&free.gpu);
+        let mut whole_after = free.whole;
         for s in gpus {
-            after.take_gpu(*s, if d.whole > 0 { WHOLE } else { d.milli });
+            let before = gpu_after[*s];
+            gpu_after[*s] = before.saturating_sub(per);
+            if before == WHOLE && gpu_after[*s] < WHOLE {
+                whole_after -= 1;
+            }
         }
-        let delta = self.fragmentation(&after) - self.fragmentation(free);
+        let delta = self.fragmentation(free.cpu - d.cpu, gpu_after, whole_after)
+            - self.fragmentation(free.cpu, &free.gpu, free.whole);
         (delta, fit, price)
     }
 
@@ -402,7 +465,7 @@ impl<'a> Cluster<'a> {
                 return None;
             };
             before.push((node, self.free[node].clone()));
-            let mut f = self.free[node].clone();
+            let mut f = std::mem::take(&mut self.free[node]);
             out.push(self.take(&mut f, node, d, &slots, replica));
             self.free[node] = f;
             self.classes.refresh(self.nodes, &self.free, node);
@@ -574,7 +637,8 @@ impl<'a> Cluster<'a> {
         let k = self.fewest_releases(d, &order, running)?;
         let end = ends[k - 1].0;
         {
-            let mut trial = self.free.clone();
+            let mut trial = self.scratch.borrow_mut();
+            trial.clone_from(&self.free);
             for i in &order[..k] {
                 self.release_running(&mut trial, &running[*i]);
             }
@@ -617,7 +681,8 @@ impl<'a> Cluster<'a> {
         running: &[RunningJob],
     ) -> Option<usize> {
         let fits_after = |k: usize| {
-            let mut trial = self.free.clone();
+            let mut trial = self.scratch.borrow_mut();
+            trial.clone_from(&self.free);
             for i in &order[..k] {
                 self.release_running(&mut trial, &running[*i]);
             }
@@ -652,7 +717,8 @@ impl<'a> Cluster<'a> {
         // Spare the victims that turned out not to be needed.
         let mut i = 0;
         while i + 1 < chosen.len() {
-            let mut trial = self.free.clone();
+            let mut trial = self.scratch.borrow_mut();
+            trial.clone_from(&self.free);
             for (k, v) in chosen.iter().enumerate() {
                 if k != i {
                     self.release_running(&mut trial, &running[*v]);
@@ -670,7 +736,7 @@ impl<'a> Cluster<'a> {
         }
         let _ = self.place_on(&mut free, d, None);
         self.free = free;
-        self.classes = Classes::build(self.nodes, &self.free, &self.models_lower);
+        self.classes = Classes::build(self.nodes, &self.free, &self.model_group);
         Some(chosen)
     }
 
@@ -743,12 +809,11 @@ pub fn slots_when_empty(n: &NodeView, r: &Resources) -> u64 {
     by_cpu.min(by_mem).min(by_gpu)
 }
 
-/// The mix of GPU requests among the jobs seen, weighted by how often each
-/// appears (at most 16 kinds).
-fn workload<'a>(jobs: impl Iterator<Item = &'a PendingJob>) -> Vec<WorkClass> {
+/// The mix of GPU requests among the jobs seen (resources, replicas, how
+/// many jobs), weighted by how often each appears (at most 16 kinds).
+fn workload<'a>(jobs: impl Iterator<Item = (&'a Resources, u32, u64)>) -> Vec<WorkClass> {
     let mut counts: Vec<(u32, u32, u64, u64)> = Vec::new(); // whole, milli, cpu sum, n
-    for j in jobs {
-        let r = &j.resources;
+    for (r, replicas, jobs) in jobs {
         if !r.wants_gpu() {
             continue;
         }
@@ -757,7 +822,7 @@ fn workload<'a>(jobs: impl Iterator<Item = &'a PendingJob>) -> Vec<WorkClass> {
         } else {
             (0, r.gpu_milli)
         };
-        let n = j.replicas as u64;
+        let n = replicas as u64 * jobs;
         match counts.iter_mut().find(|c| c.0 == whole && c.1 == milli) {
             Some(c) => {
                 c.2 += r.cpu_milli * n;
