@@ -17,6 +17,7 @@ pub mod cgroup;
 pub mod container;
 pub mod gpu;
 pub mod remote;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -84,7 +85,7 @@ pub fn log_path(home: &Path, key: ReplicaKey) -> PathBuf {
         .join(format!("{}.log", key.replica))
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -42,6 +42,9 @@ pub struct RemoteConfig {
     /// (they are then reconciled on reconnect; the server may meanwhile have
     /// run the work elsewhere).
     pub keep_running_when_disconnected: bool,
+    /// Which server certificate to trust on `https://`; kept in the
+    /// credential at join, so later starts need no flags.
+    pub trust: crate::tls::Trust,
 }
 
 /// What a joined agent keeps under its home (mode 0600).
@@ -50,6 +53,9 @@ struct Credential {
     server: String,
     node: String,
     credential: String,
+    /// The certificate trust used at join (`https://` servers).
+    #[serde(default, flatten)]
+    trust: crate::tls::Trust,
 }
 
 fn credential_path(home: &Path) -> PathBuf {
@@ -76,8 +82,14 @@ struct ErrorBody {
 async fn credential(config: &AgentConfig, remote: &RemoteConfig) -> anyhow::Result<Credential> {
     let path = credential_path(&config.home);
     if let Ok(text) = std::fs::read_to_string(&path) {
-        let c: Credential =
+        let mut c: Credential =
             serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+        // Trust given now (a new pin after the server's certificate changed)
+        // replaces the one kept, and is kept in turn.
+        if !remote.trust.is_empty() && remote.trust != c.trust {
+            c.trust = remote.trust.clone();
+            write_private(&path, &serde_json::to_string_pretty(&c)?)?;
+        }
         if let Some(name) = &config.name {
             if *name != c.node {
                 bail!(
@@ -96,12 +108,24 @@ async fn credential(config: &AgentConfig, remote: &RemoteConfig) -> anyhow::Resu
     };
     let node = config.name.clone().unwrap_or_else(crate::hostname);
     let url = format!("{}/v1/agents/join", remote.server.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
+    let mut http = reqwest::Client::builder();
+    if let Some(tls) = remote.trust.client_config(&remote.server)? {
+        http = http.use_preconfigured_tls((*tls).clone());
+    }
+    let resp = http
+        .build()
+        .context("setting up the HTTP client")?
         .post(&url)
         .json(&serde_json::json!({ "token": token, "node": node }))
         .send()
         .await
-        .with_context(|| format!("cannot reach the server at {}", remote.server))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the server at {}: {}",
+                remote.server,
+                crate::tls::error_chain(&e)
+            )
+        })?;
     let status = resp.status();
     let body = resp.text().await.unwrap_or_default();
     if !status.is_success() {
@@ -115,6 +139,7 @@ async fn credential(config: &AgentConfig, remote: &RemoteConfig) -> anyhow::Resu
         server: remote.server.clone(),
         node: joined.node,
         credential: joined.credential,
+        trust: remote.trust.clone(),
     };
     write_private(&path, &serde_json::to_string_pretty(&c)?)?;
     info!(node = %c.node, "joined the pool");
@@ -282,6 +307,7 @@ impl Link {
 /// over a connection it keeps open.
 pub async fn run(mut config: AgentConfig, remote: RemoteConfig) -> anyhow::Result<()> {
     let cred = credential(&config, &remote).await?;
+    let tls = cred.trust.client_config(&remote.server)?;
     config.name = Some(cred.node.clone());
     config.watchdog = !remote.keep_running_when_disconnected;
     let home = config.home.clone();
@@ -322,7 +348,7 @@ pub async fn run(mut config: AgentConfig, remote: RemoteConfig) -> anyhow::Resul
     };
     let mut backoff = Duration::from_millis(100);
     loop {
-        match connect(&remote.server, &cred, &mut link).await {
+        match connect(&remote.server, &cred, tls.clone(), &mut link).await {
             Ok(ws) => {
                 backoff = Duration::from_millis(100);
                 info!(server = %remote.server, node = %cred.node, "connected");
@@ -387,7 +413,12 @@ fn check_lease(link: &mut Link, cmd_tx: &mpsc::UnboundedSender<ToAgent>, remote:
 
 /// Opens the connection and does the handshake: Welcome in; Register, held
 /// reports and Sync out.
-async fn connect(server: &str, cred: &Credential, link: &mut Link) -> anyhow::Result<Ws> {
+async fn connect(
+    server: &str,
+    cred: &Credential,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    link: &mut Link,
+) -> anyhow::Result<Ws> {
     let base = server.trim_end_matches('/');
     let ws_url = if let Some(rest) = base.strip_prefix("https://") {
         format!("wss://{rest}/v1/agents/connect")
@@ -405,9 +436,14 @@ async fn connect(server: &str, cred: &Credential, link: &mut Link) -> anyhow::Re
         .lease
         .map(|l| (l / 4).clamp(Duration::from_millis(200), Duration::from_secs(5)))
         .unwrap_or(Duration::from_secs(5));
-    let (mut ws, _) = tokio::time::timeout(timeout, tokio_tungstenite::connect_async(req))
-        .await
-        .context("connecting timed out")??;
+    let connector = tls.map(tokio_tungstenite::Connector::Rustls);
+    let (mut ws, _) = tokio::time::timeout(
+        timeout,
+        tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector),
+    )
+    .await
+    .context("connecting timed out")?
+    .map_err(|e| anyhow::anyhow!(crate::tls::error_chain(&e)))?;
     let welcome = tokio::time::timeout(timeout, ws.next())
         .await
         .context("no welcome from the server")?;
@@ -465,6 +501,9 @@ async fn serve(
 ) {
     let (mut sink, mut stream) = ws.split();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    // Heartbeats at the server's pace (its `Welcome` says it), whatever the
+    // agent's own default: the server's node lease is computed from it.
+    let mut last_beat = Instant::now();
     loop {
         tokio::select! {
             msg = stream.next() => {
@@ -508,6 +547,17 @@ async fn serve(
                 }
             }
             _ = tick.tick() => {
+                if last_beat.elapsed() >= link.heartbeat {
+                    last_beat = Instant::now();
+                    let beat = FromAgent::Heartbeat {
+                        node: link.inventory.name.clone(),
+                        at: crate::now_ms(),
+                    };
+                    let text = Message::Text(serde_json::to_string(&beat).expect("serialisable").into());
+                    if sink.send(text).await.is_err() {
+                        return;
+                    }
+                }
                 let keys: Vec<ReplicaKey> = link.running.iter().copied().collect();
                 for key in keys {
                     for frame in link.log_frames(key) {

@@ -12,6 +12,7 @@ use anyhow::{anyhow, Context, Result};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tessera_agent::tls::Trust;
 
 /// Where `tessera up` listens unless told otherwise.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:7700";
@@ -113,6 +114,34 @@ impl ClientConfig {
     }
 }
 
+/// Which certificate an `https://` server must present: `TESSERA_PIN` or
+/// `TESSERA_CA`, else `tls_fingerprint` or `ca` in `$home/config` when that
+/// file names the same server.
+pub fn resolve_trust(url: &str, home: &Path) -> Result<Trust> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let from_env = Trust {
+        pin: env("TESSERA_PIN"),
+        ca: env("TESSERA_CA").map(PathBuf::from),
+    };
+    if !from_env.is_empty() {
+        return Ok(from_env);
+    }
+    let Some(text) = read_optional(&home.join("config"))? else {
+        return Ok(Trust::default());
+    };
+    let mut config = parse_config(&text);
+    if config.get("url").map(|u| normalize_url(u)).as_deref() != Some(url) {
+        return Ok(Trust::default());
+    }
+    Ok(Trust {
+        pin: config.remove("tls_fingerprint").filter(|v| !v.is_empty()),
+        ca: config
+            .remove("ca")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from),
+    })
+}
+
 /// An error the server answered with: `{"error": {"code", "message", "field"}}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -182,20 +211,42 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
+    trust: Trust,
 }
 
 impl Client {
     pub fn new(config: ClientConfig) -> Result<Client> {
-        let http = reqwest::Client::builder()
+        Client::with_trust(config, Trust::default())
+    }
+
+    /// A client that checks an `https://` server's certificate against `trust`.
+    pub fn with_trust(config: ClientConfig, trust: Trust) -> Result<Client> {
+        let mut http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .user_agent(concat!("tessera-cli/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("cannot set up the HTTP client")?;
+            .user_agent(concat!("tessera-cli/", env!("CARGO_PKG_VERSION")));
+        if let Some(tls) = trust.client_config(&config.url)? {
+            http = http.use_preconfigured_tls((*tls).clone());
+        }
+        let http = http.build().context("cannot set up the HTTP client")?;
         Ok(Client {
             http,
             base: config.url,
             token: config.token,
+            trust,
         })
+    }
+
+    /// The flags an agent needs to trust this server as this client does
+    /// (`--pin` or `--ca`); empty for plain HTTP.
+    pub fn agent_trust_flags(&self) -> String {
+        if !self.base.starts_with("https://") {
+            return String::new();
+        }
+        match (&self.trust.pin, &self.trust.ca) {
+            (Some(pin), _) => format!(" --pin {pin}"),
+            (None, Some(ca)) => format!(" --ca {}", ca.display()),
+            (None, None) => String::new(),
+        }
     }
 
     /// The server's base URL.
@@ -211,7 +262,13 @@ impl Client {
 
     /// Turns a transport failure into an error a person can act on.
     fn transport_error(&self, e: reqwest::Error) -> anyhow::Error {
-        if e.is_connect() {
+        if tessera_agent::tls::is_tls_failure(&e) {
+            anyhow!(
+                "TLS with the Tessera server at {} failed: {} (check TESSERA_PIN, TESSERA_CA or the server's certificate)",
+                self.base,
+                tessera_agent::tls::error_chain(&e)
+            )
+        } else if e.is_connect() {
             anyhow!(
                 "cannot reach the Tessera server at {}: is `tessera up` running?",
                 self.base

@@ -31,6 +31,47 @@ pub struct ServerArgs {
     /// Time between SIGTERM and SIGKILL when a replica is stopped
     #[arg(long, value_parser = duration_ms, default_value = "10s", value_name = "DURATION")]
     pub kill_grace: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// HTTPS for the control plane (`tessera server`, `tessera up`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct TlsArgs {
+    /// Serve HTTPS with a self-signed certificate made on first start
+    /// ($TESSERA_HOME/tls/cert.pem) and reused after
+    #[arg(long)]
+    pub tls: bool,
+    /// Serve HTTPS with this PEM certificate (chain, leaf first) instead
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Another name (DNS name or IP address) for the self-signed certificate,
+    /// besides localhost, 127.0.0.1 and the host name; repeatable
+    #[arg(
+        long = "tls-san",
+        value_name = "NAME",
+        requires = "tls",
+        conflicts_with = "tls_cert"
+    )]
+    pub tls_san: Vec<String>,
+}
+
+impl TlsArgs {
+    pub fn source(&self) -> Option<tessera_server::tls::TlsSource> {
+        use tessera_server::tls::TlsSource;
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => self.tls.then(|| TlsSource::SelfSigned {
+                extra_names: self.tls_san.clone(),
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +112,14 @@ pub struct AgentArgs {
     /// (by default they are stopped, so a rescheduled copy never overlaps them)
     #[arg(long)]
     pub keep_running_when_disconnected: bool,
+    /// For an https server: accept exactly the certificate with this
+    /// fingerprint (printed by the server on start; kept after joining)
+    #[arg(long, value_name = "sha256:HEX", conflicts_with = "ca")]
+    pub pin: Option<String>,
+    /// For an https server: trust the CA (or self-signed certificate) in
+    /// this PEM file (kept after joining)
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
 }
 
 fn labels(s: &str) -> Result<BTreeMap<String, String>, String> {
@@ -150,6 +199,7 @@ pub async fn server(g: &Globals, args: ServerArgs) -> Result<()> {
     config.heartbeat = Duration::from_millis(args.heartbeat);
     config.node_lease = args.node_lease.map(Duration::from_millis);
     config.policy = tessera_scheduler::Policy::named(&args.policy).expect("checked by clap");
+    config.tls = args.tls.source();
     tessera_server::run_up(config).await
 }
 
@@ -185,6 +235,10 @@ pub async fn agent(g: &Globals, args: AgentArgs) -> Result<()> {
         server: crate::client::normalize_url(&args.server),
         join_token: args.join_token,
         keep_running_when_disconnected: args.keep_running_when_disconnected,
+        trust: tessera_agent::tls::Trust {
+            pin: args.pin,
+            ca: args.ca.map(|ca| std::path::absolute(&ca).unwrap_or(ca)),
+        },
     };
     tokio::select! {
         r = tessera_agent::remote::run(config, remote) => r,
@@ -237,8 +291,9 @@ pub async fn join_token(g: &Globals, command: JoinTokenCommand) -> Result<()> {
         ("uses", uses),
     ]))?;
     output::print(&format!(
-        "\nOn each machine: tessera agent --server {} --join-token {token}\n",
-        client.url()
+        "\nOn each machine: tessera agent --server {}{} --join-token {token}\n",
+        client.url(),
+        client.agent_trust_flags()
     ))?;
     Ok(())
 }

@@ -173,6 +173,8 @@ struct UpArgs {
     /// Price of one GPU per hour on the local node
     #[arg(long, default_value_t = 0.0, value_name = "PRICE")]
     price_gpu_hour: f64,
+    #[command(flatten)]
+    tls: fleet::TlsArgs,
 }
 
 pub(crate) fn policy_name(s: &str) -> Result<String, String> {
@@ -327,9 +329,10 @@ impl Globals {
 
     /// A client for the configured server; fails when there is no token.
     pub fn client(&self) -> Result<Client> {
-        let config =
-            ClientConfig::resolve(self.url.as_deref(), self.token.as_deref(), &self.home()?)?;
-        Client::new(config)
+        let home = self.home()?;
+        let config = ClientConfig::resolve(self.url.as_deref(), self.token.as_deref(), &home)?;
+        let trust = client::resolve_trust(&config.url, &home)?;
+        Client::with_trust(config, trust)
     }
 }
 
@@ -359,6 +362,7 @@ async fn up(globals: &Globals, args: UpArgs) -> Result<()> {
     config.cgroups = !args.no_cgroups;
     config.kill_grace = Duration::from_millis(args.kill_grace);
     config.policy = tessera_scheduler::Policy::named(&args.policy).expect("checked by clap");
+    config.tls = args.tls.source();
     for (flag, v) in [
         ("--price-cpu-hour", args.price_cpu_hour),
         ("--price-memory-gib-hour", args.price_memory_gib_hour),

@@ -15,6 +15,7 @@ pub mod fleet;
 pub mod logs;
 pub mod metrics;
 pub mod state;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -192,6 +193,8 @@ pub struct UpConfig {
     /// How long a node may be silent before it is declared lost [default:
     /// [`DEFAULT_NODE_LEASE`] or [`min_node_lease`], whichever is longer].
     pub node_lease: Option<Duration>,
+    /// Serve HTTPS with this certificate; plain HTTP without.
+    pub tls: Option<tls::TlsSource>,
 }
 
 impl UpConfig {
@@ -210,6 +213,7 @@ impl UpConfig {
             local_agent: true,
             heartbeat: tessera_agent::HEARTBEAT,
             node_lease: None,
+            tls: None,
         }
     }
 }
@@ -316,6 +320,10 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
+    let tls = match &config.tls {
+        Some(source) => Some(tls::load(&home, source)?),
+        None => None,
+    };
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(home.join("tessera.db")).context("opening the database")?);
     let loaded = store.load().context("loading state")?;
@@ -336,10 +344,7 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
             n.last_heartbeat = now;
         }
         shared.spawn_loops();
-        let addr = listener.local_addr()?;
-        let url = format!("http://{addr}");
-        std::fs::write(home.join("config"), format!("url = {url}\n"))
-            .context("writing the config file")?;
+        let url = write_client_config(&home, listener.local_addr()?, tls.as_ref())?;
         info!(%url, home = %home.display(), ready_ms = started.elapsed().as_millis() as u64,
             first_start = first, "Tessera control plane is up");
         eprintln!(
@@ -347,7 +352,7 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
             home.display(),
             home.join("admin.token").display()
         );
-        return serve(listener, shared, async {
+        return serve(listener, shared, tls, async {
             shutdown_signal().await;
             info!("shutting down; agents keep their work running and reconnect to the next start");
         })
@@ -443,10 +448,7 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     tokio::spawn(control::agent_events_loop(shared.clone(), events_rx));
     shared.spawn_loops();
 
-    let addr = listener.local_addr()?;
-    let url = format!("http://{addr}");
-    std::fs::write(home.join("config"), format!("url = {url}\n"))
-        .context("writing the config file")?;
+    let url = write_client_config(&home, listener.local_addr()?, tls.as_ref())?;
     shared.wake.notify_one();
     info!(
         %url,
@@ -471,14 +473,50 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
             control::stop_all(&shared, config.kill_grace + Duration::from_secs(2)).await;
         }
     };
-    serve(listener, shared, on_signal).await
+    serve(listener, shared, tls, on_signal).await
+}
+
+/// Writes `$TESSERA_HOME/config` for the command line: the URL and, for
+/// TLS, the certificate's fingerprint (and the self-signed certificate's
+/// file). Returns the URL.
+fn write_client_config(
+    home: &Path,
+    addr: SocketAddr,
+    tls: Option<&tls::ServerTls>,
+) -> anyhow::Result<String> {
+    let Some(tls) = tls else {
+        let url = format!("http://{addr}");
+        std::fs::write(home.join("config"), format!("url = {url}\n"))
+            .context("writing the config file")?;
+        return Ok(url);
+    };
+    let url = format!("https://{addr}");
+    let mut text = format!("url = {url}\ntls_fingerprint = {}\n", tls.fingerprint);
+    if let Some(ca) = &tls.self_signed {
+        text.push_str(&format!("ca = {}\n", ca.display()));
+    }
+    std::fs::write(home.join("config"), text).context("writing the config file")?;
+    info!(fingerprint = %tls.fingerprint, "serving HTTPS");
+    eprintln!(
+        "TLS certificate fingerprint: {} (agents: --pin {})",
+        tls.fingerprint, tls.fingerprint
+    );
+    Ok(url)
 }
 
 async fn serve(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
+    tls: Option<tls::ServerTls>,
     on_signal: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    if let Some(tls) = tls {
+        tls::serve(listener, api::router(shared), tls.acceptor, on_signal)
+            .await
+            .context("serving HTTPS")?;
+        info!("stopped");
+        return Ok(());
+    }
     // Small streamed writes (log lines) must not wait for delayed ACKs.
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
