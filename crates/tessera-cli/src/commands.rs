@@ -781,18 +781,26 @@ mod tests {
                 {"index": 1, "uuid": "GPU-1", "model": "NVIDIA H100 80GB HBM3", "memory_bytes": 1, "healthy": false, "job_id": null}
             ],
             "gpu_source": "nvml", "limits_enforced": false, "limits_note": "/sys/fs/cgroup is read-only", "labels": {},
-            "last_heartbeat": 1_000, "running_replicas": 1
+            "last_heartbeat": 1_000, "running_replicas": 1,
+            "usage": {"at": 1_000, "cpu_used_milli": 1500, "memory_used_bytes": 1u64 << 30, "gpus": [
+                {"index": 0, "utilization_percent": 97, "memory_used_bytes": 40u64 << 30, "temperature_celsius": 61, "power_watts": 412.4, "ecc_uncorrected_volatile": 0, "healthy": true},
+                {"index": 1, "utilization_percent": null, "memory_used_bytes": null, "temperature_celsius": null, "power_watts": null, "ecc_uncorrected_volatile": 2, "healthy": false}
+            ]}
         }]))
         .unwrap();
         let text = nodes_table(&nodes, 6_000).render();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "NAME  STATE  CPU  MEMORY     GPUS                    LIMITS        HEARTBEAT"
+            "NAME  STATE  CPU  MEMORY     GPUS                    IN USE        LIMITS        HEARTBEAT"
         );
         assert_eq!(
             lines[1],
-            "n1    ready  1/2  256Mi/8Gi  1/2 H100 (1 unhealthy)  not enforced  5s ago"
+            "n1    ready  1/2  256Mi/8Gi  1/2 H100 (1 unhealthy)  1.5 cpu, 1Gi  not enforced  5s ago"
+        );
+        assert_eq!(
+            gpu_notes(&nodes),
+            "n1 gpu 0: 97% busy, 40Gi used, 61 C, 412 W, healthy\nn1 gpu 1: UNHEALTHY (not scheduled)\n"
         );
         assert_eq!(
             limits_notes(&nodes),
