@@ -274,8 +274,13 @@ pub async fn connect(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let node = node_of(&shared, &headers)?;
+    // A small read buffer: the default (128 KiB) is zero-filled on every
+    // read, so each idle agent connection would hold 128 KiB of resident
+    // memory; agents' messages are small, and a larger one (a log frame)
+    // still arrives whole.
     Ok(ws
         .max_message_size(16 << 20)
+        .read_buffer_size(8 << 10)
         .on_upgrade(move |socket| serve_agent(shared, node, socket)))
 }
 
