@@ -285,6 +285,7 @@ impl<'a> Shape<'a> {
 /// the queue indexes small arrays instead of hashing names and requests for
 /// every job.
 struct Index<'a> {
+    snapshot: &'a Snapshot,
     /// Team names: the queued jobs' teams first, in order of first
     /// appearance in the queue (fair share breaks ties by it), then the
     /// running jobs' and the listed teams'.
@@ -294,6 +295,7 @@ struct Index<'a> {
     /// Per queued job, its team and its shape.
     team_of: Vec<u32>,
     shape_of: Vec<u32>,
+    shapes: HashMap<Shape<'a>, u32>,
     /// Per running job, its team.
     running_team: Vec<u32>,
     /// Per team: its quota (the last listed with one), its weight (the first
@@ -310,41 +312,38 @@ struct Index<'a> {
     bound_of: Vec<Option<u64>>,
 }
 
+/// A shape not numbered yet (see [`Index::lazy_shapes`]).
+const NO_SHAPE: u32 = u32::MAX;
+
 impl<'a> Index<'a> {
     fn new(snapshot: &'a Snapshot) -> Index<'a> {
+        let policy = &snapshot.policy;
+        let n = snapshot.queue.len();
+        // Teams matter only to fair share and quotas; without them every job
+        // counts as one team's.
+        let by_team = policy.fair_share || snapshot.teams.iter().any(|t| t.quota.is_some());
         let mut ids: HashMap<&'a str, u32> = HashMap::default();
         let mut names: Vec<&'a str> = Vec::new();
         let mut intern = |name: &'a str| {
+            if !by_team {
+                if names.is_empty() {
+                    names.push("");
+                }
+                return 0;
+            }
             *ids.entry(name).or_insert_with(|| {
                 names.push(name);
                 names.len() as u32 - 1
             })
         };
-        let mut shapes: HashMap<Shape<'a>, u32> = HashMap::default();
-        let mut amounts = Vec::new();
-        let mut shape_job = Vec::new();
-        let mut shape_count = Vec::new();
-        let mut team_of = Vec::with_capacity(snapshot.queue.len());
-        let mut shape_of = Vec::with_capacity(snapshot.queue.len());
-        for (i, j) in snapshot.queue.iter().enumerate() {
-            team_of.push(intern(j.team.as_str()));
-            let next = amounts.len() as u32;
-            let s = *shapes.entry(Shape::of(j)).or_insert(next);
-            if s == next {
-                amounts.push(job_amounts(j));
-                shape_job.push(i as u32);
-                shape_count.push(0);
-            }
-            shape_count[s as usize] += 1;
-            shape_of.push(s);
-        }
+        let team_of: Vec<u32> = snapshot
+            .queue
+            .iter()
+            .map(|j| intern(j.team.as_str()))
+            .collect();
         let queued_teams = team_of.iter().max().map_or(0, |t| *t as usize + 1);
-        let bound_of = if snapshot.policy.backfill {
-            snapshot
-                .queue
-                .iter()
-                .map(|j| bound(j, &snapshot.policy))
-                .collect()
+        let bound_of = if policy.backfill {
+            snapshot.queue.iter().map(|j| bound(j, policy)).collect()
         } else {
             Vec::new()
         };
@@ -360,24 +359,65 @@ impl<'a> Index<'a> {
             .collect();
         let mut quota = vec![None; names.len()];
         let mut weight: Vec<Option<f64>> = vec![None; names.len()];
-        for (t, id) in snapshot.teams.iter().zip(&listed) {
-            if let Some(q) = &t.quota {
-                quota[*id as usize] = Some(q);
+        if by_team {
+            for (t, id) in snapshot.teams.iter().zip(&listed) {
+                if let Some(q) = &t.quota {
+                    quota[*id as usize] = Some(q);
+                }
+                weight[*id as usize].get_or_insert(t.weight);
             }
-            weight[*id as usize].get_or_insert(t.weight);
         }
-        Index {
+        let mut ix = Index {
+            snapshot,
             names,
             queued_teams,
             team_of,
-            shape_of,
+            shape_of: vec![NO_SHAPE; n],
+            shapes: HashMap::default(),
             running_team,
             quota,
             weight: weight.into_iter().map(|w| w.unwrap_or(1.0)).collect(),
-            amounts,
-            shape_job,
-            shape_count,
+            amounts: Vec::new(),
+            shape_job: Vec::new(),
+            shape_count: Vec::new(),
             bound_of,
+        };
+        if !ix.lazy_shapes() {
+            ix.number_all_shapes();
+        }
+        ix
+    }
+
+    /// Under strict FIFO with best-fit packing, most of a long queue waits
+    /// behind the first job that cannot start and its shape is never looked
+    /// at: shapes are numbered when first needed.
+    fn lazy_shapes(&self) -> bool {
+        let p = &self.snapshot.policy;
+        p.strict && p.packing == Packing::BestFit
+    }
+
+    /// Queued job `qi`'s shape, numbered on first sight.
+    fn shape(&mut self, qi: usize) -> u32 {
+        let s = self.shape_of[qi];
+        if s != NO_SHAPE {
+            return s;
+        }
+        let j = &self.snapshot.queue[qi];
+        let next = self.amounts.len() as u32;
+        let s = *self.shapes.entry(Shape::of(j)).or_insert(next);
+        if s == next {
+            self.amounts.push(job_amounts(j));
+            self.shape_job.push(qi as u32);
+            self.shape_count.push(0);
+        }
+        self.shape_count[s as usize] += 1;
+        self.shape_of[qi] = s;
+        s
+    }
+
+    fn number_all_shapes(&mut self) {
+        for qi in 0..self.shape_of.len() {
+            self.shape(qi);
         }
     }
 
@@ -398,7 +438,7 @@ impl<'a> Index<'a> {
 /// Computes a plan. Pure: the same snapshot and time give the same plan.
 pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
     let policy = &snapshot.policy;
-    let ix = Index::new(snapshot);
+    let mut ix = Index::new(snapshot);
     // The workload fragmentation scoring expects: the queue, one shape at a
     // time, and what runs.
     let queued = ix.shape_job.iter().zip(&ix.shape_count).map(|(i, n)| {
@@ -426,6 +466,7 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
     };
     // Per shape, the reason it failed, by (reservation made, in time).
     let mut failed: Vec<[Option<Arc<str>>; 4]> = vec![Default::default(); ix.amounts.len()];
+    let lazy = ix.lazy_shapes();
     // Per (team, shape), the last quota reason and the usage it was for.
     let mut quota_reasons: HashMap<(u32, u32), ([u64; 3], Arc<str>)> = HashMap::default();
     // The reservation of the first job that could not start (backfill), or
@@ -442,9 +483,13 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
     while let Some(entry) = orderer.next() {
         let job_id = entry.key.job_id();
         let qi = entry.qi as usize;
-        let (team, shape) = (entry.team, entry.shape);
+        let team = entry.team;
         let t = team as usize;
+        let mut shape = entry.shape;
         if let Some(q) = ix.quota[t] {
+            if shape == NO_SHAPE {
+                shape = ix.shape(qi);
+            }
             let need = ix.amounts[shape as usize];
             let used = usage[t];
             let limit = q.limit.as_array();
@@ -478,6 +523,12 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
         let in_time = reservation
             .as_ref()
             .is_some_and(|r| ix.bound_of[qi].is_some_and(|b| now.saturating_add(b) <= r.start_at));
+        if shape == NO_SHAPE {
+            shape = ix.shape(qi);
+        }
+        if failed.len() < ix.amounts.len() {
+            failed.resize(ix.amounts.len(), Default::default());
+        }
         // Same shape, same outcome within a pass (free capacity only shrinks,
         // the reservation does not change once made).
         let slot = usize::from(reservation.is_some()) * 2 + usize::from(in_time);
@@ -548,6 +599,10 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
     }
 
     let mut used = vec![false; snapshot.running.len()];
+    let quotas = snapshot.teams.iter().any(|t| t.quota.is_some());
+    if lazy && (policy.preempt || quotas) && !snapshot.running.is_empty() {
+        ix.number_all_shapes();
+    }
     if policy.preempt && !snapshot.running.is_empty() {
         preempt(
             snapshot,
@@ -561,7 +616,7 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
             &mut plan,
         );
     }
-    if snapshot.teams.iter().any(|t| t.quota.is_some()) && !snapshot.running.is_empty() {
+    if quotas && !snapshot.running.is_empty() {
         reclaim(
             snapshot,
             now,
@@ -855,6 +910,14 @@ fn preempt(
             w.reason = r.into();
         }
     }
+}
+
+/// Whether queued job `a` comes before queued job `b` in the order `policy`
+/// gives the queue apart from fair share (priority class, the policy's
+/// criterion, submit time, id). Under a policy without fair share, this is
+/// the order in which a pass considers them.
+pub fn ranks_before(policy: &Policy, a: &PendingJob, b: &PendingJob) -> bool {
+    order::key_for(policy, a) < order::key_for(policy, b)
 }
 
 /// Why a job that fits no node *that exists* can never run, or `None` when

@@ -6,7 +6,7 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use crate::policy::Within;
+use crate::policy::{Policy, Within};
 use crate::{PendingJob, RunningJob, Snapshot};
 
 /// A job's place in the order; smaller comes first. Comparable between
@@ -105,7 +105,15 @@ fn attained_gpu_ms(job: &PendingJob, extra_run_ms: u64) -> u64 {
 }
 
 fn key_of(snapshot: &Snapshot, job: &PendingJob, running_for_ms: u64) -> Key {
-    let policy = &snapshot.policy;
+    key_with(&snapshot.policy, job, running_for_ms)
+}
+
+/// A queued job's key under `policy`.
+pub fn key_for(policy: &Policy, job: &PendingJob) -> Key {
+    key_with(policy, job, 0)
+}
+
+fn key_with(policy: &Policy, job: &PendingJob, running_for_ms: u64) -> Key {
     let primary = match &policy.within {
         Within::Fifo => 0,
         Within::ShortestJob => job.expected_runtime_ms.unwrap_or(u64::MAX),
