@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Result};
 use tessera_core::JobId;
 use tessera_scheduler::{
-    schedule, Assignment, NodeView, PendingJob, Policy, RunningJob, Snapshot, TeamView,
+    ranks_before, schedule, Assignment, NodeView, PendingJob, Policy, RunningJob, Snapshot,
+    TeamView,
 };
 
 use crate::trace::SimJob;
@@ -27,6 +28,8 @@ use crate::trace::SimJob;
 pub const MAX_PASSES_PER_EVENT: u32 = 64;
 
 const NOT_RUNNING: usize = usize::MAX;
+/// No job (an empty queue).
+const NOT_QUEUED: JobId = JobId::MAX;
 
 /// What became of one job.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +60,9 @@ pub struct EventRun {
     pub unfinished: usize,
     pub preemptions: u64,
     pub schedule_calls: u64,
+    /// Event times at which only jobs arrived and none of them could start,
+    /// so no pass was run ([`arrivals_can_be_skipped`]).
+    pub skipped_passes: u64,
     pub schedule_time: Duration,
     /// Event times at which passes still changed things after
     /// [`MAX_PASSES_PER_EVENT`].
@@ -89,6 +95,8 @@ struct JobState {
 struct World<'a> {
     jobs: &'a [SimJob],
     snap: Snapshot,
+    /// Keep the queue in submit order (see [`queue_order_matters`]).
+    in_submit_order: bool,
     st: Vec<JobState>,
     /// (end time, job, attempt); stale entries are skipped.
     ends: BinaryHeap<Reverse<(u64, JobId, u32)>>,
@@ -277,11 +285,66 @@ impl<'a> World<'a> {
         Ok(())
     }
 
-    /// Adds a job to the queue (its order there does not matter: the
-    /// scheduler orders it).
+    /// Adds a job to the queue: at the end, or in submit order when the
+    /// queue is kept so (a requeued job keeps its submit time).
     fn enqueue(&mut self, job: PendingJob) {
-        self.st[job.id as usize].queue_pos = self.snap.queue.len();
-        self.snap.queue.push(job);
+        let q = &mut self.snap.queue;
+        let at = if self.in_submit_order {
+            q.partition_point(|j| (j.submitted_at, j.id) < (job.submitted_at, job.id))
+        } else {
+            q.len()
+        };
+        q.insert(at, job);
+        for (i, j) in q.iter().enumerate().skip(at) {
+            self.st[j.id as usize].queue_pos = i;
+        }
+    }
+
+    /// Takes the jobs of `ids` out of the queue in one sweep that keeps the
+    /// others in order (from the first one taken on); returns them in the
+    /// order of `ids`.
+    fn dequeue_in_order(&mut self, ids: &[JobId]) -> Result<Vec<PendingJob>> {
+        let mut at: Vec<usize> = Vec::with_capacity(ids.len());
+        for id in ids {
+            let pos = self
+                .st
+                .get(*id as usize)
+                .map(|s| s.queue_pos)
+                .unwrap_or(NOT_RUNNING);
+            ensure!(
+                pos != NOT_RUNNING,
+                "the plan places job {id}, which is not queued"
+            );
+            at.push(pos);
+        }
+        at.sort_unstable();
+        ensure!(
+            at.windows(2).all(|w| w[0] < w[1]),
+            "the plan places a job twice"
+        );
+        let Some(&first) = at.first() else {
+            return Ok(Vec::new());
+        };
+        // Kept jobs move down over the taken ones, which end up at the back.
+        let q = &mut self.snap.queue;
+        let mut write = first;
+        let mut taken = at.iter().peekable();
+        for read in first..q.len() {
+            if taken.next_if(|p| **p == read).is_some() {
+                continue;
+            }
+            q.swap(read, write);
+            self.st[q[write].id as usize].queue_pos = write;
+            write += 1;
+        }
+        let mut gone: HashMap<JobId, PendingJob> =
+            q.split_off(write).into_iter().map(|j| (j.id, j)).collect();
+        ids.iter()
+            .map(|id| {
+                self.st[*id as usize].queue_pos = NOT_RUNNING;
+                Ok(gone.remove(id).expect("taken above"))
+            })
+            .collect()
     }
 
     /// Takes a job out of the queue in O(1).
@@ -306,9 +369,17 @@ impl<'a> World<'a> {
     /// Applies one plan; returns whether it changed anything.
     fn apply(&mut self, plan: tessera_scheduler::Plan, now: u64) -> Result<bool> {
         let changed = !plan.placements.is_empty() || !plan.preemptions.is_empty();
-        for p in plan.placements {
-            let job = self.dequeue(p.job_id)?;
-            self.start(job, p.assignments, now)?;
+        if self.in_submit_order {
+            let ids: Vec<JobId> = plan.placements.iter().map(|p| p.job_id).collect();
+            let jobs = self.dequeue_in_order(&ids)?;
+            for (job, p) in jobs.into_iter().zip(plan.placements) {
+                self.start(job, p.assignments, now)?;
+            }
+        } else {
+            for p in plan.placements {
+                let job = self.dequeue(p.job_id)?;
+                self.start(job, p.assignments, now)?;
+            }
         }
         for p in plan.preemptions {
             self.preempt(p.job_id, now)?;
@@ -330,6 +401,50 @@ pub fn placements_reach_fixpoint(policy: &Policy) -> bool {
     !policy.backfill && !policy.preempt
 }
 
+/// Whether the order of the snapshot's queue can change a plan: only fair
+/// share's tie-break between teams of equal share reads it (the team seen
+/// first in the queue goes first). Otherwise the simulator keeps the queue
+/// in submit order, which the scheduler sorts in linear time; under fair
+/// share it keeps the order it always had (appended, and a job leaving is
+/// replaced by the last), so plans stay exactly what they were.
+pub fn queue_order_matters(policy: &Policy) -> bool {
+    policy.fair_share
+}
+
+/// Whether, at an event time when jobs only arrived (nothing ended and no
+/// capacity was freed since the last passes settled), a pass can be skipped
+/// because it is sure to place nothing. Sound only for policies without
+/// preemption, backfill and quotas: every job already queued has failed (or
+/// was found not to fit) on at least the capacity free now, and fits are
+/// monotone in free capacity, so only a newly arrived job could start — and
+/// it cannot when no node has room for one replica of it, or, under strict
+/// FIFO, when it ranks after a job already waiting.
+pub fn arrivals_can_be_skipped(policy: &Policy) -> bool {
+    !policy.preempt && !policy.backfill
+}
+
+/// Whether one replica of `job` fits some node's free capacity now (GPU
+/// models aside): a placement needs at least that.
+fn might_fit(job: &PendingJob, nodes: &[NodeView]) -> bool {
+    let r = &job.resources;
+    nodes.iter().any(|n| {
+        n.schedulable
+            && n.free_cpu_milli >= r.cpu_milli
+            && n.free_memory_bytes >= r.memory_bytes
+            && (r.gpu == 0
+                || n.gpus
+                    .iter()
+                    .filter(|g| g.healthy && g.free_milli >= 1000)
+                    .count()
+                    >= r.gpu as usize)
+            && (r.gpu > 0
+                || r.gpu_milli == 0
+                || n.gpus
+                    .iter()
+                    .any(|g| g.healthy && g.free_milli >= r.gpu_milli))
+    })
+}
+
 /// Replays `jobs` (sorted by submit time and numbered 0.. by
 /// [`crate::trace::prepare`]) on `nodes` under `policy`. Every running job
 /// is preemptible and resumable; every team weighs 1, without quota.
@@ -337,9 +452,13 @@ pub fn simulate(jobs: &[SimJob], nodes: &[NodeView], policy: Policy) -> Result<E
     simulate_with(jobs, nodes, policy, false)
 }
 
-/// [`simulate`]; with `always_confirm`, a pass that changed something is
-/// always followed by another, even where [`placements_reach_fixpoint`]
-/// says it would do nothing (for testing that claim).
+/// [`simulate`]; with `always_confirm`, none of the simulator's shortcuts
+/// is taken: a pass that changed something is always followed by another,
+/// even where [`placements_reach_fixpoint`] says it would do nothing; a pass
+/// runs at every event time, even where [`arrivals_can_be_skipped`] says it
+/// would place nothing; and the queue keeps its arrival order under every
+/// policy ([`queue_order_matters`]). For testing that the shortcuts change
+/// no outcome.
 pub fn simulate_with(
     jobs: &[SimJob],
     nodes: &[NodeView],
@@ -363,6 +482,7 @@ pub fn simulate_with(
     let name = policy.name.clone();
     let mut w = World {
         jobs,
+        in_submit_order: !queue_order_matters(&policy) && !always_confirm,
         snap: Snapshot {
             nodes: nodes.to_vec(),
             queue: Vec::new(),
@@ -414,6 +534,14 @@ pub fn simulate_with(
     let mut changing_confirmations = 0u64;
     let mut preemptions_without_start = 0u64;
     let fixpoint = placements_reach_fixpoint(&w.snap.policy);
+    let skip_arrivals = arrivals_can_be_skipped(&w.snap.policy)
+        && w.snap.teams.iter().all(|t| t.quota.is_none())
+        && !always_confirm;
+    // Whether the last passes reached a fixed point (nothing more to place),
+    // and (under strict FIFO) the first job waiting since then, once known.
+    let mut settled = true;
+    let mut first_waiting: Option<JobId> = None;
+    let mut skipped_passes = 0u64;
     loop {
         // Skip ends of attempts that were preempted.
         while let Some(Reverse((_, id, attempt))) = w.ends.peek() {
@@ -431,6 +559,7 @@ pub fn simulate_with(
             (None, Some(e)) => e,
             (Some(a), Some(e)) => a.min(e),
         };
+        let mut freed = false;
         while let Some(&Reverse((t, id, attempt))) = w.ends.peek() {
             if t != now {
                 break;
@@ -439,17 +568,62 @@ pub fn simulate_with(
             let s = &w.st[id as usize];
             if s.attempt == attempt && s.running_pos != NOT_RUNNING {
                 w.complete(id, now)?;
+                freed = true;
             }
         }
+        let first_arrival = next;
         while next < jobs.len() && jobs[next].submit_ms == now {
             let p = w.pending(&jobs[next]);
             w.enqueue(p);
             next += 1;
         }
+        if skip_arrivals && settled && !freed && !w.snap.queue.is_empty() {
+            let queued = |id: usize| &w.snap.queue[w.st[id].queue_pos];
+            let arrived = first_arrival..next;
+            let mut may_start = arrived
+                .clone()
+                .any(|id| might_fit(queued(id), &w.snap.nodes));
+            let policy = &w.snap.policy;
+            if may_start && policy.strict {
+                // The first job already waiting cannot start, and under
+                // strict FIFO nothing ranked after it may.
+                let first = *first_waiting.get_or_insert_with(|| {
+                    w.snap
+                        .queue
+                        .iter()
+                        .filter(|j| !arrived.contains(&(j.id as usize)))
+                        .reduce(|a, b| if ranks_before(policy, b, a) { b } else { a })
+                        .map_or(NOT_QUEUED, |j| j.id)
+                });
+                if first != NOT_QUEUED {
+                    may_start = arrived
+                        .clone()
+                        .any(|id| ranks_before(policy, queued(id), queued(first as usize)));
+                }
+            }
+            if !may_start {
+                skipped_passes += 1;
+                if let Some(mut first) = first_waiting {
+                    // The arrivals join those waiting.
+                    for id in arrived {
+                        if first == NOT_QUEUED
+                            || ranks_before(policy, queued(id), queued(first as usize))
+                        {
+                            first = id as JobId;
+                        }
+                    }
+                    first_waiting = Some(first);
+                }
+                continue;
+            }
+        }
+        settled = true;
+        first_waiting = None;
         let mut passes = 0;
         while !w.snap.queue.is_empty() {
             if passes == MAX_PASSES_PER_EVENT {
                 cap_hits += 1;
+                settled = false;
                 break;
             }
             passes += 1;
@@ -490,6 +664,7 @@ pub fn simulate_with(
         restarted_at_once: w.restarted_at_once,
         preemptions_without_start,
         schedule_calls: calls,
+        skipped_passes,
         schedule_time: sched_time,
         pass_cap_hits: cap_hits,
         changing_confirmations,

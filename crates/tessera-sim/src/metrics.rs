@@ -73,6 +73,9 @@ pub struct EventReport {
     /// Calls to the scheduler, the time spent in them, the longest queue
     /// one saw, and event times that hit the pass cap.
     pub schedule_calls: u64,
+    /// Event times with only arrivals that could not start, where no pass
+    /// was needed.
+    pub skipped_passes: u64,
     pub schedule_s: f64,
     pub max_queue: usize,
     pub pass_cap_hits: u64,
@@ -269,6 +272,7 @@ pub fn event_report(
         teams: team_stats,
         jain_fairness: jain(&team_slowdowns),
         schedule_calls: run.schedule_calls,
+        skipped_passes: run.skipped_passes,
         schedule_s: run.schedule_time.as_secs_f64(),
         max_queue: run.max_queue,
         pass_cap_hits: run.pass_cap_hits,

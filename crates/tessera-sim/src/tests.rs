@@ -388,6 +388,25 @@ fn confirmation_passes_are_no_ops() {
 }
 
 #[test]
+fn shortcuts_change_no_outcome() {
+    // Skipped passes, skipped confirmations and a queue kept in submit
+    // order give every job exactly the placements and times it gets without
+    // them, under every policy.
+    let (jobs, nodes) = philly_subset(1500, 8);
+    for p in Policy::NAMES {
+        let policy = Policy::named(p).unwrap();
+        let checked = engine::simulate_with(&jobs, &nodes, policy.clone(), true).unwrap();
+        let fast = simulate(&jobs, &nodes, policy.clone()).unwrap();
+        assert_eq!(fast.outcomes, checked.outcomes, "{p}");
+        assert_eq!(fast.preemptions, checked.preemptions, "{p}");
+        assert_eq!(checked.skipped_passes, 0, "{p}");
+        if engine::arrivals_can_be_skipped(&policy) {
+            assert!(fast.skipped_passes > 0, "{p}");
+        }
+    }
+}
+
+#[test]
 fn published_ordering_on_a_philly_subset() {
     // The first 250 Philly jobs (three weeks of the trace's sparse start,
     // with jobs of up to 1,286 hours) on 16 nodes x 8 GPUs: an overloaded
