@@ -4,8 +4,9 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
+use std::hash::{Hash, Hasher};
 
-use rustc_hash::FxHashMap as HashMap;
+use rustc_hash::{FxHashMap as HashMap, FxHasher};
 
 use tessera_core::Resources;
 
@@ -163,7 +164,7 @@ pub struct Cluster<'a> {
 /// GPU models, price, state and free capacity. Nodes of one class score
 /// alike, so a placement scores each class once instead of each node —
 /// the difference between thousands of nodes and a handful of classes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Sig {
     schedulable: bool,
     capacity: (u64, u64, usize),
@@ -176,8 +177,11 @@ struct Sig {
 
 #[derive(Debug, Default)]
 struct Classes {
-    by_sig: HashMap<Sig, usize>,
-    /// Per class, its nodes in index order.
+    /// Classes by the hash of their signature (looked up without building
+    /// a signature: a node changes class at every placement).
+    by_hash: HashMap<u64, Vec<usize>>,
+    /// Per class, its signature and its nodes in index order.
+    sigs: Vec<Sig>,
     members: Vec<BTreeSet<usize>>,
     class_of: Vec<usize>,
     model_group: Vec<usize>,
@@ -209,18 +213,54 @@ impl Classes {
         }
     }
 
+    /// The hash of node `i`'s signature (as [`Sig`]'s fields, in order).
+    fn sig_hash(&self, nodes: &[NodeView], free: &[Free], i: usize) -> u64 {
+        let n = &nodes[i];
+        let mut h = FxHasher::default();
+        n.schedulable.hash(&mut h);
+        (n.cpu_milli, n.memory_bytes, n.gpus.len()).hash(&mut h);
+        self.model_group[i].hash(&mut h);
+        n.price_per_hour.map(f64::to_bits).hash(&mut h);
+        free[i].cpu.hash(&mut h);
+        free[i].mem.hash(&mut h);
+        free[i].gpu.hash(&mut h);
+        h.finish()
+    }
+
+    /// Whether node `i` now has class `c`'s signature.
+    fn matches(&self, nodes: &[NodeView], free: &[Free], i: usize, c: usize) -> bool {
+        let (n, s) = (&nodes[i], &self.sigs[c]);
+        s.schedulable == n.schedulable
+            && s.capacity == (n.cpu_milli, n.memory_bytes, n.gpus.len())
+            && s.model_group == self.model_group[i]
+            && s.price == n.price_per_hour.map(f64::to_bits)
+            && s.cpu == free[i].cpu
+            && s.mem == free[i].mem
+            && s.gpu == free[i].gpu
+    }
+
     /// Puts node `i` in the class its free capacity now belongs to.
     fn refresh(&mut self, nodes: &[NodeView], free: &[Free], i: usize) {
-        let sig = self.sig(nodes, free, i);
-        let next = self.members.len();
-        let c = *self.by_sig.entry(sig).or_insert(next);
-        if c == next {
-            self.members.push(BTreeSet::new());
-        }
         let old = self.class_of[i];
-        if old == c {
+        if old != usize::MAX && self.matches(nodes, free, i, old) {
             return;
         }
+        let h = self.sig_hash(nodes, free, i);
+        let found = self.by_hash.get(&h).and_then(|cs| {
+            cs.iter()
+                .copied()
+                .find(|c| self.matches(nodes, free, i, *c))
+        });
+        let c = match found {
+            Some(c) => c,
+            None => {
+                let c = self.sigs.len();
+                self.sigs.push(self.sig(nodes, free, i));
+                self.members.push(BTreeSet::new());
+                self.by_hash.entry(h).or_default().push(c);
+                c
+            }
+        };
         if old != usize::MAX {
             self.members[old].remove(&i);
         }
@@ -600,7 +640,16 @@ impl<'a> Cluster<'a> {
     }
 
     fn release_running(&self, free: &mut [Free], r: &RunningJob) {
-        let d = Demand::of(&r.job);
+        // What release_into reads of a demand; the model list is not needed.
+        let res = &r.job.resources;
+        let d = Demand {
+            cpu: res.cpu_milli,
+            mem: res.memory_bytes,
+            whole: res.gpu,
+            milli: if res.gpu == 0 { res.gpu_milli } else { 0 },
+            models: Vec::new(),
+            replicas: r.job.replicas,
+        };
         for a in &r.assignments {
             if a.node < free.len() {
                 self.release_into(&mut free[a.node], a.node, &d, &a.gpus);
@@ -672,6 +721,52 @@ impl<'a> Cluster<'a> {
         None
     }
 
+    /// How many replicas of `d` fit on `node` given `free`, one after another.
+    fn slots(&self, node: usize, free: &Free, d: &Demand) -> u64 {
+        if !self.nodes[node].schedulable {
+            return 0;
+        }
+        let mut n = u64::MAX;
+        if d.cpu > 0 {
+            n = n.min(free.cpu / d.cpu);
+        }
+        if d.mem > 0 {
+            n = n.min(free.mem / d.mem);
+        }
+        if d.whole > 0 {
+            let whole = if d.models.is_empty() {
+                u64::from(free.whole)
+            } else {
+                (0..free.gpu.len())
+                    .filter(|s| free.gpu[*s] == WHOLE && self.allowed(node, *s, d))
+                    .count() as u64
+            };
+            n = n.min(whole / u64::from(d.whole));
+        } else if d.milli > 0 {
+            let shares: u64 = (0..free.gpu.len())
+                .filter(|s| self.allowed(node, *s, d))
+                .map(|s| u64::from(free.gpu[s] / d.milli))
+                .sum();
+            n = n.min(shares);
+        }
+        n
+    }
+
+    /// Whether every replica of `d` fits `free` — exactly when
+    /// [`Cluster::place_on`] would place them all: each replica placed takes
+    /// one of its node's slots and leaves other nodes' slots as they were,
+    /// whichever node the scoring picks.
+    fn fits_all(&self, free: &[Free], d: &Demand) -> bool {
+        let mut total = 0u64;
+        for (node, f) in free.iter().enumerate() {
+            total = total.saturating_add(self.slots(node, f, d));
+            if total >= u64::from(d.replicas) {
+                return true;
+            }
+        }
+        d.replicas == 0
+    }
+
     /// The fewest of `order` (taken from the front) whose release lets the
     /// job fit, or `None` when even all of them do not.
     fn fewest_releases(
@@ -686,7 +781,7 @@ impl<'a> Cluster<'a> {
             for i in &order[..k] {
                 self.release_running(&mut trial, &running[*i]);
             }
-            self.place_on(&mut trial, d, None).is_some()
+            self.fits_all(&trial, d)
         };
         if order.is_empty() || !fits_after(order.len()) {
             return None;
@@ -724,19 +819,28 @@ impl<'a> Cluster<'a> {
                     self.release_running(&mut trial, &running[*v]);
                 }
             }
-            if self.place_on(&mut trial, d, None).is_some() {
+            if self.fits_all(&trial, d) {
                 chosen.remove(i);
             } else {
                 i += 1;
             }
         }
         let mut free = std::mem::take(&mut self.free);
+        let mut touched: Vec<usize> = Vec::new();
         for v in &chosen {
             self.release_running(&mut free, &running[*v]);
+            touched.extend(running[*v].assignments.iter().map(|a| a.node));
         }
-        let _ = self.place_on(&mut free, d, None);
+        if let Some(placed) = self.place_on(&mut free, d, None) {
+            touched.extend(placed.iter().map(|a| a.node));
+        }
         self.free = free;
-        self.classes = Classes::build(self.nodes, &self.free, &self.model_group);
+        // Only the nodes whose free capacity changed can change class.
+        touched.sort_unstable();
+        touched.dedup();
+        for node in touched.into_iter().filter(|n| *n < self.nodes.len()) {
+            self.classes.refresh(self.nodes, &self.free, node);
+        }
         Some(chosen)
     }
 
@@ -872,7 +976,8 @@ mod tests {
 
     proptest! {
         /// Scoring classes of alike nodes chooses exactly what scoring every
-        /// node would, for every packing, request and gang size.
+        /// node would, for every packing, request and gang size; counting
+        /// each node's slots tells whether a job fits at all.
         #[test]
         fn classes_choose_what_a_full_scan_would(
             nodes in arb_nodes(),
@@ -899,8 +1004,11 @@ mod tests {
             let mut slow_free = slow.free.clone();
             for j in &queue {
                 let d = Demand::of(j);
+                // Counting slots answers whether a placement exists.
+                let fits = slow.fits_all(&slow_free, &d);
                 let a = fast.place(&d, None);
                 let b = slow.place_on(&mut slow_free, &d, None);
+                prop_assert_eq!(fits, b.is_some());
                 prop_assert_eq!(a, b);
             }
         }
