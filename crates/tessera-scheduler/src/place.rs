@@ -727,11 +727,11 @@ impl<'a> Cluster<'a> {
             return 0;
         }
         let mut n = u64::MAX;
-        if d.cpu > 0 {
-            n = n.min(free.cpu / d.cpu);
+        if let Some(by_cpu) = free.cpu.checked_div(d.cpu) {
+            n = n.min(by_cpu);
         }
-        if d.mem > 0 {
-            n = n.min(free.mem / d.mem);
+        if let Some(by_mem) = free.mem.checked_div(d.mem) {
+            n = n.min(by_mem);
         }
         if d.whole > 0 {
             let whole = if d.models.is_empty() {
