@@ -75,6 +75,10 @@ pub enum BenchCommand {
         #[arg(long, value_parser = crate::duration_ms, default_value = "10m", value_name = "DURATION")]
         timeout: u64,
     },
+    /// Simulated agents heartbeating to a `tessera server` child: its CPU and memory
+    Agents(crate::bench_fleet::AgentsArgs),
+    /// Trivial jobs on a real remote agent, submit to started and finished, against `tessera up`
+    Remote(crate::bench_fleet::RemoteArgs),
 }
 
 pub async fn bench(g: &Globals, command: BenchCommand) -> Result<()> {
@@ -112,6 +116,8 @@ pub async fn bench(g: &Globals, command: BenchCommand) -> Result<()> {
             concurrency,
             timeout,
         } => e2e(g, jobs, serial, concurrency, Duration::from_millis(timeout)).await,
+        BenchCommand::Agents(args) => crate::bench_fleet::agents(g, args).await,
+        BenchCommand::Remote(args) => crate::bench_fleet::remote(g, args).await,
     }
 }
 

@@ -13,6 +13,7 @@
 //! exit code.
 
 mod bench;
+mod bench_fleet;
 mod client;
 mod commands;
 mod fleet;
