@@ -1,0 +1,616 @@
+//! The request path: resolve the service (path or Host), check the key,
+//! hold while no replica is ready, pick the least-loaded replica, forward
+//! with streamed bodies, retry only when connecting failed, and count.
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::uri::{PathAndQuery, Scheme, Uri};
+use axum::http::{StatusCode, Version};
+use axum::response::Response;
+use axum::routing::any;
+use axum::Router;
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::error::error_response;
+use crate::{Gateway, Route, Service};
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and `Expect`, which this hop has
+/// already answered. Never forwarded in either direction.
+const HOP_BY_HOP: [HeaderName; 10] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::EXPECT,
+];
+
+impl Gateway {
+    /// The gateway's routes: `/s/{service}`, `/s/{service}/` and
+    /// `/s/{service}/{*path}`; with `GatewayConfig::domain` set, also a
+    /// fallback that routes `Host: <service>.<domain>` with any path. (A
+    /// router that already has a fallback should instead divert such
+    /// requests to `Gateway::proxy` itself.) Serve it with
+    /// `into_make_service_with_connect_info::<SocketAddr>()` so that
+    /// `X-Forwarded-For` can be set, and with TCP_NODELAY on accepted
+    /// sockets; `Gateway::serve` does both.
+    pub fn router(self: Arc<Self>) -> Router {
+        let router = Router::new()
+            .route("/s/{service}", any(handle))
+            .route("/s/{service}/", any(handle))
+            .route("/s/{service}/{*path}", any(handle));
+        let router = if self.config.domain.is_some() {
+            router.fallback(handle)
+        } else {
+            router
+        };
+        router.with_state(self)
+    }
+
+    /// Serves `router()` on `listener` until `shutdown` completes.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(
+            listener,
+            self.router()
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
+    }
+
+    /// The service a request's `Host` names under `GatewayConfig::domain`.
+    pub fn host_service<'a>(&self, headers: &'a HeaderMap, uri: &'a Uri) -> Option<&'a str> {
+        let domain = self.config.domain.as_deref()?;
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| uri.host())?;
+        let host = match host.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        };
+        let cut = host.len().checked_sub(domain.len() + 1)?;
+        if cut == 0
+            || !host.is_char_boundary(cut)
+            || host.as_bytes()[cut] != b'.'
+            || !host[cut + 1..].eq_ignore_ascii_case(domain)
+        {
+            return None;
+        }
+        let name = &host[..cut];
+        (!name.contains('.')).then_some(name)
+    }
+
+    /// The service name and how many leading bytes of the path to strip.
+    /// Host names are case-insensitive, so a Host-routed name is lowercased.
+    fn resolve<'a>(&self, req: &'a Request) -> Option<(Cow<'a, str>, usize)> {
+        if let Some(name) = self.host_service(req.headers(), req.uri()) {
+            let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+                Cow::Owned(name.to_ascii_lowercase())
+            } else {
+                Cow::Borrowed(name)
+            };
+            return Some((name, 0));
+        }
+        let rest = req.uri().path().strip_prefix("/s/")?;
+        let name = rest.split('/').next().unwrap_or("");
+        (!name.is_empty()).then_some((Cow::Borrowed(name), 3 + name.len()))
+    }
+
+    /// Handles one request as the gateway's routes do. For a server that
+    /// routes Host-based requests itself.
+    pub async fn proxy(self: &Arc<Self>, req: Request) -> Response {
+        let start = Instant::now();
+        let Some((name, strip)) = self.resolve(&req) else {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                "unknown_service",
+                "no service named: use /s/<service>/<path>",
+            );
+        };
+        let Some(svc) = self.service(&name) else {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                "unknown_service",
+                &format!("no service named {name:?}"),
+            );
+        };
+        svc.requests_total.fetch_add(1, Ordering::Relaxed);
+        let since = start.saturating_duration_since(self.epoch).as_nanos() as u64;
+        svc.last_request.store(since + 1, Ordering::Relaxed);
+
+        let mut route = svc.route.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if !route.authorized(req.headers().get(header::AUTHORIZATION)) {
+            svc.m.count(401);
+            svc.m.observe(start);
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this service needs a key: Authorization: Bearer <key>",
+            );
+        }
+        if route.replicas.is_empty() {
+            match self.hold(&svc, &route, start).await {
+                Ok(ready) => route = ready,
+                Err(resp) => {
+                    svc.m.count(resp.status().as_u16());
+                    svc.m.observe(start);
+                    return resp;
+                }
+            }
+        }
+        self.forward(&svc, &route, strip, req, start).await
+    }
+
+    /// Waits, bounded by `max_held` and `hold_timeout`, for a route update
+    /// that brings a ready replica; asks the control plane for one first.
+    async fn hold(
+        &self,
+        svc: &Arc<Service>,
+        route: &Route,
+        arrived: Instant,
+    ) -> Result<Arc<Route>, Response> {
+        let before = svc.m.held.inc();
+        let _held = Held(&svc.m.held);
+        if before.max(0) as usize >= route.max_held {
+            return Err(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "hold_queue_full",
+                &format!(
+                    "service {:?} has no ready replica and {} requests already wait for one; retry later",
+                    &*svc.name, route.max_held
+                ),
+            ));
+        }
+        if let Some(hook) = self.demand_hook() {
+            hook(&svc.name);
+        }
+        let deadline = tokio::time::Instant::from_std(arrived + route.hold_timeout);
+        loop {
+            let notified = svc.ready.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if svc.removed.load(Ordering::Acquire) {
+                return Err(error_response(
+                    StatusCode::NOT_FOUND,
+                    "unknown_service",
+                    &format!("service {:?} was removed", &*svc.name),
+                ));
+            }
+            let current = svc.route.read().unwrap_or_else(|e| e.into_inner()).clone();
+            if !current.replicas.is_empty() {
+                return Ok(current);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no_ready_replica",
+                    &format!(
+                        "service {:?} has no ready replica: none became ready within {:?} (it may still be starting; retry later)",
+                        &*svc.name, route.hold_timeout
+                    ),
+                ));
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        svc: &Arc<Service>,
+        route: &Route,
+        strip: usize,
+        req: Request,
+        start: Instant,
+    ) -> Response {
+        let (mut parts, body) = req.into_parts();
+        let mut guard = InFlight::new(svc.clone(), start);
+        let Some(path) = out_path(&parts.uri, strip) else {
+            svc.m.count(400);
+            return error_response(StatusCode::BAD_REQUEST, "bad_path", "the path is not valid");
+        };
+        let client = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        let mut headers = std::mem::take(&mut parts.headers);
+        prepare_request_headers(
+            &mut headers,
+            client,
+            self.config.forwarded_proto,
+            route.require_key,
+        );
+
+        let attempts = self
+            .config
+            .max_attempts
+            .clamp(1, route.replicas.len().max(1));
+        // A body can be sent again only if it was never read: with more than
+        // one attempt, the client gets a handle that takes it on first poll.
+        let hint = body.size_hint();
+        let (mut direct, slot) = if body.is_end_stream() {
+            (None, None)
+        } else if attempts > 1 {
+            (None, Some(Arc::new(Mutex::new(Some(body)))))
+        } else {
+            (Some(body), None)
+        };
+        let deadline = tokio::time::Instant::from_std(start) + route.request_timeout;
+        let mut tried = 0u64;
+        let mut connect_failed = false;
+        for attempt in 0..attempts {
+            let Some(i) = route.pick(&svc.rr, tried) else {
+                break;
+            };
+            if i < 64 {
+                tried |= 1 << i;
+            }
+            let replica = &route.replicas[i];
+            guard.set_replica(&replica.in_flight);
+            let last = attempt + 1 == attempts;
+            let mut h = if last {
+                std::mem::take(&mut headers)
+            } else {
+                headers.clone()
+            };
+            h.insert(header::HOST, replica.host.clone());
+            let mut uri = axum::http::uri::Parts::default();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Some(replica.authority.clone());
+            uri.path_and_query = Some(path.clone());
+            let out = match (direct.take(), &slot) {
+                (Some(b), _) => OutBody::Body(b),
+                (None, Some(s)) => OutBody::Shared {
+                    slot: s.clone(),
+                    body: None,
+                    hint,
+                },
+                (None, None) => OutBody::Empty,
+            };
+            let mut out_req = hyper::Request::new(out);
+            *out_req.method_mut() = parts.method.clone();
+            *out_req.uri_mut() =
+                Uri::from_parts(uri).expect("scheme, authority and path make a URI");
+            *out_req.version_mut() = Version::HTTP_11;
+            *out_req.headers_mut() = h;
+
+            match tokio::time::timeout_at(deadline, self.client.request(out_req)).await {
+                Ok(Ok(resp)) => return respond(svc, resp, guard),
+                Err(_) => {
+                    svc.m.count(504);
+                    return error_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        &format!(
+                            "service {:?} did not answer within {:?}",
+                            &*svc.name, route.request_timeout
+                        ),
+                    );
+                }
+                Ok(Err(e)) => {
+                    let unsent = e.is_connect()
+                        && slot
+                            .as_ref()
+                            .is_none_or(|s| s.lock().unwrap_or_else(|e| e.into_inner()).is_some());
+                    if unsent {
+                        connect_failed = true;
+                        tracing::debug!(service = &*svc.name, error = %e, "connect failed; trying another replica");
+                        continue;
+                    }
+                    tracing::debug!(service = &*svc.name, error = %e, "upstream failed");
+                    svc.m.count(502);
+                    return error_response(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        &format!(
+                            "a replica of service {:?} failed while answering",
+                            &*svc.name
+                        ),
+                    );
+                }
+            }
+        }
+        debug_assert!(connect_failed);
+        svc.m.count(502);
+        error_response(
+            StatusCode::BAD_GATEWAY,
+            "upstream_unavailable",
+            &format!(
+                "no replica of service {:?} accepted a connection ({attempts} tried)",
+                &*svc.name
+            ),
+        )
+    }
+}
+
+async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    gw.proxy(req).await
+}
+
+/// The upstream path and query: the request's, less `strip` leading bytes
+/// (`/s/<service>`), and never empty.
+fn out_path(uri: &Uri, strip: usize) -> Option<PathAndQuery> {
+    let Some(pq) = uri.path_and_query() else {
+        return Some(PathAndQuery::from_static("/"));
+    };
+    if strip == 0 {
+        return Some(pq.clone());
+    }
+    let rest = pq.as_str().get(strip..)?;
+    if rest.starts_with('/') {
+        PathAndQuery::try_from(rest).ok()
+    } else {
+        let mut s = String::with_capacity(rest.len() + 1);
+        s.push('/');
+        s.push_str(rest);
+        PathAndQuery::try_from(s).ok()
+    }
+}
+
+fn remove_hop_by_hop(h: &mut HeaderMap) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            h.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        h.remove(name);
+    }
+}
+
+fn prepare_request_headers(
+    h: &mut HeaderMap,
+    client: Option<IpAddr>,
+    proto: &'static str,
+    key_consumed: bool,
+) {
+    remove_hop_by_hop(h);
+    if key_consumed {
+        // The service key is the gateway's, not the replica's.
+        h.remove(header::AUTHORIZATION);
+    }
+    if let Some(host) = h.remove(header::HOST) {
+        h.insert(X_FORWARDED_HOST, host);
+    }
+    if let Some(ip) = client {
+        let value = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(v) = HeaderValue::try_from(value) {
+            h.insert(X_FORWARDED_FOR, v);
+        }
+    }
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+}
+
+fn respond(svc: &Service, resp: hyper::Response<Incoming>, guard: InFlight) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    svc.m.count(parts.status.as_u16());
+    let body = if body.is_end_stream() {
+        drop(guard);
+        Body::empty()
+    } else {
+        Body::new(GuardedBody {
+            inner: body,
+            guard: Some(guard),
+        })
+    };
+    Response::from_parts(parts, body)
+}
+
+/// Counts one forwarded request (service and replica) from forwarding to
+/// the end of its response body, and records its duration when it ends.
+struct InFlight {
+    svc: Arc<Service>,
+    replica: Option<Arc<AtomicU32>>,
+    start: Instant,
+}
+
+impl InFlight {
+    fn new(svc: Arc<Service>, start: Instant) -> InFlight {
+        svc.m.in_flight.inc();
+        InFlight {
+            svc,
+            replica: None,
+            start,
+        }
+    }
+
+    fn set_replica(&mut self, count: &Arc<AtomicU32>) {
+        if let Some(old) = self.replica.take() {
+            old.fetch_sub(1, Ordering::Relaxed);
+        }
+        count.fetch_add(1, Ordering::Relaxed);
+        self.replica = Some(count.clone());
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(r) = self.replica.take() {
+            r.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.svc.m.in_flight.dec();
+        self.svc.m.observe(self.start);
+    }
+}
+
+struct Held<'a>(&'a Gauge);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The upstream's response body, passed through frame by frame (each is
+/// written and flushed as it comes), holding the in-flight count until the
+/// last frame.
+struct GuardedBody {
+    inner: Incoming,
+    guard: Option<InFlight>,
+}
+
+impl HttpBody for GuardedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_))))
+            || (polled.is_ready() && this.inner.is_end_stream())
+        {
+            this.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The request body as the upstream client sees it.
+pub(crate) enum OutBody {
+    Empty,
+    Body(Body),
+    /// Taken out of `slot` on first poll, so that a request whose connection
+    /// never opened can be sent again with its body intact.
+    Shared {
+        slot: Arc<Mutex<Option<Body>>>,
+        body: Option<Body>,
+        hint: SizeHint,
+    },
+}
+
+impl HttpBody for OutBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        match self.get_mut() {
+            OutBody::Empty => Poll::Ready(None),
+            OutBody::Body(b) => Pin::new(b).poll_frame(cx),
+            OutBody::Shared { slot, body, .. } => {
+                if body.is_none() {
+                    *body = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                }
+                match body {
+                    Some(b) => Pin::new(b).poll_frame(cx),
+                    None => Poll::Ready(Some(Err(axum::Error::new(
+                        "the request body was already sent",
+                    )))),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OutBody::Empty => true,
+            OutBody::Body(b) => b.is_end_stream(),
+            OutBody::Shared { body, .. } => body.as_ref().is_some_and(|b| b.is_end_stream()),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            OutBody::Empty => SizeHint::with_exact(0),
+            OutBody::Body(b) => b.size_hint(),
+            OutBody::Shared { body, hint, .. } => body.as_ref().map_or(*hint, |b| b.size_hint()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_lose_the_service_prefix_and_keep_the_query() {
+        let p = |u: &str, strip| {
+            out_path(&u.parse::<Uri>().unwrap(), strip)
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(p("/s/llm/v1/chat?x=1&y=2", 6), "/v1/chat?x=1&y=2");
+        assert_eq!(p("/s/llm", 6), "/");
+        assert_eq!(p("/s/llm/", 6), "/");
+        assert_eq!(p("/s/llm?stream=1", 6), "/?stream=1");
+        assert_eq!(p("/v1/x?q", 0), "/v1/x?q");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_and_forwarding_headers_set() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("gw.example"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        prepare_request_headers(&mut h, Some("127.0.0.1".parse().unwrap()), "http", true);
+        assert!(h.get("x-private").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get(header::TRANSFER_ENCODING).is_none());
+        assert!(h.get(header::AUTHORIZATION).is_none());
+        assert!(h.get(header::HOST).is_none());
+        assert_eq!(h["x-forwarded-host"], "gw.example");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-keep"], "yes");
+    }
+}
