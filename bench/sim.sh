@@ -7,7 +7,11 @@
 #       leave, 10 seeds (42..51), fragmentation-aware packing (tessera)
 #       against best fit (drf, fifo).
 # The traces are read in place from ../shared/traces (never copied here).
-# Usage: bash bench/sim.sh [OUT_DIR]   (POLICIES="fifo drf" to run fewer)
+# Usage: bash bench/sim.sh [OUT_DIR]   (POLICIES="fifo drf" to run fewer;
+#   OPENB=0 to skip (b); BASELINE=/path/to/an/older/tessera to replay each
+#   Philly policy with that binary too, right after this build's run, so
+#   the two wall times come from the same conditions and the results can
+#   be compared: philly-P.base.json beside philly-P.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-target/bench-sim}"
@@ -15,14 +19,20 @@ traces="${TRACES:-$PWD/../shared/traces}"
 policies="${POLICIES:-fifo fifo-backfill sjf-oracle srtf-oracle las tiresias drf tessera}"
 mkdir -p "$out"
 cargo build --release --locked -p tessera-cli >&2
-bin="$PWD/target/release/tessera"
-{ git rev-parse HEAD; git status --short; } >"$out/commit.txt"
+bin="${CARGO_TARGET_DIR:-$PWD/target}/release/tessera"
+{ git rev-parse HEAD && git status --short; } >"$out/commit.txt" 2>&1 || true
 
 echo "== (a) Philly, 64 nodes x 8 GPUs"
 for p in $policies; do
     "$bin" sim --trace "$traces/philly/philly.csv" --format philly --nodes 64 --gpus-per-node 8 \
         --policy "$p" --save "$out/philly-$p.json" | tee "$out/philly-$p.txt"
+    if [ -n "${BASELINE:-}" ]; then
+        echo "-- baseline: $BASELINE"
+        "$BASELINE" sim --trace "$traces/philly/philly.csv" --format philly --nodes 64 --gpus-per-node 8 \
+            --policy "$p" --save "$out/philly-$p.base.json" | tee "$out/philly-$p.base.txt"
+    fi
 done
+[ "${OPENB:-1}" = 0 ] && exit 0
 
 echo "== (b) openb packing, 1,213 nodes / 6,212 GPUs, seeds 42..51"
 "$bin" sim --trace "$traces/alibaba-openb/openb_pod_list_default.csv" --format openb \
