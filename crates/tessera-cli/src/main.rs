@@ -19,6 +19,7 @@ mod commands;
 mod fleet;
 mod output;
 mod run;
+mod serving;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -88,6 +89,37 @@ enum Command {
     JoinToken {
         #[command(subcommand)]
         command: fleet::JoinTokenCommand,
+    },
+    /// Create or update a service from its spec (YAML or JSON; `-` reads stdin)
+    Serve {
+        /// The spec file, or with --delete the service's name
+        #[arg(value_name = "FILE")]
+        file: String,
+        /// Delete the service named FILE (its replicas are stopped)
+        #[arg(long)]
+        delete: bool,
+    },
+    /// List services: version, ready/wanted replicas, URL
+    Services,
+    /// Show one service: replicas, placements, events and autoscaler decisions
+    Service {
+        /// Service name
+        name: String,
+    },
+    /// Set a service's replica bounds
+    Scale {
+        /// Service name
+        name: String,
+        #[arg(long)]
+        min: Option<i64>,
+        #[arg(long)]
+        max: Option<i64>,
+    },
+    /// Mint keys that may call a service through the gateway
+    #[command(name = "service-key")]
+    ServiceKey {
+        #[command(subcommand)]
+        command: serving::ServiceKeyCommand,
     },
     /// Drain, cordon, uncordon or remove a node
     Node {
@@ -396,6 +428,11 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Agent(args) => fleet::agent(g, args).await?,
         Command::JoinToken { command } => fleet::join_token(g, command).await?,
         Command::Node { command } => fleet::node(g, command).await?,
+        Command::Serve { file, delete } => serving::serve(g, &file, delete).await?,
+        Command::Services => serving::services(g).await?,
+        Command::Service { name } => serving::service(g, &name).await?,
+        Command::Scale { name, min, max } => serving::scale(g, &name, min, max).await?,
+        Command::ServiceKey { command } => serving::service_key(g, command).await?,
         Command::Run(args) => return run::run(g, args).await,
         Command::Submit { file } => commands::submit(g, &file).await?,
         Command::Jobs(args) => commands::jobs(g, &args).await?,

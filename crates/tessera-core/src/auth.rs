@@ -94,6 +94,8 @@ pub enum TokenKind {
     },
     /// The credential a joined node's agent connects with.
     Node { node: String },
+    /// A key that may call one service through the gateway, nothing else.
+    Service { service: String },
 }
 
 /// Who is calling, once a token has been checked.

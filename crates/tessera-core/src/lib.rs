@@ -12,6 +12,7 @@ pub mod job;
 pub mod node;
 pub mod protocol;
 pub mod quantity;
+pub mod service;
 pub mod spec;
 
 pub use error::FieldError;

@@ -558,7 +558,7 @@ fn default_name(program: &str) -> String {
 
 /// serde_path_to_error writes `.` for the root and `resources.cpu` otherwise;
 /// an unknown field is reported at its parent, so we keep what it says.
-fn clean_path(p: &str) -> String {
+pub(crate) fn clean_path(p: &str) -> String {
     if p == "." {
         String::new()
     } else {

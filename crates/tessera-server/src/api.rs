@@ -29,7 +29,8 @@ use crate::{now_ms, Shared};
 pub const MAX_BODY: usize = 1 << 20;
 
 pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+    let gateway = shared.gateway.clone();
+    let api = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
@@ -48,13 +49,31 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/nodes/{name}/cordon", post(crate::fleet::cordon))
         .route("/v1/nodes/{name}/uncordon", post(crate::fleet::uncordon))
         .route("/v1/nodes/{name}/drain", post(crate::fleet::drain))
+        .route(
+            "/v1/services",
+            get(crate::service_api::list).post(crate::service_api::serve),
+        )
+        .route(
+            "/v1/services/{name}",
+            get(crate::service_api::detail).delete(crate::service_api::delete),
+        )
+        .route("/v1/services/{name}/scale", post(crate::service_api::scale))
+        .route(
+            "/v1/services/{name}/keys",
+            post(crate::service_api::create_key),
+        )
         .route("/v1/join-tokens", post(crate::fleet::create_join_token))
         .route("/v1/agents/join", post(crate::fleet::join))
         .route("/v1/agents/connect", get(crate::fleet::connect))
         .route("/tasks", post(seed_create_task))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(shared)
+        .with_state(shared);
+    // The gateway's routes stream bodies of any size: no body limit.
+    match gateway {
+        Some(gw) => api.merge(gw.router()),
+        None => api,
+    }
 }
 
 #[derive(OpenApi)]
@@ -64,7 +83,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         healthz, whoami, list_teams, create_team, update_team, list_tokens, create_token, delete_token,
         list_jobs, submit_job, get_job, cancel_job, job_events, job_logs, list_nodes,
         seed_create_task, crate::fleet::create_join_token, crate::fleet::join,
-        crate::fleet::cordon, crate::fleet::uncordon, crate::fleet::drain, crate::fleet::remove
+        crate::fleet::cordon, crate::fleet::uncordon, crate::fleet::drain, crate::fleet::remove,
+        crate::service_api::serve, crate::service_api::list, crate::service_api::detail,
+        crate::service_api::scale, crate::service_api::delete, crate::service_api::create_key
     ),
     components(schemas(
         ErrorBody, Job, Event, JobSpec, ResourcesSpec, Quantity, Team, TeamQuota, ResourceAmounts,
@@ -73,7 +94,15 @@ pub fn router(shared: Arc<Shared>) -> Router {
         SeedTask, SeedCreated, WhoAmI, GpuInfo, crate::fleet::JoinTokenCreate,
         tessera_core::node::NodeUsage, tessera_core::node::GpuUsage,
         crate::fleet::JoinTokenCreated, crate::fleet::JoinRequest, crate::fleet::Joined,
-        crate::fleet::DrainRequest, crate::fleet::NodeStateChanged
+        crate::fleet::DrainRequest, crate::fleet::NodeStateChanged,
+        tessera_core::service::ServiceSpec, tessera_core::service::ReplicasSpec,
+        tessera_core::service::ReadinessSpec, tessera_core::service::AutoscaleSpec,
+        tessera_core::service::Service, tessera_core::service::ServiceTemplate,
+        tessera_core::service::Readiness, tessera_core::service::Autoscale,
+        crate::service_api::ServiceSummary, crate::service_api::ServiceList,
+        crate::service_api::ServiceDetail, crate::service_api::ScaleRequest,
+        crate::service_api::ServiceKeyCreated, crate::services::ReplicaView,
+        crate::services::ServiceEvent
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))
@@ -606,11 +635,21 @@ async fn create_job(shared: &Shared, caller: &Caller, spec: JobSpec) -> Result<J
             .with_field("resources"));
         }
     }
+    insert_new_job(shared, template, &caller.0.token_id, now).await
+}
+
+/// Makes a validated job durable, then visible to the scheduler.
+pub(crate) async fn insert_new_job(
+    shared: &Shared,
+    template: tessera_core::JobTemplate,
+    submitted_by: &str,
+    now: u64,
+) -> Result<Job, ApiError> {
     let id = shared
         .next_id
         .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let job = Job::new(id, template, caller.0.token_id.clone(), now);
-    let mut msg = format!("submitted by {} (team {})", caller.0.token_id, job.team());
+    let job = Job::new(id, template, submitted_by.to_string(), now);
+    let mut msg = format!("submitted by {} (team {})", submitted_by, job.team());
     if let Some(image) = &job.spec.image {
         msg.push_str(&format!("; runs as a container of image `{image}`"));
     }
@@ -763,48 +802,64 @@ async fn cancel_job(
             )));
         }
         let by = format!("cancelled by {}", caller.0.token_id);
-        if job.state == JobState::Queued {
-            crate::control::finish(
-                &mut state,
-                id,
-                JobState::Cancelled,
-                None,
-                by,
-                now,
-                &mut writes,
-                &shared,
-            );
-        } else if !job.cancel_requested {
-            state.update_job(id, &mut writes, |j| {
-                j.cancel_requested = true;
-                Some(Event::new(
-                    id,
-                    now,
-                    "cancelling",
-                    format!("{by}; stopping its replicas"),
-                ))
-            });
-            let agents = shared.agents.lock().expect("agents lock");
-            for p in &job.placement {
-                if let Some(tx) = agents.get(&p.node) {
-                    let _ = tx.send(ToAgent::Stop {
-                        key: ReplicaKey {
-                            job_id: id,
-                            attempt: job.attempt,
-                            replica: p.replica,
-                        },
-                        grace_ms: shared.kill_grace_ms,
-                        reason: "cancelled".into(),
-                    });
-                }
-            }
-        }
+        cancel_in_state(&shared, &mut state, id, by, now, &mut writes);
         (state.jobs[&id].clone(), shared.stage(writes))
     };
     let (updated, staged) = updated;
     staged.durable().await;
     shared.changed();
     Ok(Json(updated))
+}
+
+/// Cancels an active job: a queued one ends at once; a placed one is
+/// stopped (its agent reports the end). Call under the state lock.
+pub(crate) fn cancel_in_state(
+    shared: &Shared,
+    state: &mut crate::state::ClusterState,
+    id: JobId,
+    by: String,
+    now: u64,
+    writes: &mut Vec<Write>,
+) {
+    let Some(job) = state.jobs.get(&id).cloned() else {
+        return;
+    };
+    if job.state == JobState::Queued {
+        crate::control::finish(
+            state,
+            id,
+            JobState::Cancelled,
+            None,
+            by,
+            now,
+            writes,
+            shared,
+        );
+    } else if job.state.is_active() && !job.cancel_requested {
+        state.update_job(id, writes, |j| {
+            j.cancel_requested = true;
+            Some(Event::new(
+                id,
+                now,
+                "cancelling",
+                format!("{by}; stopping its replicas"),
+            ))
+        });
+        let agents = shared.agents.lock().expect("agents lock");
+        for p in &job.placement {
+            if let Some(tx) = agents.get(&p.node) {
+                let _ = tx.send(ToAgent::Stop {
+                    key: ReplicaKey {
+                        job_id: id,
+                        attempt: job.attempt,
+                        replica: p.replica,
+                    },
+                    grace_ms: shared.kill_grace_ms,
+                    reason: "cancelled".into(),
+                });
+            }
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]

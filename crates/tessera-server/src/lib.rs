@@ -14,6 +14,8 @@ pub mod error;
 pub mod fleet;
 pub mod logs;
 pub mod metrics;
+pub mod service_api;
+pub mod services;
 pub mod state;
 pub mod tls;
 
@@ -69,6 +71,10 @@ pub struct Shared {
     /// one before it declares a node lost.
     pub heartbeat_ms: u64,
     pub node_lease_ms: u64,
+    /// Services: replicas, readiness, routes, autoscaling.
+    pub services: services::Services,
+    /// The gateway serving `/s/<service>/`, when this process runs one.
+    pub gateway: Option<Arc<tessera_gateway::Gateway>>,
     /// Reports from remote agents, to the report loop.
     pub reports: mpsc::UnboundedSender<control::AgentReport>,
     reports_rx: Mutex<Option<mpsc::UnboundedReceiver<control::AgentReport>>>,
@@ -94,6 +100,8 @@ impl Shared {
             node_lease_ms: DEFAULT_NODE_LEASE.as_millis() as u64,
             reports,
             reports_rx: Mutex::new(Some(reports_rx)),
+            services: services::Services::new(Arc::new(services::NoRoutes)),
+            gateway: None,
             store,
             state: Mutex::new(state),
             wake: Notify::new(),
@@ -109,6 +117,17 @@ impl Shared {
         }
     }
 
+    /// Embeds a gateway: services are published to it and it serves
+    /// `/s/<service>/` on the API's listener. Call before sharing.
+    pub fn with_gateway(&mut self) {
+        let gateway = tessera_gateway::Gateway::new(tessera_gateway::GatewayConfig::default());
+        gateway.register_metrics(self.metrics.registry_mut());
+        self.services = services::Services::new(Arc::new(services::GatewayRoutes {
+            gateway: gateway.clone(),
+        }));
+        self.gateway = Some(gateway);
+    }
+
     /// Starts the loops every control plane runs: scheduling, reports from
     /// remote agents, leases.
     pub fn spawn_loops(self: &Arc<Self>) {
@@ -117,6 +136,21 @@ impl Shared {
         }
         tokio::spawn(control::scheduling_loop(self.clone()));
         tokio::spawn(fleet::lease_loop(self.clone()));
+        services::recover(self);
+        if let Some(gw) = &self.gateway {
+            // A request waiting for a first replica: scale from zero.
+            let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+            gw.set_demand_hook(Arc::new(move |name: &str| {
+                let _ = tx.send(name.to_string());
+            }));
+            let shared = self.clone();
+            tokio::spawn(async move {
+                while let Some(name) = rx.recv().await {
+                    shared.services.demand(&name);
+                }
+            });
+        }
+        tokio::spawn(services::services_loop(self.clone()));
     }
 
     /// Tells log followers that jobs changed.
@@ -334,6 +368,7 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     shared.policy = config.policy.clone();
     shared.heartbeat_ms = heartbeat_ms;
     shared.node_lease_ms = node_lease_ms;
+    shared.with_gateway();
     let shared = Arc::new(shared);
     if !config.local_agent {
         // The control plane alone. Work placed on remote agents survives a

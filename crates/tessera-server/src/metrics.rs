@@ -196,6 +196,11 @@ impl Metrics {
         }
     }
 
+    /// Lets another part (the gateway) register its series.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// Recomputes state gauges and renders the text format.
     pub fn render(&self, state: &ClusterState) -> String {
         let mut by_state = std::collections::HashMap::new();

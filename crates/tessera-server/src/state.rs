@@ -34,6 +34,8 @@ pub struct ClusterState {
     /// only there: a node between connections keeps its running work until
     /// its lease runs out, but gets nothing new.
     pub connected: std::collections::HashSet<String>,
+    /// Services by name (stored in the `meta` table).
+    pub services: BTreeMap<String, tessera_core::service::Service>,
     /// The latest usage each node's agent reported (in memory only).
     pub usage: HashMap<String, tessera_core::node::NodeUsage>,
 }
@@ -73,6 +75,7 @@ impl ClusterState {
         for e in l.events {
             s.events.entry(e.job_id).or_default().push(e);
         }
+        s.services = crate::services::load(&l.meta);
         for j in l.jobs {
             s.index(&j);
             s.jobs.insert(j.id, j);

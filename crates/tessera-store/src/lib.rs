@@ -50,6 +50,7 @@ pub enum Write {
     Node(Box<Node>),
     DeleteNode(String),
     Meta(String, String),
+    DeleteMeta(String),
 }
 
 /// Everything loaded at start-up.
@@ -117,6 +118,9 @@ fn apply_to(state: &mut Loaded, w: Write) {
         Write::DeleteNode(name) => state.nodes.retain(|x| x.inventory.name != name),
         Write::Meta(k, v) => {
             state.meta.insert(k, v);
+        }
+        Write::DeleteMeta(k) => {
+            state.meta.remove(&k);
         }
     }
 }

@@ -184,6 +184,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreError> {
             tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)")?
                 .execute(params![k, v])?;
         }
+        Write::DeleteMeta(k) => {
+            tx.prepare_cached("DELETE FROM meta WHERE key = ?1")?
+                .execute(params![k])?;
+        }
     }
     Ok(())
 }

@@ -1,0 +1,372 @@
+//! Black-box tests of services: `tessera up`, a real Python HTTP server as
+//! the service's replicas, and requests through the gateway at `/s/<name>/`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+/// A small model-server stand-in: `/` answers `ok <version>`, `/health`
+/// answers 200, `/stream` sends three server-sent events 300 ms apart.
+const SERVER_PY: &str = r#"
+import os, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+V = os.environ.get("V", "1")
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        if self.path == "/stream":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(3):
+                data = ("data: token%d\n\n" % i).encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+                time.sleep(0.3)
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        body = ("ok %s %s" % (V, self.path)).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+struct Up {
+    child: Child,
+    dir: tempfile::TempDir,
+    addr: String,
+    token: String,
+}
+
+impl Up {
+    fn start() -> Up {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::write(dir.path().join("server.py"), SERVER_PY).unwrap();
+        let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+        let child = Command::new(BIN)
+            .args([
+                "up",
+                "--listen",
+                "127.0.0.1:0",
+                "--no-cgroups",
+                "--kill-grace",
+                "1s",
+            ])
+            .env("TESSERA_HOME", &home)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let url = loop {
+            if let Ok(cfg) = std::fs::read_to_string(home.join("config")) {
+                if let Some(u) = cfg.lines().find_map(|l| l.strip_prefix("url = ")) {
+                    break u.trim().to_string();
+                }
+            }
+            assert!(Instant::now() < deadline, "tessera up did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let token = std::fs::read_to_string(home.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        Up {
+            child,
+            addr: url.trim_start_matches("http://").to_string(),
+            dir,
+            token,
+        }
+    }
+
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .env("TESSERA_HOME", self.home())
+            .output()
+            .unwrap()
+    }
+
+    fn cli_json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn serve(&self, yaml: &str) -> Value {
+        let path = self.dir.path().join("svc.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        self.cli_json(&["serve", path.to_str().unwrap()])
+    }
+
+    fn script(&self) -> String {
+        format!(
+            "exec python3 {}",
+            self.dir.path().join("server.py").display()
+        )
+    }
+
+    fn detail(&self, name: &str) -> Value {
+        self.cli_json(&["service", name])
+    }
+
+    fn wait_ready(&self, name: &str, n: u64, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let d = self.detail(name);
+            if d["summary"]["ready"].as_u64() == Some(n) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "not {n} ready: {d:#}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+/// One HTTP/1.1 GET; returns (status, body).
+fn get(addr: &str, path: &str, key: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+fn kinds(detail: &Value) -> Vec<String> {
+    detail["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_service_answers_through_the_gateway_with_keys_and_scales_from_zero() {
+    let up = Up::start();
+    let v = up.serve(&format!(
+        "name: echo\nscript: {}\nresources: {{cpu: 0.2, memory: 128Mi}}\n\
+         replicas: {{min: 0, max: 2}}\nreadiness: {{path: /health, interval: 200ms}}\n\
+         autoscale: {{scale_to_zero_after: 2s}}\n",
+        up.script()
+    ));
+    assert_eq!(v["name"], "echo");
+    up.wait_ready("echo", 1, 20);
+    // Paths and queries reach the replica without the /s/<name> prefix.
+    let (code, body) = get(&up.addr, "/s/echo/hello?x=1", Some(&up.token));
+    assert_eq!((code, body.as_str()), (200, "ok 1 /hello?x=1"));
+    // Keys: none → 401; a service key works; a key of another service not.
+    assert_eq!(get(&up.addr, "/s/echo/", None).0, 401);
+    let key = up.cli_json(&["service-key", "create", "echo"]);
+    let key = key["key"].as_str().unwrap().to_string();
+    // Keys take effect within a moment of their creation.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while get(&up.addr, "/s/echo/", Some(&key)).0 != 200 {
+        assert!(Instant::now() < deadline, "the new key never worked");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(&up.addr, "/s/nope/", Some(&key)).0, 404);
+    // Idle past scale_to_zero_after: no replica left.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = up.detail("echo");
+        if d["summary"]["desired"] == 0 && d["replicas"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never scaled to zero: {d:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The first request after that is held while a replica starts: no error.
+    let started = Instant::now();
+    let (code, body) = get(&up.addr, "/s/echo/again", Some(&key));
+    assert_eq!((code, body.as_str()), (200, "ok 1 /again"));
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let k = kinds(&up.detail("echo"));
+    assert!(k.iter().filter(|k| *k == "scale").count() >= 2, "{k:?}");
+    // The CLI shows it.
+    let out = up.cli(&["services"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("/s/echo/"));
+    // Metrics carry the gateway's series.
+    let (_, metrics) = get(&up.addr, "/metrics", None);
+    assert!(
+        metrics.contains("tessera_gateway_requests_total"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn server_sent_events_stream_token_by_token() {
+    let up = Up::start();
+    up.serve(&format!(
+        "name: chat\nscript: {}\nresources: {{cpu: 0.2, memory: 128Mi}}\n\
+         readiness: {{path: /health, interval: 200ms}}\n",
+        up.script()
+    ));
+    up.wait_ready("chat", 1, 20);
+    let mut s = TcpStream::connect(&up.addr).unwrap();
+    write!(
+        s,
+        "GET /s/chat/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        up.token
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut reader = BufReader::new(s);
+    let mut first = None;
+    let mut tokens = 0;
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap() > 0 {
+        if line.starts_with("data: token") {
+            tokens += 1;
+            first.get_or_insert(started.elapsed());
+        }
+        line.clear();
+    }
+    let total = started.elapsed();
+    assert_eq!(tokens, 3);
+    let first = first.unwrap();
+    assert!(
+        first + Duration::from_millis(400) < total,
+        "the first token ({first:?}) came long before the last ({total:?}): not buffered"
+    );
+}
+
+#[test]
+fn a_rolling_update_under_load_fails_no_request_and_a_dead_replica_is_replaced() {
+    let up = Up::start();
+    let spec = |v: u32| {
+        format!(
+            "name: roll\nscript: {}\nenv: {{V: \"{v}\"}}\nresources: {{cpu: 0.2, memory: 128Mi}}\n\
+             replicas: {{min: 2, max: 2}}\nreadiness: {{path: /health, interval: 200ms}}\n",
+            up.script()
+        )
+    };
+    up.serve(&spec(1));
+    up.wait_ready("roll", 2, 30);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed, v2) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, ok, failed, v2) = (stop.clone(), ok.clone(), failed.clone(), v2.clone());
+            let (addr, token) = (up.addr.clone(), up.token.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let (code, body) = get(&addr, "/s/roll/", Some(&token));
+                    if code == 200 {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        if body.starts_with("ok 2") {
+                            v2.fetch_add(1, Ordering::Relaxed);
+                        }
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let v = up.serve(&spec(2));
+    assert_eq!(v["version"], 2);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let d = up.detail("roll");
+        let reps = d["replicas"].as_array().unwrap().clone();
+        if reps.len() == 2
+            && reps
+                .iter()
+                .all(|r| r["version"] == 2 && r["state"] == "ready")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "update never finished: {d:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.join().unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed");
+    assert!(ok.load(Ordering::Relaxed) > 20);
+    assert!(v2.load(Ordering::Relaxed) > 0, "traffic moved to version 2");
+
+    // A replica that dies is replaced.
+    let d = up.detail("roll");
+    let victim = d["replicas"][0]["job_id"].as_u64().unwrap();
+    up.cli(&["cancel", &victim.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = up.detail("roll");
+        let ids: Vec<u64> = d["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["state"] == "ready")
+            .map(|r| r["job_id"].as_u64().unwrap())
+            .collect();
+        if ids.len() == 2 && !ids.contains(&victim) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not replaced: {d:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Deleting the service stops its replicas.
+    assert!(up.cli(&["serve", "--delete", "roll"]).status.success());
+    assert_eq!(get(&up.addr, "/s/roll/", Some(&up.token)).0, 404);
+}
