@@ -471,7 +471,11 @@ fn the_openai_client_streams_chat_completions_through_the_gateway() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["full"], "Hello from a replica.");
     assert_eq!(v["text"], "Hello from a replica.");
