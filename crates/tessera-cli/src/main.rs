@@ -17,6 +17,7 @@ mod bench_fleet;
 mod client;
 mod commands;
 mod fleet;
+mod gateway_cmd;
 mod output;
 mod run;
 mod serving;
@@ -101,6 +102,8 @@ enum Command {
     },
     /// List services: version, ready/wanted replicas, URL
     Services,
+    /// Run the service gateway alone (routes come from the control plane)
+    Gateway(gateway_cmd::GatewayArgs),
     /// Show one service: replicas, placements, events and autoscaler decisions
     Service {
         /// Service name
@@ -430,6 +433,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Node { command } => fleet::node(g, command).await?,
         Command::Serve { file, delete } => serving::serve(g, &file, delete).await?,
         Command::Services => serving::services(g).await?,
+        Command::Gateway(args) => gateway_cmd::gateway(g, args).await?,
         Command::Service { name } => serving::service(g, &name).await?,
         Command::Scale { name, min, max } => serving::scale(g, &name, min, max).await?,
         Command::ServiceKey { command } => serving::service_key(g, command).await?,

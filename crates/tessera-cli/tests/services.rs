@@ -491,3 +491,58 @@ fn the_openai_client_streams_chat_completions_through_the_gateway() {
         "tokens arrived one by one, not all at the end: {times:?}"
     );
 }
+
+/// `tessera gateway` alone: routes from the control plane, `Host`-based
+/// routing, and scale from zero through it.
+#[test]
+fn a_standalone_gateway_serves_routes_from_the_control_plane() {
+    let up = Up::start();
+    up.serve(&format!(
+        "name: solo\nscript: {}\nresources: {{cpu: 0.2, memory: 128Mi}}\n\
+         replicas: {{min: 0, max: 1}}\nreadiness: {{path: /health, interval: 200ms}}\n\
+         autoscale: {{scale_to_zero_after: 1s}}\n",
+        up.script()
+    ));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let log = std::fs::File::create(up.dir.path().join("gateway.log")).unwrap();
+    let mut gw = Command::new(BIN)
+        .args(["gateway", "--listen", &addr, "--domain", "svc.test"])
+        .env("TESSERA_HOME", up.home())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "gateway did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Idle: scaled to zero; the request through the standalone gateway is
+    // held, reported as demand, and answered once a replica is up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while up.detail("solo")["summary"]["desired"] != 0 {
+        assert!(Instant::now() < deadline, "never scaled to zero");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, body) = get(&addr, "/s/solo/x", Some(&up.token));
+    assert_eq!((code, body.as_str()), (200, "ok 1 /x"));
+    // Host routing: the path is passed unchanged.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "GET /y HTTP/1.1\r\nHost: solo.svc.test\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        up.token
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("ok 1 /y"), "{text}");
+    let _ = gw.kill();
+    let _ = gw.wait();
+}

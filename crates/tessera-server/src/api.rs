@@ -62,6 +62,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/v1/services/{name}/keys",
             post(crate::service_api::create_key),
         )
+        .route("/v1/gateway/routes", get(crate::service_api::routes))
+        .route("/v1/gateway/load", post(crate::service_api::load))
         .route("/v1/join-tokens", post(crate::fleet::create_join_token))
         .route("/v1/agents/join", post(crate::fleet::join))
         .route("/v1/agents/connect", get(crate::fleet::connect))
@@ -85,7 +87,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         seed_create_task, crate::fleet::create_join_token, crate::fleet::join,
         crate::fleet::cordon, crate::fleet::uncordon, crate::fleet::drain, crate::fleet::remove,
         crate::service_api::serve, crate::service_api::list, crate::service_api::detail,
-        crate::service_api::scale, crate::service_api::delete, crate::service_api::create_key
+        crate::service_api::scale, crate::service_api::delete, crate::service_api::create_key,
+        crate::service_api::routes, crate::service_api::load
     ),
     components(schemas(
         ErrorBody, Job, Event, JobSpec, ResourcesSpec, Quantity, Team, TeamQuota, ResourceAmounts,
@@ -102,7 +105,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         crate::service_api::ServiceSummary, crate::service_api::ServiceList,
         crate::service_api::ServiceDetail, crate::service_api::ScaleRequest,
         crate::service_api::ServiceKeyCreated, crate::services::ReplicaView,
-        crate::services::ServiceEvent
+        crate::services::ServiceEvent, crate::services::Published,
+        crate::service_api::RouteTable, crate::service_api::LoadReport,
+        crate::service_api::ServiceLoad
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))

@@ -388,3 +388,68 @@ pub async fn create_key(
         }),
     ))
 }
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RouteTable {
+    pub services: std::collections::BTreeMap<String, crate::services::Published>,
+}
+
+/// What a standalone gateway serves: each service's ready replicas and the
+/// hashes of the keys that may call it. Admins only.
+#[utoipa::path(get, path = "/v1/gateway/routes", responses((status = 200, body = RouteTable)))]
+pub async fn routes(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+) -> Result<Json<RouteTable>, ApiError> {
+    caller.require_superuser("reading gateway routes")?;
+    Ok(Json(RouteTable {
+        services: shared.services.published(),
+    }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoadReport {
+    /// The reporting gateway (any stable name).
+    pub gateway: String,
+    /// Per service: requests in flight or held now, and milliseconds since
+    /// its last request (none: never).
+    pub services: std::collections::BTreeMap<String, ServiceLoad>,
+    /// Services a request is waiting for (scale from zero).
+    #[serde(default)]
+    pub demand: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceLoad {
+    pub load: u32,
+    pub idle_ms: Option<u64>,
+}
+
+/// A standalone gateway's load, for the autoscaler, and its waiting
+/// requests (scale from zero). Admins only.
+#[utoipa::path(post, path = "/v1/gateway/load", request_body = LoadReport,
+    responses((status = 200, description = "`{\"services\": N}`: how many loads were taken")))]
+pub async fn load(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require_superuser("reporting gateway load")?;
+    let report: LoadReport = parse_json(&body_bytes(body)?)?;
+    for (name, l) in &report.services {
+        shared.services.report_load(
+            &report.gateway,
+            name,
+            l.load,
+            l.idle_ms.map(std::time::Duration::from_millis),
+        );
+    }
+    for name in &report.demand {
+        shared.services.demand(name);
+    }
+    Ok(Json(
+        serde_json::json!({ "services": report.services.len() }),
+    ))
+}

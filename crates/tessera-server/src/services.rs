@@ -96,6 +96,9 @@ struct Runtime {
 
 const MAX_EVENTS: usize = 200;
 
+/// How long a drained replica keeps running at least.
+const DRAIN_MIN: Duration = Duration::from_millis(1200);
+
 impl Default for Runtime {
     fn default() -> Runtime {
         Runtime {
@@ -132,6 +135,22 @@ pub struct Services {
     wake: Arc<tokio::sync::Notify>,
     runtime: Mutex<HashMap<String, Runtime>>,
     probes: Arc<Mutex<HashMap<JobId, bool>>>,
+    /// Load reported by standalone gateways: (gateway, service) → (requests
+    /// in flight or held, when reported, when the last request came).
+    remote: Mutex<HashMap<(String, String), (u32, Instant, Option<Instant>)>>,
+    /// What was last published per service: ready upstreams and key hashes
+    /// (for standalone gateways).
+    published: Mutex<BTreeMap<String, Published>>,
+}
+
+/// A service's route as published to gateways.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Published {
+    /// (replica id, address) of each ready replica.
+    #[schema(value_type = Vec<Vec<String>>)]
+    pub upstreams: Vec<(String, SocketAddr)>,
+    /// SHA-256 hex of every key and token that may call the service.
+    pub key_hashes: Vec<String>,
 }
 
 impl std::fmt::Debug for Services {
@@ -147,6 +166,8 @@ impl Services {
             wake: Arc::new(tokio::sync::Notify::new()),
             runtime: Mutex::new(HashMap::new()),
             probes: Arc::new(Mutex::new(HashMap::new())),
+            remote: Mutex::new(HashMap::new()),
+            published: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -156,6 +177,31 @@ impl Services {
             rt.demand = true;
         }
         self.wake.notify_one();
+    }
+
+    /// Load a standalone gateway reports for `service`: requests in flight
+    /// or held, and how long ago the last one came.
+    pub fn report_load(&self, gateway: &str, service: &str, load: u32, idle: Option<Duration>) {
+        let now = Instant::now();
+        self.remote.lock().expect("remote lock").insert(
+            (gateway.to_string(), service.to_string()),
+            (load, now, idle.and_then(|d| now.checked_sub(d))),
+        );
+    }
+
+    /// The embedded gateway's load plus what standalone gateways reported
+    /// in the last 5 s.
+    fn load(&self, service: &str) -> (u32, Option<Instant>) {
+        let (mut load, mut last) = self.routes.load(service);
+        let mut remote = self.remote.lock().expect("remote lock");
+        remote.retain(|_, (_, at, _)| at.elapsed() < Duration::from_secs(5));
+        for ((_, svc), (l, _, lr)) in remote.iter() {
+            if svc == service {
+                load += l;
+                last = last.max(*lr);
+            }
+        }
+        (load, last)
     }
 
     /// Runs the service loop now (a spec, a key or the bounds changed).
@@ -223,7 +269,16 @@ impl Services {
 
     pub fn forget(&self, service: &str) {
         self.runtime.lock().expect("services lock").remove(service);
+        self.published
+            .lock()
+            .expect("published lock")
+            .remove(service);
         self.routes.remove(service);
+    }
+
+    /// Every service's route, for standalone gateways.
+    pub fn published(&self) -> BTreeMap<String, Published> {
+        self.published.lock().expect("published lock").clone()
     }
 }
 
@@ -499,7 +554,7 @@ async fn reconcile(shared: &Arc<Shared>, name: &str) {
     // 3. Autoscale (once a second).
     let mut desired = service.desired;
     {
-        let (load, last) = shared.services.routes.load(name);
+        let (load, last) = shared.services.load(name);
         let mut rt_all = shared.services.runtime.lock().expect("services lock");
         let rt = rt_all.entry(name.to_string()).or_default();
         let instant = Instant::now();
@@ -595,14 +650,19 @@ async fn reconcile(shared: &Arc<Shared>, name: &str) {
                 });
             }
         }
-        // A drained replica stops once its requests are done (or after 30 s).
+        // A drained replica stops once its requests are done (or after
+        // 30 s) — and never before every gateway has stopped sending it
+        // requests: the embedded one learns at the end of this pass,
+        // standalone ones within their 500 ms poll.
         for r in &rt.replicas {
             if let Some(since) = r.draining_since {
                 let busy = shared
                     .services
                     .routes
                     .in_flight(name, &r.job_id.to_string());
-                if busy == 0 || since.elapsed() > Duration::from_secs(30) {
+                if (busy == 0 && since.elapsed() >= DRAIN_MIN)
+                    || since.elapsed() > Duration::from_secs(30)
+                {
                     stops.push(r.job_id);
                 }
             }
@@ -717,6 +777,18 @@ async fn reconcile(shared: &Arc<Shared>, name: &str) {
             .unwrap_or_default();
         (ups, keys)
     };
+    shared
+        .services
+        .published
+        .lock()
+        .expect("published lock")
+        .insert(
+            name.to_string(),
+            Published {
+                upstreams: upstreams.clone(),
+                key_hashes: keys.clone(),
+            },
+        );
     shared.services.routes.set(name, upstreams, keys);
 }
 
