@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Gateway overhead on loopback (BENCHMARKS.md, "Gateway"). One trivial
+# upstream (hyper, 12-byte body) is reached three ways in the same run:
+# directly, through the gateway (`proxy_bench gateway`, service "bench"), and
+# through nginx as a keep-alive reverse proxy when nginx is installed
+# (apt-get install -y nginx wrk). Each round measures, per target:
+#   throughput: wrk -t2 -c64 for $DUR seconds (requests/s, closed loop);
+#   cpu:        the proxy's own CPU time (user + system, from /proc) per
+#               request during the wrk run: the fair figure on a small
+#               machine where wrk, the upstream and the proxy share cores;
+#   latency:    proxy_bench load at $RATE req/s over 32 connections
+#               (p50/p99 from send to the end of the response body).
+# Rounds alternate the targets so drift hits all of them alike.
+# Usage: bash bench/gateway.sh [OUT_DIR]   (ROUNDS=3 DUR=10 RATE=5000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-target/bench-gateway}"
+rounds="${ROUNDS:-3}"; dur="${DUR:-10}"; rate="${RATE:-5000}"
+mkdir -p "$out"
+cargo build --release --locked -p tessera-gateway --example proxy_bench >&2
+bin="${CARGO_TARGET_DIR:-$PWD/target}/release/examples/proxy_bench"
+command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install -y wrk)" >&2; exit 1; }
+{ git rev-parse HEAD && git status --short; } >"$out/commit.txt" 2>&1 || true
+
+up=127.0.0.1:18080; gw=127.0.0.1:18081; ngx=127.0.0.1:18082
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+"$bin" upstream --listen "$up" & pids+=($!)
+"$bin" gateway --listen "$gw" --upstream "$up" & pids+=($!)
+gw_pid=$!
+targets="direct=http://$up/ gateway=http://$gw/s/bench/"
+if command -v nginx >/dev/null; then
+    ndir="$(mktemp -d)"
+    cat >"$ndir/nginx.conf" <<NGINX
+daemon off;
+worker_processes auto;
+pid $ndir/nginx.pid;
+error_log $ndir/error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $ndir/body;
+    proxy_temp_path $ndir/proxy;
+    upstream u { server $up; keepalive 128; }
+    server {
+        listen $ngx;
+        location / {
+            proxy_pass http://u;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+NGINX
+    nginx -p "$ndir" -c "$ndir/nginx.conf" & pids+=($!)
+    nginx_pid=$!
+    targets="$targets nginx=http://$ngx/"
+else
+    echo "nginx is not installed: skipping it (apt-get install -y nginx)" >&2
+fi
+for a in $up $gw $([ -n "${ndir:-}" ] && echo $ngx); do
+    for _ in $(seq 100); do (exec 3<>"/dev/tcp/${a%:*}/${a#*:}") 2>/dev/null && break; sleep 0.05; done
+done
+ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+proxy_pids() {
+    case "$1" in
+        gateway) echo "$gw_pid" ;;
+        nginx) pgrep -P "$nginx_pid" | tr '\n' ' ' ;;
+        *) echo "" ;;
+    esac
+}
+hz=$(getconf CLK_TCK)
+nproc >"$out/machine.txt"; uname -a >>"$out/machine.txt"
+
+: >"$out/results.txt"
+for r in $(seq "$rounds"); do
+    for t in $targets; do
+        name="${t%%=*}"; url="${t#*=}"
+        pp=$(proxy_pids "$name"); t0=$([ -n "$pp" ] && ticks $pp || echo 0)
+        rps=$(wrk -t2 -c64 -d"${dur}s" "$url" | tee "$out/wrk-$name-$r.txt" | awk '/Requests\/sec/ {print $2}')
+        n=$(awk '/requests in/ {print $1}' "$out/wrk-$name-$r.txt")
+        cpu=$([ -n "$pp" ] && echo "$(( ($(ticks $pp) - t0) * 1000000 / hz / n ))" || echo 0)
+        lat=$("$bin" load --url "$url" --rate "$rate" --secs "$dur" --conns 32 | tee "$out/load-$name-$r.txt")
+        p50=$(echo "$lat" | awk '{for(i=1;i<=NF;i++) if($i=="p50") print $(i+1)}')
+        p99=$(echo "$lat" | awk '{for(i=1;i<=NF;i++) if($i=="p99") print $(i+1)}')
+        echo "$r $name rps=$rps cpu_us_per_req=$cpu p50_ms=$p50 p99_ms=$p99" | tee -a "$out/results.txt"
+    done
+done
+
+echo "== medians over $rounds rounds (throughput: wrk -t2 -c64; latency at $rate req/s)"
+for t in $targets; do
+    name="${t%%=*}"
+    med() { grep " $name " "$out/results.txt" | sed -n "s/.*$1=\([0-9.]*\).*/\1/p" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+    echo "$name rps=$(med rps) p50_ms=$(med p50_ms) p99_ms=$(med p99_ms) cpu_us_per_req=$(med cpu_us_per_req)"
+done | tee "$out/summary.txt"
+awk '{split($2,a,"="); split($3,b,"="); split($4,c,"="); split($5,d,"="); rps[$1]=a[2]; p50[$1]=b[2]; p99[$1]=c[2]; cpu[$1]=d[2]}
+     END {
+       printf "gateway/direct throughput %.2fx; added latency p50 %.3f ms, p99 %.3f ms\n", rps["gateway"]/rps["direct"], p50["gateway"]-p50["direct"], p99["gateway"]-p99["direct"];
+       if ("nginx" in rps) printf "gateway/nginx throughput %.2fx; nginx added p50 %.3f ms, p99 %.3f ms; proxy CPU per request: gateway %s us, nginx %s us\n", rps["gateway"]/rps["nginx"], p50["nginx"]-p50["direct"], p99["nginx"]-p99["direct"], cpu["gateway"], cpu["nginx"];
+     }' "$out/summary.txt" | tee -a "$out/summary.txt"
