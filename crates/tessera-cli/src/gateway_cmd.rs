@@ -72,9 +72,10 @@ pub async fn gateway(g: &Globals, args: GatewayArgs) -> Result<()> {
         .try_init();
     let client = Arc::new(g.client()?);
     let name = args.name.unwrap_or_else(|| args.listen.to_string());
-    let mut config = GatewayConfig::default();
-    config.domain = args.domain;
-    let gw = Gateway::new(config);
+    let gw = Gateway::new(GatewayConfig {
+        domain: args.domain,
+        ..GatewayConfig::default()
+    });
     // Waiting requests are reported at once: they wait for a replica.
     let (demand_tx, mut demand_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     gw.set_demand_hook(Arc::new(move |s: &str| {

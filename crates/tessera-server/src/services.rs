@@ -137,11 +137,14 @@ pub struct Services {
     probes: Arc<Mutex<HashMap<JobId, bool>>>,
     /// Load reported by standalone gateways: (gateway, service) → (requests
     /// in flight or held, when reported, when the last request came).
-    remote: Mutex<HashMap<(String, String), (u32, Instant, Option<Instant>)>>,
+    remote: Mutex<HashMap<(String, String), RemoteLoad>>,
     /// What was last published per service: ready upstreams and key hashes
     /// (for standalone gateways).
     published: Mutex<BTreeMap<String, Published>>,
 }
+
+/// A standalone gateway's report: load, when reported, last request.
+type RemoteLoad = (u32, Instant, Option<Instant>);
 
 /// A service's route as published to gateways.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -385,7 +388,7 @@ pub fn autoscale(
         let w = Duration::from_millis(window_ms);
         let xs: Vec<f64> = samples
             .iter()
-            .filter(|(t, _)| now.duration_since(*t) <= w)
+            .filter(|(t, _)| now.duration_since(*t) < w)
             .map(|(_, v)| *v)
             .collect();
         if xs.is_empty() {
@@ -849,7 +852,7 @@ mod tests {
         let now = Instant::now() + Duration::from_secs(120);
         // Quiet for a minute, then 5 s of 16 in flight.
         let mut v: Vec<(u64, f64)> = (6..60).map(|s| (s, 0.0)).collect();
-        v.extend((0..5).map(|s| (s, 16.0)));
+        v.extend((0..6).map(|s| (s, 16.0)));
         let (d, why) = autoscale(&t, 1, &samples(now, &v), now, None);
         assert_eq!(d, 8, "{why}");
         assert!(why.starts_with("panic"));
