@@ -299,8 +299,9 @@ async fn server_sent_events_stream_token_by_token() {
         !finished.load(Ordering::SeqCst),
         "the first token came only after the upstream finished"
     );
+    // tok1 comes 250 ms after tok0: tok0 must not wait for it.
     assert!(
-        first_at < Duration::from_millis(200),
+        first_at < Duration::from_millis(240),
         "first token after {first_at:?}"
     );
     assert_eq!(
