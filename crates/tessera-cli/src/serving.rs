@@ -61,7 +61,9 @@ pub async fn services(g: &Globals) -> Result<()> {
         eprintln!("no services");
         return Ok(());
     }
-    let mut t = Table::new(&["NAME", "TEAM", "VERSION", "READY", "REPLICAS", "URL"]);
+    let mut t = Table::new(&[
+        "NAME", "TEAM", "VERSION", "READY", "REPLICAS", "REQ/S", "URL",
+    ]);
     for s in &list {
         t.row(vec![
             s["name"].as_str().unwrap_or("").into(),
@@ -69,6 +71,7 @@ pub async fn services(g: &Globals) -> Result<()> {
             s["version"].to_string(),
             format!("{}/{}", s["ready"], s["desired"]),
             format!("{}..{}", s["min"], s["max"]),
+            format!("{:.1}", s["requests_per_s"].as_f64().unwrap_or(0.0)),
             format!("{}{}", client.url(), s["url"].as_str().unwrap_or("")),
         ]);
     }

@@ -30,6 +30,8 @@ pub struct ServiceSummary {
     pub desired: u32,
     /// Ready replicas of the current version.
     pub ready: usize,
+    /// Requests per second through this server's gateway (last 10 s).
+    pub requests_per_s: f64,
     /// Path of the service on the gateway.
     pub url: String,
     pub created_at: u64,
@@ -59,6 +61,7 @@ fn summary(shared: &Shared, s: &Service) -> ServiceSummary {
         max: t.max,
         desired: s.desired,
         ready: shared.services.ready_count(&t.name),
+        requests_per_s: (shared.services.request_rate(&t.name) * 10.0).round() / 10.0,
         url: format!("/s/{}/", t.name),
         created_at: s.created_at,
         updated_at: s.updated_at,

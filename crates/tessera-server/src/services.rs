@@ -41,6 +41,10 @@ pub trait Routes: Send + Sync {
     fn load(&self, service: &str) -> (u32, Option<Instant>);
     /// Replicas still serving requests (being drained): in flight by id.
     fn in_flight(&self, service: &str, upstream: &str) -> u32;
+    /// Requests received for `service` so far.
+    fn requests(&self, _service: &str) -> u64 {
+        0
+    }
 }
 
 /// One decision or change, for `tessera service NAME`.
@@ -88,6 +92,8 @@ struct Runtime {
     replicas: Vec<Replica>,
     /// Per-second samples of concurrency (in flight plus held).
     samples: VecDeque<(Instant, f64)>,
+    /// Per-second samples of requests received so far (last 10 s).
+    requests: VecDeque<(Instant, u64)>,
     last_sample: Option<Instant>,
     events: VecDeque<ServiceEvent>,
     /// A request waits for a first replica: scale from zero now.
@@ -107,6 +113,7 @@ impl Default for Runtime {
             backoff_until: None,
             replicas: Vec::new(),
             samples: VecDeque::new(),
+            requests: VecDeque::new(),
             last_sample: None,
             events: VecDeque::new(),
             demand: false,
@@ -255,6 +262,20 @@ impl Services {
                 .into(),
             })
             .collect()
+    }
+
+    /// Requests per second through the embedded gateway, over the last 10 s.
+    pub fn request_rate(&self, service: &str) -> f64 {
+        let rt = self.runtime.lock().expect("services lock");
+        let Some(r) = rt.get(service) else {
+            return 0.0;
+        };
+        match (r.requests.front(), r.requests.back()) {
+            (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => {
+                n1.saturating_sub(*n0) as f64 / t1.duration_since(*t0).as_secs_f64()
+            }
+            _ => 0.0,
+        }
     }
 
     /// Ready replicas of the current version (those traffic goes to).
@@ -567,6 +588,15 @@ async fn reconcile(shared: &Arc<Shared>, name: &str) {
         {
             rt.last_sample = Some(instant);
             rt.samples.push_back((instant, load as f64));
+            rt.requests
+                .push_back((instant, shared.services.routes.requests(name)));
+            while rt
+                .requests
+                .front()
+                .is_some_and(|(s, _)| instant.duration_since(*s) > Duration::from_secs(10))
+            {
+                rt.requests.pop_front();
+            }
             let keep = Duration::from_millis(
                 t.autoscale
                     .stable_window_ms
@@ -930,6 +960,13 @@ impl Routes for GatewayRoutes {
             Some(s) => (s.in_flight + s.held, s.last_request),
             None => (0, None),
         }
+    }
+
+    fn requests(&self, service: &str) -> u64 {
+        self.gateway
+            .stats(service)
+            .map(|s| s.requests_total)
+            .unwrap_or(0)
     }
 
     fn in_flight(&self, service: &str, _upstream: &str) -> u32 {
