@@ -38,6 +38,25 @@ pub fn mint(name: &str, team: &str, role: Role, now: u64) -> (String, TokenRecor
     (secret, record)
 }
 
+/// A new secret of another kind than an API token (join token, node
+/// credential, service key): its own secret prefix (`tsj_`, `tsn_`, `tss_`)
+/// and id prefix, so leaked secrets say what they open. Role `viewer`; the
+/// kind, not the role, says what it may do.
+pub fn mint_kind(name: &str, team: &str, kind: TokenKind, now: u64) -> (String, TokenRecord) {
+    let (secret_prefix, id_prefix) = match &kind {
+        TokenKind::Api => (TOKEN_PREFIX, "tok-"),
+        TokenKind::Join { .. } => ("tsj_", "join-"),
+        TokenKind::Node { .. } => ("tsn_", "node-"),
+        TokenKind::Service { .. } => ("tss_", "key-"),
+    };
+    let (secret, mut record) = mint(name, team, Role::Viewer, now);
+    let secret = secret.replacen(TOKEN_PREFIX, secret_prefix, 1);
+    record.hash = hash_token(&secret);
+    record.id = record.id.replacen("tok-", id_prefix, 1);
+    record.kind = kind;
+    (secret, record)
+}
+
 /// The authenticated caller of a `/v1` or seed API request.
 #[derive(Debug, Clone)]
 pub struct Caller(pub Principal);

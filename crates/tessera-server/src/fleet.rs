@@ -24,7 +24,7 @@ use axum::response::Response;
 use axum::Json;
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use tessera_core::auth::{Role, TokenKind};
+use tessera_core::auth::TokenKind;
 use tessera_core::node::NodeState;
 use tessera_core::protocol::{FromAgent, ReplicaKey, ToAgent};
 use tessera_core::quantity::parse_duration as parse_duration_ms;
@@ -36,7 +36,7 @@ use tracing::{info, warn};
 use utoipa::ToSchema;
 
 use crate::api::{body_bytes, parse_json};
-use crate::auth::{hash_token, mint, Caller};
+use crate::auth::{hash_token, mint_kind, Caller};
 use crate::control::{self, AgentReport};
 use crate::error::ApiError;
 use crate::state::ClusterState;
@@ -101,19 +101,15 @@ pub async fn create_join_token(
     if req.uses == Some(0) {
         return Err(ApiError::invalid("uses", "must be at least 1"));
     }
-    let (secret, mut record) = mint(
+    let (secret, record) = mint_kind(
         req.name.as_deref().unwrap_or("join"),
         tessera_core::auth::ADMIN_TEAM,
-        Role::Viewer,
+        TokenKind::Join {
+            expires_at,
+            uses_left: req.uses,
+        },
         now,
     );
-    let secret = secret.replacen("tsr_", "tsj_", 1);
-    record.hash = hash_token(&secret);
-    record.id = record.id.replacen("tok-", "join-", 1);
-    record.kind = TokenKind::Join {
-        expires_at,
-        uses_left: req.uses,
-    };
     commit(shared.store.as_ref(), vec![Write::Token(record.clone())]).await?;
     shared
         .state
@@ -206,18 +202,14 @@ pub async fn join(
             };
             writes.push(Write::Token(spent));
         }
-        let (secret, mut record) = mint(
+        let (secret, record) = mint_kind(
             &format!("node {}", req.node),
             tessera_core::auth::ADMIN_TEAM,
-            Role::Viewer,
+            TokenKind::Node {
+                node: req.node.clone(),
+            },
             now,
         );
-        let secret = secret.replacen("tsr_", "tsn_", 1);
-        record.hash = hash_token(&secret);
-        record.id = record.id.replacen("tok-", "node-", 1);
-        record.kind = TokenKind::Node {
-            node: req.node.clone(),
-        };
         writes.push(Write::Token(record.clone()));
         (writes, record, secret)
     };

@@ -9,13 +9,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use tessera_core::auth::{Role, TokenKind};
+use tessera_core::auth::TokenKind;
 use tessera_core::service::{Service, ServiceSpec};
 use tessera_store::{commit, Write};
 use utoipa::ToSchema;
 
 use crate::api::{body_bytes, parse_json};
-use crate::auth::{hash_token, mint, Caller};
+use crate::auth::{mint_kind, Caller};
 use crate::error::ApiError;
 use crate::services::{meta_key, ReplicaView, ServiceEvent};
 use crate::{now_ms, Shared};
@@ -357,18 +357,14 @@ pub async fn create_key(
 ) -> Result<(StatusCode, Json<ServiceKeyCreated>), ApiError> {
     let service = readable(&shared, &caller, &name)?;
     caller.require_write(&service.template.team)?;
-    let (secret, mut record) = mint(
+    let (secret, record) = mint_kind(
         &format!("service {name}"),
         &service.template.team,
-        Role::Viewer,
+        TokenKind::Service {
+            service: name.clone(),
+        },
         now_ms(),
     );
-    let secret = secret.replacen("tsr_", "tss_", 1);
-    record.hash = hash_token(&secret);
-    record.id = record.id.replacen("tok-", "key-", 1);
-    record.kind = TokenKind::Service {
-        service: name.clone(),
-    };
     commit(shared.store.as_ref(), vec![Write::Token(record.clone())]).await?;
     shared
         .state
