@@ -77,6 +77,23 @@ impl AgentConfig {
     }
 }
 
+/// Writes `text` to `path` with mode 0600, atomically (a temporary file,
+/// synced, then renamed): tokens, credentials.
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Path of one replica's log file under `home`.
 pub fn log_path(home: &Path, key: ReplicaKey) -> PathBuf {
     home.join("logs")
@@ -359,19 +376,8 @@ impl Agent {
                 matches!((pid, start), (Some(pid), Some(st)) if proc_start_time(pid) == Some(st));
             if let (true, Some(pid), Some(start)) = (alive, pid, start) {
                 info!(replica = %key, pid, "adopting a replica an earlier agent started");
-                let (stop_tx, stop_rx) = oneshot::channel();
-                self.stops.insert(key, stop_tx);
-                let ctx = ReplicaCtx {
-                    watchdog: self.config.watchdog,
-                    home: self.config.home.clone(),
-                    grace: self.config.kill_grace,
-                    cgroups: self.cgroups.clone(),
-                    events: self.events.clone(),
-                };
-                let done = self.done_tx.clone();
-                tokio::spawn(async move {
-                    watch_adopted(ctx, key, pid, start, deadline, stop_rx).await;
-                    let _ = done.send(key);
+                self.supervise(key, move |ctx, stop_rx| {
+                    watch_adopted(ctx, key, pid, start, deadline, stop_rx)
                 });
                 running.push(key);
             } else {
@@ -396,13 +402,8 @@ impl Agent {
                 continue;
             }
             info!(replica = %key, container = %id, "adopting a container an earlier agent started");
-            let (stop_tx, stop_rx) = oneshot::channel();
-            self.stops.insert(key, stop_tx);
-            let (home, grace) = (self.config.home.clone(), self.config.kill_grace);
-            let (events, done) = (self.events.clone(), self.done_tx.clone());
-            tokio::spawn(async move {
-                container::adopt(home, grace, key, id, stop_rx, events).await;
-                let _ = done.send(key);
+            self.supervise(key, move |ctx, stop_rx| {
+                container::adopt(ctx.home, ctx.grace, key, id, stop_rx, ctx.events)
             });
             running.push(key);
         }
@@ -470,7 +471,18 @@ impl Agent {
     }
 
     fn start(&mut self, start: StartReplica) {
-        let key = start.key;
+        self.supervise(start.key, move |ctx, stop_rx| {
+            run_replica(ctx, start, stop_rx)
+        });
+    }
+
+    /// Runs `watch` for replica `key` on its own task: it can be stopped
+    /// through `stops`, and is forgotten when `watch` returns.
+    fn supervise<F, Fut>(&mut self, key: ReplicaKey, watch: F)
+    where
+        F: FnOnce(ReplicaCtx, oneshot::Receiver<(u64, String)>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let (stop_tx, stop_rx) = oneshot::channel();
         self.stops.insert(key, stop_tx);
         let ctx = ReplicaCtx {
@@ -481,8 +493,9 @@ impl Agent {
             events: self.events.clone(),
         };
         let done = self.done_tx.clone();
+        let fut = watch(ctx, stop_rx);
         tokio::spawn(async move {
-            run_replica(ctx, start, stop_rx).await;
+            fut.await;
             let _ = done.send(key);
         });
     }
