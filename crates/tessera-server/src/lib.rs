@@ -302,20 +302,7 @@ fn lock_home(home: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
 }
 
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    tessera_agent::write_private(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Runs the control plane — with a local agent for `tessera up` — until
