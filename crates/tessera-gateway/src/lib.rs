@@ -20,6 +20,7 @@
 mod error;
 mod metrics;
 mod proxy;
+mod server;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -134,12 +135,16 @@ pub struct ServiceStats {
 /// A replica as the hot path sees it: precomputed URI authority and `Host`
 /// value, and its in-flight count (shared across route updates by id).
 pub(crate) struct Replica {
+    pub(crate) addr: SocketAddr,
     pub(crate) authority: Authority,
     pub(crate) host: HeaderValue,
     pub(crate) in_flight: Arc<AtomicU32>,
 }
 
 pub(crate) struct Route {
+    /// Distinct for every route built (`set_service`), so that a client
+    /// connection notices when to drop connections to replicas that left.
+    pub(crate) generation: u64,
     pub(crate) replicas: Vec<Replica>,
     pub(crate) keys: Vec<[u8; 32]>,
     pub(crate) require_key: bool,
@@ -163,6 +168,8 @@ pub(crate) struct Service {
     pub(crate) rr: AtomicUsize,
     pub(crate) m: ServiceMetrics,
 }
+
+static ROUTE_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 type Table = HashMap<Box<str>, Arc<Service>>;
 
@@ -223,6 +230,7 @@ impl Gateway {
                         let svc = Arc::new(Service {
                             name: Arc::from(name),
                             route: RwLock::new(Arc::new(Route {
+                                generation: 0,
                                 replicas: Vec::new(),
                                 keys: Vec::new(),
                                 require_key: false,
@@ -255,6 +263,7 @@ impl Gateway {
                     let in_flight = counts.entry(u.id.clone()).or_default().clone();
                     let text = u.addr.to_string();
                     Replica {
+                        addr: u.addr,
                         authority: Authority::try_from(text.as_str())
                             .expect("a socket address is a valid authority"),
                         host: HeaderValue::try_from(text)
@@ -282,6 +291,7 @@ impl Gateway {
                 })
                 .collect();
             Route {
+                generation: ROUTE_GENERATION.fetch_add(1, Ordering::Relaxed),
                 replicas,
                 keys,
                 require_key: !route.key_hashes.is_empty(),
@@ -425,9 +435,11 @@ mod tests {
 
     fn route(loads: &[u32]) -> Route {
         Route {
+            generation: 0,
             replicas: loads
                 .iter()
                 .map(|&l| Replica {
+                    addr: "127.0.0.1:1".parse().unwrap(),
                     authority: Authority::from_static("127.0.0.1:1"),
                     host: HeaderValue::from_static("127.0.0.1:1"),
                     in_flight: Arc::new(AtomicU32::new(l)),

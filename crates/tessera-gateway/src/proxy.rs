@@ -3,7 +3,7 @@
 //! with streamed bodies, retry only when connecting failed, and count.
 
 use std::borrow::Cow;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,7 +14,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::uri::{PathAndQuery, Scheme, Uri};
-use axum::http::{StatusCode, Version};
+use axum::http::{request, StatusCode, Version};
 use axum::response::Response;
 use axum::routing::any;
 use axum::Router;
@@ -23,6 +23,7 @@ use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::error::error_response;
+use crate::server::UpstreamConns;
 use crate::{Gateway, Route, Service};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -52,7 +53,9 @@ impl Gateway {
     /// requests to `Gateway::proxy` itself.) Serve it with
     /// `into_make_service_with_connect_info::<SocketAddr>()` so that
     /// `X-Forwarded-For` can be set, and with TCP_NODELAY on accepted
-    /// sockets; `Gateway::serve` does both.
+    /// sockets. Requests through the router share one pool of upstream
+    /// connections; `Gateway::serve` is the faster path (no router, and
+    /// upstream connections owned by each client connection).
     pub fn router(self: Arc<Self>) -> Router {
         let router = Router::new()
             .route("/s/{service}", any(handle))
@@ -64,25 +67,6 @@ impl Gateway {
             router
         };
         router.with_state(self)
-    }
-
-    /// Serves `router()` on `listener` until `shutdown` completes.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: tokio::net::TcpListener,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(
-            listener,
-            self.router()
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await
     }
 
     /// The service a request's `Host` names under `GatewayConfig::domain`.
@@ -110,8 +94,8 @@ impl Gateway {
 
     /// The service name and how many leading bytes of the path to strip.
     /// Host names are case-insensitive, so a Host-routed name is lowercased.
-    fn resolve<'a>(&self, req: &'a Request) -> Option<(Cow<'a, str>, usize)> {
-        if let Some(name) = self.host_service(req.headers(), req.uri()) {
+    fn resolve<'a>(&self, headers: &'a HeaderMap, uri: &'a Uri) -> Option<(Cow<'a, str>, usize)> {
+        if let Some(name) = self.host_service(headers, uri) {
             let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
                 Cow::Owned(name.to_ascii_lowercase())
             } else {
@@ -119,7 +103,7 @@ impl Gateway {
             };
             return Some((name, 0));
         }
-        let rest = req.uri().path().strip_prefix("/s/")?;
+        let rest = uri.path().strip_prefix("/s/")?;
         let name = rest.split('/').next().unwrap_or("");
         (!name.is_empty()).then_some((Cow::Borrowed(name), 3 + name.len()))
     }
@@ -127,34 +111,55 @@ impl Gateway {
     /// Handles one request as the gateway's routes do. For a server that
     /// routes Host-based requests itself.
     pub async fn proxy(self: &Arc<Self>, req: Request) -> Response {
+        let client = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .and_then(|c| HeaderValue::try_from(c.0.ip().to_string()).ok());
+        let (parts, body) = req.into_parts();
+        let resp = self
+            .handle(parts, InBody::Axum(body), client.as_ref(), Via::Pool)
+            .await;
+        resp.map(RespBody::into_axum)
+    }
+
+    /// The request path shared by `proxy` (pooled upstream connections)
+    /// and `serve` (upstream connections owned by the client connection).
+    /// `client` is the client's IP address as text.
+    pub(crate) async fn handle(
+        self: &Arc<Self>,
+        parts: request::Parts,
+        body: InBody,
+        client: Option<&HeaderValue>,
+        via: Via<'_>,
+    ) -> hyper::Response<RespBody> {
         let start = Instant::now();
-        let Some((name, strip)) = self.resolve(&req) else {
-            return error_response(
+        let Some((name, strip)) = self.resolve(&parts.headers, &parts.uri) else {
+            return answer(error_response(
                 StatusCode::NOT_FOUND,
                 "unknown_service",
                 "no service named: use /s/<service>/<path>",
-            );
+            ));
         };
         let Some(svc) = self.service(&name) else {
-            return error_response(
+            return answer(error_response(
                 StatusCode::NOT_FOUND,
                 "unknown_service",
                 &format!("no service named {name:?}"),
-            );
+            ));
         };
         svc.requests_total.fetch_add(1, Ordering::Relaxed);
         let since = start.saturating_duration_since(self.epoch).as_nanos() as u64;
         svc.last_request.store(since + 1, Ordering::Relaxed);
 
         let mut route = svc.route.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if !route.authorized(req.headers().get(header::AUTHORIZATION)) {
+        if !route.authorized(parts.headers.get(header::AUTHORIZATION)) {
             svc.m.count(401);
             svc.m.observe(start);
-            return error_response(
+            return answer(error_response(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "this service needs a key: Authorization: Bearer <key>",
-            );
+            ));
         }
         if route.replicas.is_empty() {
             match self.hold(&svc, &route, start).await {
@@ -162,11 +167,12 @@ impl Gateway {
                 Err(resp) => {
                     svc.m.count(resp.status().as_u16());
                     svc.m.observe(start);
-                    return resp;
+                    return answer(resp);
                 }
             }
         }
-        self.forward(&svc, &route, strip, req, start).await
+        self.forward(svc, &route, strip, parts, body, client, via, start)
+            .await
     }
 
     /// Waits, bounded by `max_held` and `hold_timeout`, for a route update
@@ -221,24 +227,28 @@ impl Gateway {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
-        svc: &Arc<Service>,
+        svc: Arc<Service>,
         route: &Route,
         strip: usize,
-        req: Request,
+        mut parts: request::Parts,
+        body: InBody,
+        client: Option<&HeaderValue>,
+        via: Via<'_>,
         start: Instant,
-    ) -> Response {
-        let (mut parts, body) = req.into_parts();
-        let mut guard = InFlight::new(svc.clone(), start);
+    ) -> hyper::Response<RespBody> {
+        let mut guard = InFlight::new(svc, start);
+        let svc = &*guard.svc;
         let Some(path) = out_path(&parts.uri, strip) else {
             svc.m.count(400);
-            return error_response(StatusCode::BAD_REQUEST, "bad_path", "the path is not valid");
+            return answer(error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "the path is not valid",
+            ));
         };
-        let client = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip());
         let mut headers = std::mem::take(&mut parts.headers);
         prepare_request_headers(
             &mut headers,
@@ -265,7 +275,7 @@ impl Gateway {
         let mut tried = 0u64;
         let mut connect_failed = false;
         for attempt in 0..attempts {
-            let Some(i) = route.pick(&svc.rr, tried) else {
+            let Some(i) = route.pick(&guard.svc.rr, tried) else {
                 break;
             };
             if i < 64 {
@@ -273,6 +283,7 @@ impl Gateway {
             }
             let replica = &route.replicas[i];
             guard.set_replica(&replica.in_flight);
+            let svc = &*guard.svc;
             let last = attempt + 1 == attempts;
             let mut h = if last {
                 std::mem::take(&mut headers)
@@ -280,10 +291,18 @@ impl Gateway {
                 headers.clone()
             };
             h.insert(header::HOST, replica.host.clone());
-            let mut uri = axum::http::uri::Parts::default();
-            uri.scheme = Some(Scheme::HTTP);
-            uri.authority = Some(replica.authority.clone());
-            uri.path_and_query = Some(path.clone());
+            let uri = match via {
+                // The pooled client needs the absolute form to find a
+                // connection; a connection of our own takes the origin form.
+                Via::Pool => {
+                    let mut uri = axum::http::uri::Parts::default();
+                    uri.scheme = Some(Scheme::HTTP);
+                    uri.authority = Some(replica.authority.clone());
+                    uri.path_and_query = Some(path.clone());
+                    Uri::from_parts(uri).expect("scheme, authority and path make a URI")
+                }
+                Via::Conn(_) => Uri::from(path.clone()),
+            };
             let out = match (direct.take(), &slot) {
                 (Some(b), _) => OutBody::Body(b),
                 (None, Some(s)) => OutBody::Shared {
@@ -295,29 +314,42 @@ impl Gateway {
             };
             let mut out_req = hyper::Request::new(out);
             *out_req.method_mut() = parts.method.clone();
-            *out_req.uri_mut() =
-                Uri::from_parts(uri).expect("scheme, authority and path make a URI");
+            *out_req.uri_mut() = uri;
             *out_req.version_mut() = Version::HTTP_11;
             *out_req.headers_mut() = h;
 
-            match tokio::time::timeout_at(deadline, self.client.request(out_req)).await {
-                Ok(Ok(resp)) => return respond(svc, resp, guard),
+            let sent = match via {
+                Via::Pool => {
+                    let sent = self.client.request(out_req);
+                    match tokio::time::timeout_at(deadline, sent).await {
+                        Ok(Ok(resp)) => Ok(Ok(resp)),
+                        Ok(Err(e)) if e.is_connect() => Ok(Err(SendError::Connect(e.into()))),
+                        Ok(Err(e)) => Ok(Err(SendError::Failed(e.into()))),
+                        Err(elapsed) => Err(elapsed),
+                    }
+                }
+                Via::Conn(conn) => {
+                    let sent = conn.send(self, route, replica, out_req);
+                    tokio::time::timeout_at(deadline, sent).await
+                }
+            };
+            match sent {
+                Ok(Ok(resp)) => return respond(resp, guard),
                 Err(_) => {
                     svc.m.count(504);
-                    return error_response(
+                    return answer(error_response(
                         StatusCode::GATEWAY_TIMEOUT,
                         "upstream_timeout",
                         &format!(
                             "service {:?} did not answer within {:?}",
                             &*svc.name, route.request_timeout
                         ),
-                    );
+                    ));
                 }
-                Ok(Err(e)) => {
-                    let unsent = e.is_connect()
-                        && slot
-                            .as_ref()
-                            .is_none_or(|s| s.lock().unwrap_or_else(|e| e.into_inner()).is_some());
+                Ok(Err(SendError::Connect(e))) => {
+                    let unsent = slot
+                        .as_ref()
+                        .is_none_or(|s| s.lock().unwrap_or_else(|e| e.into_inner()).is_some());
                     if unsent {
                         connect_failed = true;
                         tracing::debug!(service = &*svc.name, error = %e, "connect failed; trying another replica");
@@ -325,32 +357,64 @@ impl Gateway {
                     }
                     tracing::debug!(service = &*svc.name, error = %e, "upstream failed");
                     svc.m.count(502);
-                    return error_response(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream_error",
-                        &format!(
-                            "a replica of service {:?} failed while answering",
-                            &*svc.name
-                        ),
-                    );
+                    return answer(upstream_error(svc));
+                }
+                Ok(Err(SendError::Failed(e))) => {
+                    tracing::debug!(service = &*svc.name, error = %e, "upstream failed");
+                    svc.m.count(502);
+                    return answer(upstream_error(svc));
                 }
             }
         }
         debug_assert!(connect_failed);
-        svc.m.count(502);
-        error_response(
+        guard.svc.m.count(502);
+        answer(error_response(
             StatusCode::BAD_GATEWAY,
             "upstream_unavailable",
             &format!(
                 "no replica of service {:?} accepted a connection ({attempts} tried)",
-                &*svc.name
+                &*guard.svc.name
             ),
-        )
+        ))
     }
 }
 
+fn upstream_error(svc: &Service) -> Response {
+    error_response(
+        StatusCode::BAD_GATEWAY,
+        "upstream_error",
+        &format!(
+            "a replica of service {:?} failed while answering",
+            &*svc.name
+        ),
+    )
+}
+
+/// How a request reaches its replica.
+#[derive(Clone, Copy)]
+pub(crate) enum Via<'a> {
+    /// Through the gateway's pooled client (requests from `router()`).
+    Pool,
+    /// Through the client connection's own upstream connections (`serve`).
+    Conn(&'a UpstreamConns),
+}
+
+/// Why a request got no response from a replica.
+pub(crate) enum SendError {
+    /// No connection could be made: the request was not sent.
+    Connect(BoxError),
+    /// The request may have been sent.
+    Failed(BoxError),
+}
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     gw.proxy(req).await
+}
+
+fn answer(resp: Response) -> hyper::Response<RespBody> {
+    resp.map(RespBody::Axum)
 }
 
 /// The upstream path and query: the request's, less `strip` leading bytes
@@ -393,7 +457,7 @@ fn remove_hop_by_hop(h: &mut HeaderMap) {
 
 fn prepare_request_headers(
     h: &mut HeaderMap,
-    client: Option<IpAddr>,
+    client: Option<&HeaderValue>,
     proto: &'static str,
     key_consumed: bool,
 ) {
@@ -406,36 +470,42 @@ fn prepare_request_headers(
         h.insert(X_FORWARDED_HOST, host);
     }
     if let Some(ip) = client {
-        let value = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip.to_string(),
+        let value = match h.get(X_FORWARDED_FOR) {
+            Some(prev) => {
+                let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+                v.extend_from_slice(prev.as_bytes());
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(ip.as_bytes());
+                HeaderValue::from_bytes(&v).ok()
+            }
+            None => Some(ip.clone()),
         };
-        if let Ok(v) = HeaderValue::try_from(value) {
+        if let Some(v) = value {
             h.insert(X_FORWARDED_FOR, v);
         }
     }
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
 }
 
-fn respond(svc: &Service, resp: hyper::Response<Incoming>, guard: InFlight) -> Response {
+fn respond(resp: hyper::Response<Incoming>, guard: InFlight) -> hyper::Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    svc.m.count(parts.status.as_u16());
+    guard.svc.m.count(parts.status.as_u16());
     let body = if body.is_end_stream() {
         drop(guard);
-        Body::empty()
+        RespBody::Axum(Body::empty())
     } else {
-        Body::new(GuardedBody {
+        RespBody::Upstream(GuardedBody {
             inner: body,
             guard: Some(guard),
         })
     };
-    Response::from_parts(parts, body)
+    hyper::Response::from_parts(parts, body)
 }
 
 /// Counts one forwarded request (service and replica) from forwarding to
 /// the end of its response body, and records its duration when it ends.
-struct InFlight {
+pub(crate) struct InFlight {
     svc: Arc<Service>,
     replica: Option<Arc<AtomicU32>>,
     start: Instant,
@@ -481,7 +551,7 @@ impl Drop for Held<'_> {
 /// The upstream's response body, passed through frame by frame (each is
 /// written and flushed as it comes), holding the in-flight count until the
 /// last frame.
-struct GuardedBody {
+pub(crate) struct GuardedBody {
     inner: Incoming,
     guard: Option<InFlight>,
 }
@@ -513,15 +583,94 @@ impl HttpBody for GuardedBody {
     }
 }
 
+/// A response as the gateway answers it: its own (errors) or a replica's.
+pub(crate) enum RespBody {
+    Axum(Body),
+    Upstream(GuardedBody),
+}
+
+impl RespBody {
+    fn into_axum(self) -> Body {
+        match self {
+            RespBody::Axum(b) => b,
+            RespBody::Upstream(b) => Body::new(b),
+        }
+    }
+}
+
+impl HttpBody for RespBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        match self.get_mut() {
+            RespBody::Axum(b) => Pin::new(b).poll_frame(cx),
+            RespBody::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(axum::Error::new),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Axum(b) => b.is_end_stream(),
+            RespBody::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Axum(b) => b.size_hint(),
+            RespBody::Upstream(b) => b.size_hint(),
+        }
+    }
+}
+
+/// A client's request body, as `router()` or `serve` received it.
+pub(crate) enum InBody {
+    Axum(Body),
+    Hyper(Incoming),
+}
+
+impl HttpBody for InBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        match self.get_mut() {
+            InBody::Axum(b) => Pin::new(b).poll_frame(cx),
+            InBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(axum::Error::new),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            InBody::Axum(b) => b.is_end_stream(),
+            InBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            InBody::Axum(b) => b.size_hint(),
+            InBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
 /// The request body as the upstream client sees it.
 pub(crate) enum OutBody {
     Empty,
-    Body(Body),
+    Body(InBody),
     /// Taken out of `slot` on first poll, so that a request whose connection
     /// never opened can be sent again with its body intact.
     Shared {
-        slot: Arc<Mutex<Option<Body>>>,
-        body: Option<Body>,
+        slot: Arc<Mutex<Option<InBody>>>,
+        body: Option<InBody>,
         hint: SizeHint,
     },
 }
@@ -602,7 +751,12 @@ mod tests {
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
         h.insert("x-keep", HeaderValue::from_static("yes"));
-        prepare_request_headers(&mut h, Some("127.0.0.1".parse().unwrap()), "http", true);
+        prepare_request_headers(
+            &mut h,
+            Some(&HeaderValue::from_static("127.0.0.1")),
+            "http",
+            true,
+        );
         assert!(h.get("x-private").is_none());
         assert!(h.get(header::CONNECTION).is_none());
         assert!(h.get(header::TRANSFER_ENCODING).is_none());

@@ -628,3 +628,205 @@ async fn metrics_carry_the_gateway_series() {
     }
     assert!(!text.contains("unknown"), "{text}");
 }
+
+/// An upstream served by hyper directly that counts the connections it
+/// accepted and has open, and the requests it answered (with its name).
+struct Counted {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+}
+
+async fn counted_upstream(name: &'static str, keep_alive: bool) -> Counted {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let c = Counted {
+        addr: listener.local_addr().unwrap(),
+        accepted: Arc::default(),
+        open: Arc::default(),
+        requests: Arc::default(),
+    };
+    let (accepted, open, requests) = (c.accepted.clone(), c.open.clone(), c.requests.clone());
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            accepted.fetch_add(1, Ordering::SeqCst);
+            open.fetch_add(1, Ordering::SeqCst);
+            let (open, requests) = (open.clone(), requests.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        Ok::<_, Infallible>(axum::http::Response::new(http_body_util::Full::new(
+                            Bytes::from_static(name.as_bytes()),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(keep_alive)
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    c
+}
+
+/// One keep-alive client connection to the gateway.
+async fn client_connection(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Body> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
+async fn send_on(
+    tx: &mut hyper::client::conn::http1::SendRequest<Body>,
+    path: &str,
+) -> (StatusCode, String) {
+    tx.ready().await.unwrap();
+    let req = axum::http::Request::get(path)
+        .header("host", "gateway")
+        .body(Body::empty())
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn a_client_connection_reuses_its_upstream_connection() {
+    let up = counted_upstream("a", true).await;
+    let (gw, addr) = start_gateway(GatewayConfig::default()).await;
+    gw.set_service("m", ServiceRoute::new(vec![replica("a", up.addr)]));
+    let mut tx = client_connection(addr).await;
+    for _ in 0..5 {
+        assert_eq!(
+            send_on(&mut tx, "/s/m/x").await,
+            (StatusCode::OK, "a".into())
+        );
+    }
+    assert_eq!(up.requests.load(Ordering::SeqCst), 5);
+    assert_eq!(
+        up.accepted.load(Ordering::SeqCst),
+        1,
+        "one upstream connection"
+    );
+    // A second client connection gets an upstream connection of its own.
+    let mut other = client_connection(addr).await;
+    assert_eq!(send_on(&mut other, "/s/m/").await.0, StatusCode::OK);
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+    // The upstream connections close with their client connections.
+    drop((tx, other));
+    for _ in 0..100 {
+        if up.open.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(up.open.load(Ordering::SeqCst), 0);
+    assert_eq!(gw.stats("m").unwrap().in_flight, 0);
+}
+
+#[tokio::test]
+async fn a_removed_replica_gets_nothing_more_on_reused_connections() {
+    let a = counted_upstream("a", true).await;
+    let b = counted_upstream("b", true).await;
+    let (gw, addr) = start_gateway(GatewayConfig::default()).await;
+    gw.set_service("m", ServiceRoute::new(vec![replica("a", a.addr)]));
+    let mut tx = client_connection(addr).await;
+    for _ in 0..3 {
+        assert_eq!(send_on(&mut tx, "/s/m/").await.1, "a");
+    }
+    gw.set_service("m", ServiceRoute::new(vec![replica("b", b.addr)]));
+    for _ in 0..3 {
+        assert_eq!(send_on(&mut tx, "/s/m/").await.1, "b");
+    }
+    assert_eq!(a.requests.load(Ordering::SeqCst), 3);
+    assert_eq!(b.requests.load(Ordering::SeqCst), 3);
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
+    // The idle connection to the removed replica was closed.
+    for _ in 0..100 {
+        if a.open.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(a.open.load(Ordering::SeqCst), 0);
+
+    // Back to both: requests alternate and each replica's connection is
+    // reused.
+    gw.set_service(
+        "m",
+        ServiceRoute::new(vec![replica("a", a.addr), replica("b", b.addr)]),
+    );
+    for _ in 0..6 {
+        assert_eq!(send_on(&mut tx, "/s/m/").await.0, StatusCode::OK);
+    }
+    assert_eq!(a.requests.load(Ordering::SeqCst), 6);
+    assert_eq!(b.requests.load(Ordering::SeqCst), 6);
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_idle_connections_is_reconnected() {
+    let up = counted_upstream("a", false).await;
+    let (gw, addr) = start_gateway(GatewayConfig::default()).await;
+    // One replica: a closed idle connection is not a failed attempt.
+    gw.set_service("m", ServiceRoute::new(vec![replica("a", up.addr)]));
+    let mut tx = client_connection(addr).await;
+    for _ in 0..5 {
+        assert_eq!(
+            send_on(&mut tx, "/s/m/").await,
+            (StatusCode::OK, "a".into())
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test]
+async fn the_router_serves_the_same_routes_when_embedded() {
+    let up = echo_upstream("a").await;
+    let gw = Gateway::new(GatewayConfig::default());
+    gw.set_service("echo", ServiceRoute::new(vec![replica("a", up)]));
+    let app = Router::new()
+        .route("/other", any(|| async { "api" }))
+        .merge(gw.clone().router());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap()
+    });
+    let (status, _, json) = send(
+        Method::POST,
+        format!("http://{addr}/s/echo/v1/x?q=1"),
+        &[],
+        Body::from("hi"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json["uri"], "/v1/x?q=1");
+    assert_eq!(json["body"], "hi");
+    assert_eq!(json["host"], up.to_string());
+    assert_eq!(json["x_forwarded_for"], "127.0.0.1");
+    let (status, json) = get(format!("http://{addr}/s/nope/")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(json["error"]["code"], "unknown_service");
+    let resp = client()
+        .get(format!("http://{addr}/other").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(gw.stats("echo").unwrap().requests_total, 1);
+}
