@@ -546,3 +546,52 @@ fn a_standalone_gateway_serves_routes_from_the_control_plane() {
     let _ = gw.kill();
     let _ = gw.wait();
 }
+
+/// Until a replica is first ready it is probed every 50 ms, failed probes
+/// included (not only at the loop's 250 ms tick): a replica that says 503
+/// for its first 0.6 s logs the probes it gets.
+#[test]
+fn a_starting_replica_is_probed_every_50_ms() {
+    let up = Up::start();
+    let server = up.dir.path().join("slow_ready.py");
+    let log = up.dir.path().join("probes.log");
+    std::fs::write(
+        &server,
+        format!(
+            r#"
+import os, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+t0 = time.time()
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        open({log:?}, "a").write("%f\n" % time.time())
+        self.send_response(200 if time.time() - t0 > 0.6 else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#
+        ),
+    )
+    .unwrap();
+    up.serve(&format!(
+        "name: slow\nscript: exec python3 {}\nresources: {{cpu: 0.2, memory: 128Mi}}\n\
+         readiness: {{path: /health, interval: 5s}}\n",
+        server.display()
+    ));
+    up.wait_ready("slow", 1, 20);
+    let times: Vec<f64> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let mut gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort_by(f64::total_cmp);
+    assert!(gaps.len() >= 4, "probes at {times:?}");
+    let median = gaps[gaps.len() / 2];
+    assert!(
+        median < 0.15,
+        "a starting replica was probed every {median:.3}s, not every 50 ms: {times:?}"
+    );
+}

@@ -422,7 +422,7 @@ pub fn autoscale(
     let stable = avg(a.stable_window_ms);
     let panic = avg(a.panic_window_ms);
     let want = |c: f64| (c / a.target_inflight_per_replica).ceil() as u32;
-    let (mut desired, mode) = if want(panic) >= 2 * current.max(1) && want(panic) > current {
+    let (mut desired, mut mode) = if want(panic) >= 2 * current.max(1) && want(panic) > current {
         (want(panic), "panic")
     } else {
         (
@@ -434,13 +434,17 @@ pub fn autoscale(
             "stable",
         )
     };
-    if desired == 0 && t.min == 0 {
+    let idle = idle_for.unwrap_or(Duration::MAX);
+    let idle_long = a
+        .scale_to_zero_after_ms
+        .is_some_and(|ms| idle >= Duration::from_millis(ms));
+    if t.min == 0 && idle_long && samples.back().is_none_or(|(_, v)| *v == 0.0) {
+        // Nothing in flight or held and no request for the idle period:
+        // zero, whatever the windows' averages still remember.
+        (desired, mode) = (0, "idle");
+    } else if desired == 0 && t.min == 0 {
         // Only go to zero after the idle period.
-        let idle = idle_for.unwrap_or(Duration::MAX);
-        match a.scale_to_zero_after_ms {
-            Some(ms) if idle >= Duration::from_millis(ms) => {}
-            _ => desired = current.min(1).max(desired),
-        }
+        desired = current.min(1).max(desired);
     }
     let desired = desired.clamp(t.min, t.max);
     (
@@ -550,9 +554,16 @@ async fn reconcile(shared: &Arc<Shared>, name: &str) {
                 let (results, id) = (results.clone(), r.job_id);
                 let (wake, first) = (shared.services.wake.clone(), !r.was_ready);
                 tokio::spawn(async move {
+                    let began = tokio::time::Instant::now();
                     let ok = probe(addr, &path, timeout).await;
                     results.lock().expect("probes lock").insert(id, ok);
-                    if ok && first {
+                    if first {
+                        // Until it is first ready a replica is probed every
+                        // 50 ms: a failed probe wakes the loop for the next
+                        // one (the 250 ms tick alone would probe that often).
+                        if !ok {
+                            tokio::time::sleep_until(began + every).await;
+                        }
                         wake.notify_one();
                     }
                 });
@@ -916,6 +927,29 @@ mod tests {
         );
         let busy: Vec<(u64, f64)> = (0..60).map(|s| (s, 500.0)).collect();
         assert_eq!(autoscale(&t, 1, &samples(now, &busy), now, None).0, 3);
+    }
+
+    #[test]
+    fn idle_past_scale_to_zero_after_goes_to_zero_within_the_stable_window() {
+        let t = template(
+            "name: s\nscript: x\nreplicas: {min: 0, max: 3}\nautoscale: {scale_to_zero_after: 1s}",
+        );
+        let now = Instant::now() + Duration::from_secs(120);
+        // One request 3 s ago: the 60 s window still averages above zero.
+        let s = samples(now, &[(3, 1.0), (2, 0.0), (1, 0.0), (0, 0.0)]);
+        let (d, why) = autoscale(&t, 1, &s, now, Some(Duration::from_secs(2)));
+        assert_eq!(d, 0, "{why}");
+        assert!(why.starts_with("idle"), "{why}");
+        // Not while a request is still in flight, nor before the idle time.
+        let busy = samples(now, &[(3, 1.0), (0, 1.0)]);
+        assert_eq!(
+            autoscale(&t, 1, &busy, now, Some(Duration::from_secs(2))).0,
+            1
+        );
+        assert_eq!(
+            autoscale(&t, 1, &s, now, Some(Duration::from_millis(500))).0,
+            1
+        );
     }
 }
 
