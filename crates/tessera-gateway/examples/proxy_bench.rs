@@ -9,6 +9,9 @@
 //! proxy_bench load --url http://127.0.0.1:18081/s/bench/ --rate 5000 --secs 10 --conns 32
 //!     (p50/p90/p99/p99.9 of each request's latency at a steady rate)
 //! ```
+//!
+//! `PROXY_BENCH_WORKERS=1` runs any of them on a current-thread runtime,
+//! `PROXY_BENCH_WORKERS=N` on N worker threads (default: one per core).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,8 +34,28 @@ fn need(args: &[String], name: &str) -> String {
     arg(args, name).unwrap_or_else(|| panic!("{name} is required"))
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // PROXY_BENCH_WORKERS: unset, tokio's default multi-thread runtime (one
+    // worker per core); 1, a current-thread runtime; N, N workers.
+    let workers: Option<usize> = std::env::var("PROXY_BENCH_WORKERS")
+        .ok()
+        .map(|w| w.parse().expect("PROXY_BENCH_WORKERS is a number"));
+    let rt = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    rt.unwrap().block_on(run());
+}
+
+async fn run() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("upstream") => upstream(need(&args, "--listen").parse().unwrap()).await,
