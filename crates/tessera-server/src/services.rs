@@ -90,9 +90,9 @@ struct Runtime {
     crashes: u32,
     backoff_until: Option<Instant>,
     replicas: Vec<Replica>,
-    /// Per-second samples of concurrency (in flight plus held).
+    /// Samples (every 250 ms) of concurrency (in flight plus held).
     samples: VecDeque<(Instant, f64)>,
-    /// Per-second samples of requests received so far (last 10 s).
+    /// Samples (every 250 ms) of requests received so far (last 10 s).
     requests: VecDeque<(Instant, u64)>,
     last_sample: Option<Instant>,
     events: VecDeque<ServiceEvent>,
@@ -101,6 +101,9 @@ struct Runtime {
 }
 
 const MAX_EVENTS: usize = 200;
+
+/// How often the autoscaler samples a service's concurrency.
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 /// How long a drained replica keeps running at least.
 const DRAIN_MIN: Duration = Duration::from_millis(1200);
@@ -397,7 +400,7 @@ pub async fn services_loop(shared: Arc<Shared>) {
     }
 }
 
-/// What the autoscaler wants, from per-second concurrency samples.
+/// What the autoscaler wants, from concurrency samples (every 250 ms).
 pub fn autoscale(
     t: &ServiceTemplate,
     current: u32,
@@ -586,17 +589,16 @@ async fn reconcile(shared: &Arc<Shared>, name: &str) {
             );
         }
     }
-    // 3. Autoscale (once a second).
+    // 3. Autoscale, on a sample of concurrency every 250 ms: a window's
+    //    average reflects a step in load within a quarter second of the
+    //    window's own length.
     let mut desired = service.desired;
     {
         let (load, last) = shared.services.load(name);
         let mut rt_all = shared.services.runtime.lock().expect("services lock");
         let rt = rt_all.entry(name.to_string()).or_default();
         let instant = Instant::now();
-        if rt
-            .last_sample
-            .is_none_or(|s| s.elapsed() >= Duration::from_secs(1))
-        {
+        if rt.last_sample.is_none_or(|s| s.elapsed() >= SAMPLE_EVERY) {
             rt.last_sample = Some(instant);
             rt.samples.push_back((instant, load as f64));
             rt.requests
