@@ -75,7 +75,7 @@ struct Replica {
     addr: Option<SocketAddr>,
     ready: bool,
     /// Whether it ever passed a readiness check (until then it is probed
-    /// every 50 ms, so a new replica gets traffic as soon as it can).
+    /// every 20 ms, so a new replica gets traffic as soon as it can).
     was_ready: bool,
     last_probe: Option<Instant>,
     probing: bool,
@@ -101,6 +101,11 @@ struct Runtime {
 }
 
 const MAX_EVENTS: usize = 200;
+
+/// How often a replica is probed until it is first ready: a refused
+/// connection costs next to nothing, and every probe period is latency
+/// added to a scale from zero.
+const FIRST_PROBE_EVERY: Duration = Duration::from_millis(20);
 
 /// How often the autoscaler samples a service's concurrency.
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
@@ -544,7 +549,7 @@ async fn reconcile(shared: &Arc<Shared>, name: &str) {
             let every = if r.was_ready {
                 Duration::from_millis(t.readiness.interval_ms)
             } else {
-                Duration::from_millis(50).min(Duration::from_millis(t.readiness.interval_ms))
+                FIRST_PROBE_EVERY.min(Duration::from_millis(t.readiness.interval_ms))
             };
             let due = r.last_probe.is_none_or(|p| p.elapsed() >= every);
             if let (Some(addr), true, false) = (r.addr, due, r.probing) {
@@ -562,7 +567,7 @@ async fn reconcile(shared: &Arc<Shared>, name: &str) {
                     results.lock().expect("probes lock").insert(id, ok);
                     if first {
                         // Until it is first ready a replica is probed every
-                        // 50 ms: a failed probe wakes the loop for the next
+                        // 20 ms: a failed probe wakes the loop for the next
                         // one (the 250 ms tick alone would probe that often).
                         if !ok {
                             tokio::time::sleep_until(began + every).await;
