@@ -168,6 +168,89 @@ pub fn sample_telemetry(source: &str, xml: Option<&std::path::Path>) -> Vec<GpuT
     }
 }
 
+/// Whether an Xid (the driver's error code for a GPU fault) means the GPU
+/// must not get new work until it is reset: uncorrectable or uncontained
+/// memory errors (48, 63, 64, 95, 140), internal micro-controller and GSP
+/// failures (61, 62, 119, 120), NVLink errors (74), and a GPU that has
+/// fallen off the bus (79). Application faults (13, 31, 43, 45) and
+/// contained errors (94) leave the GPU usable.
+pub fn xid_is_fatal(xid: u64) -> bool {
+    matches!(xid, 48 | 61 | 62 | 63 | 64 | 74 | 79 | 95 | 119 | 120 | 140)
+}
+
+/// GPUs (by index) that reported a fatal Xid since the agent started, with
+/// the Xid. Sticky: a GPU needs a reset (and the agent a restart) to be
+/// trusted again.
+pub type XidRecord = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<u32, u64>>>;
+
+/// Watches NVML's critical-Xid events, one thread per GPU, recording fatal
+/// ones in `sick`. Does nothing where NVML is not usable (no NVIDIA
+/// driver): returns whether it started.
+pub fn watch_xids(sick: XidRecord) -> bool {
+    let Ok(nvml) = init_nvml() else {
+        return false;
+    };
+    let count = nvml.device_count().unwrap_or(0);
+    if count == 0 {
+        return false;
+    }
+    let spawned = thread::Builder::new()
+        .name("xid-watch".into())
+        .spawn(move || {
+            thread::scope(|scope| {
+                for position in 0..count {
+                    let (nvml, sick) = (&nvml, sick.clone());
+                    scope.spawn(move || {
+                        let Ok(device) = nvml.device_by_index(position) else {
+                            return;
+                        };
+                        let index = device.minor_number().unwrap_or(position);
+                        let set = nvml.create_event_set().map_err(Into::into).and_then(|set| {
+                            device.register_events(
+                                nvml_wrapper::bitmasks::event::EventTypes::CRITICAL_XID_ERROR,
+                                set,
+                            )
+                        });
+                        let set = match set {
+                            Ok(set) => set,
+                            Err(e) => {
+                                warn!(gpu = index, error = %e.error, "cannot watch Xid errors");
+                                return;
+                            }
+                        };
+                        loop {
+                            match set.wait(10_000) {
+                                Ok(event) => {
+                                    if let Some(nvml_wrapper::enums::event::XidError::Value(xid)) =
+                                        event.event_data
+                                    {
+                                        if xid_is_fatal(xid) {
+                                            warn!(
+                                                gpu = index,
+                                                xid, "fatal Xid: the GPU leaves scheduling"
+                                            );
+                                            sick.lock()
+                                                .unwrap_or_else(|e| e.into_inner())
+                                                .insert(index, xid);
+                                        } else {
+                                            debug!(gpu = index, xid, "Xid reported");
+                                        }
+                                    }
+                                }
+                                Err(NvmlError::Timeout) => {}
+                                Err(e) => {
+                                    warn!(gpu = index, error = %e, "stopped watching Xid errors");
+                                    return;
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+        });
+    spawned.is_ok()
+}
+
 fn nvml_telemetry() -> Result<Vec<GpuTelemetry>, NvmlError> {
     let nvml = init_nvml()?;
     let mut out = Vec::new();
@@ -994,6 +1077,16 @@ mod tests {
         let gpus = parse_nvidia_smi_xml(&doc).expect("parse");
         let found: Vec<(u32, &str)> = gpus.iter().map(|g| (g.index, g.uuid.as_str())).collect();
         assert_eq!(found, vec![(0, H100_UUID), (1, other)]);
+    }
+
+    #[test]
+    fn fatal_xids_are_told_from_application_faults() {
+        for fatal in [48, 63, 64, 74, 79, 95, 119] {
+            assert!(xid_is_fatal(fatal), "{fatal}");
+        }
+        for benign in [13, 31, 43, 45, 94] {
+            assert!(!xid_is_fatal(benign), "{benign}");
+        }
     }
 
     #[test]

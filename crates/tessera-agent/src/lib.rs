@@ -707,6 +707,11 @@ async fn usage_loop(
         .map(|n| n.get() as u64)
         .unwrap_or(1);
     let mut prev = cpu_times();
+    // GPUs that reported a fatal Xid stay unhealthy in every report.
+    let sick: gpu::XidRecord = Default::default();
+    if gpu_source == gpu::SOURCE_NVML {
+        gpu::watch_xids(sick.clone());
+    }
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -728,6 +733,7 @@ async fn usage_loop(
                 .await
                 .unwrap_or_default()
         };
+        let xids = sick.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let usage = tessera_core::node::NodeUsage {
             at: now_ms(),
             cpu_used_milli,
@@ -741,7 +747,7 @@ async fn usage_loop(
                     temperature_celsius: g.temperature_celsius,
                     power_watts: g.power_watts,
                     ecc_uncorrected_volatile: g.ecc_uncorrected_volatile,
-                    healthy: g.healthy,
+                    healthy: g.healthy && !xids.contains_key(&g.index),
                 })
                 .collect(),
         };
