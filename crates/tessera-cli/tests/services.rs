@@ -595,3 +595,70 @@ ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
         "a starting replica was probed every {median:.3}s, not every 20 ms: {times:?}"
     );
 }
+
+/// A rolling update under load from a real load generator (`wrk`, which
+/// `.ci/run` installs): not one error or non-2xx answer while version 2
+/// replaces version 1.
+#[test]
+fn a_rolling_update_under_wrk_load_fails_no_request() {
+    let have_wrk = Command::new("wrk").arg("--version").output().is_ok();
+    if !have_wrk {
+        assert!(
+            std::env::var_os("TESSERA_REQUIRE_PYTHON_CLIENTS").is_none(),
+            "wrk is not installed"
+        );
+        eprintln!("SKIPPED: wrk is not installed");
+        return;
+    }
+    let up = Up::start();
+    let spec = |v: u32| {
+        format!(
+            "name: wrk\nscript: {}\nenv: {{V: \"{v}\"}}\nresources: {{cpu: 0.2, memory: 128Mi}}\n\
+             replicas: {{min: 2, max: 2}}\nreadiness: {{path: /health, interval: 200ms}}\n",
+            up.script()
+        )
+    };
+    up.serve(&spec(1));
+    up.wait_ready("wrk", 2, 30);
+    let load = Command::new("wrk")
+        .args(["-t1", "-c4", "-d8s", "-H"])
+        .arg(format!("Authorization: Bearer {}", up.token))
+        .arg(format!("http://{}/s/wrk/", up.addr))
+        .output();
+    let load = std::thread::spawn(move || load);
+    std::thread::sleep(Duration::from_secs(1));
+    up.serve(&spec(2));
+    let out = load.join().unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        !text.contains("Non-2xx"),
+        "failed requests during the update: {text}"
+    );
+    assert!(
+        !text.contains("Socket errors"),
+        "socket errors during the update: {text}"
+    );
+    let requests: u64 = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(requests > 100, "{text}");
+    // The update finished: both replicas run version 2.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = up.detail("wrk");
+        let reps = d["replicas"].as_array().unwrap().clone();
+        if reps.len() == 2
+            && reps
+                .iter()
+                .all(|r| r["version"] == 2 && r["state"] == "ready")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "update never finished: {d:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
