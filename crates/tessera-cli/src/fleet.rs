@@ -28,6 +28,9 @@ pub struct ServerArgs {
     /// rescheduled [default: 40s, or longer when --heartbeat and --kill-grace need it]
     #[arg(long, value_parser = duration_ms, value_name = "DURATION")]
     pub node_lease: Option<u64>,
+    /// Route `Host: <service>.<DOMAIN>` to services at the built-in gateway
+    #[arg(long, value_name = "DOMAIN")]
+    pub gateway_domain: Option<String>,
     /// Time between SIGTERM and SIGKILL when a replica is stopped
     #[arg(long, value_parser = duration_ms, default_value = "10s", value_name = "DURATION")]
     pub kill_grace: u64,
@@ -198,6 +201,7 @@ pub async fn server(g: &Globals, args: ServerArgs) -> Result<()> {
     config.kill_grace = Duration::from_millis(args.kill_grace);
     config.heartbeat = Duration::from_millis(args.heartbeat);
     config.node_lease = args.node_lease.map(Duration::from_millis);
+    config.gateway_domain = args.gateway_domain;
     config.policy = tessera_scheduler::Policy::named(&args.policy).expect("checked by clap");
     config.tls = args.tls.source();
     tessera_server::run_up(config).await

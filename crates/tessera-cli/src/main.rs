@@ -179,6 +179,9 @@ struct UpArgs {
     /// Address the API listens on
     #[arg(long, default_value = "127.0.0.1:7700", value_name = "ADDR")]
     listen: SocketAddr,
+    /// Route `Host: <service>.<DOMAIN>` to services at the built-in gateway
+    #[arg(long, value_name = "DOMAIN")]
+    gateway_domain: Option<String>,
     /// CPU cores the local agent offers [default: all]
     #[arg(long, value_parser = cpu_milli, value_name = "CORES")]
     cpu: Option<u64>,
@@ -398,6 +401,7 @@ async fn up(globals: &Globals, args: UpArgs) -> Result<()> {
     config.cgroups = !args.no_cgroups;
     config.kill_grace = Duration::from_millis(args.kill_grace);
     config.policy = tessera_scheduler::Policy::named(&args.policy).expect("checked by clap");
+    config.gateway_domain = args.gateway_domain;
     config.tls = args.tls.source();
     for (flag, v) in [
         ("--price-cpu-hour", args.price_cpu_hour),

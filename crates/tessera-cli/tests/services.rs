@@ -52,6 +52,10 @@ struct Up {
 
 impl Up {
     fn start() -> Up {
+        Up::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Up {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
@@ -66,6 +70,7 @@ impl Up {
                 "--kill-grace",
                 "1s",
             ])
+            .args(extra)
             .env("TESSERA_HOME", &home)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -661,4 +666,31 @@ fn a_rolling_update_under_wrk_load_fails_no_request() {
         assert!(Instant::now() < deadline, "update never finished: {d:#}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `tessera up --gateway-domain`: `Host: <service>.<domain>` reaches the
+/// service through the built-in gateway, the path unchanged; other hosts
+/// reach the API.
+#[test]
+fn the_built_in_gateway_routes_by_host() {
+    let up = Up::start_with(&["--gateway-domain", "svc.test"]);
+    up.serve(&format!(
+        "name: hosted\nscript: {}\nresources: {{cpu: 0.2, memory: 128Mi}}\n\
+         readiness: {{path: /health, interval: 200ms}}\n",
+        up.script()
+    ));
+    up.wait_ready("hosted", 1, 20);
+    let mut s = TcpStream::connect(&up.addr).unwrap();
+    write!(
+        s,
+        "GET /z?q=1 HTTP/1.1\r\nHost: hosted.svc.test\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        up.token
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("ok 1 /z?q=1"), "{text}");
+    // The API still answers on its own host.
+    assert_eq!(get(&up.addr, "/healthz", None).0, 200);
 }

@@ -71,11 +71,27 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared);
-    // The gateway's routes stream bodies of any size: no body limit.
+    // The gateway takes `/s/...` (and, with a domain, its `Host`s) before
+    // any API route; it streams bodies of any size (no body limit).
     match gateway {
-        Some(gw) => api.merge(gw.router()),
+        Some(gw) => api.layer(axum::middleware::from_fn_with_state(gw, to_gateway)),
         None => api,
     }
+}
+
+async fn to_gateway(
+    State(gw): State<Arc<tessera_gateway::Gateway>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    if path == "/s"
+        || path.starts_with("/s/")
+        || gw.host_service(req.headers(), req.uri()).is_some()
+    {
+        return gw.proxy(req).await;
+    }
+    next.run(req).await
 }
 
 #[derive(OpenApi)]

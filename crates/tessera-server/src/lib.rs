@@ -119,8 +119,12 @@ impl Shared {
 
     /// Embeds a gateway: services are published to it and it serves
     /// `/s/<service>/` on the API's listener. Call before sharing.
-    pub fn with_gateway(&mut self) {
-        let gateway = tessera_gateway::Gateway::new(tessera_gateway::GatewayConfig::default());
+    /// With `domain`, `Host: <service>.<domain>` reaches the service too.
+    pub fn with_gateway(&mut self, domain: Option<String>) {
+        let gateway = tessera_gateway::Gateway::new(tessera_gateway::GatewayConfig {
+            domain,
+            ..tessera_gateway::GatewayConfig::default()
+        });
         gateway.register_metrics(self.metrics.registry_mut());
         self.services = services::Services::new(Arc::new(services::GatewayRoutes {
             gateway: gateway.clone(),
@@ -224,6 +228,8 @@ pub struct UpConfig {
     pub local_agent: bool,
     /// How often agents heartbeat.
     pub heartbeat: Duration,
+    /// Route `Host: <service>.<domain>` to services at the embedded gateway.
+    pub gateway_domain: Option<String>,
     /// How long a node may be silent before it is declared lost [default:
     /// [`DEFAULT_NODE_LEASE`] or [`min_node_lease`], whichever is longer].
     pub node_lease: Option<Duration>,
@@ -248,6 +254,7 @@ impl UpConfig {
             heartbeat: tessera_agent::HEARTBEAT,
             node_lease: None,
             tls: None,
+            gateway_domain: None,
         }
     }
 }
@@ -355,7 +362,7 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     shared.policy = config.policy.clone();
     shared.heartbeat_ms = heartbeat_ms;
     shared.node_lease_ms = node_lease_ms;
-    shared.with_gateway();
+    shared.with_gateway(config.gateway_domain.clone());
     let shared = Arc::new(shared);
     if !config.local_agent {
         // The control plane alone. Work placed on remote agents survives a
