@@ -296,6 +296,8 @@ struct Index<'a> {
     team_of: Vec<u32>,
     shape_of: Vec<u32>,
     shapes: HashMap<Shape<'a>, u32>,
+    /// The shape numbered last, and its number.
+    last_shape: Option<(Shape<'a>, u32)>,
     /// Per running job, its team.
     running_team: Vec<u32>,
     /// Per team: its quota (the last listed with one), its weight (the first
@@ -374,6 +376,7 @@ impl<'a> Index<'a> {
             team_of,
             shape_of: vec![NO_SHAPE; n],
             shapes: HashMap::default(),
+            last_shape: None,
             running_team,
             quota,
             weight: weight.into_iter().map(|w| w.unwrap_or(1.0)).collect(),
@@ -403,13 +406,22 @@ impl<'a> Index<'a> {
             return s;
         }
         let j = &self.snapshot.queue[qi];
-        let next = self.amounts.len() as u32;
-        let s = *self.shapes.entry(Shape::of(j)).or_insert(next);
-        if s == next {
-            self.amounts.push(job_amounts(j));
-            self.shape_job.push(qi as u32);
-            self.shape_count.push(0);
-        }
+        let shape = Shape::of(j);
+        // Jobs in a row often ask for the same: compare before hashing.
+        let s = match &self.last_shape {
+            Some((last, s)) if *last == shape => *s,
+            _ => {
+                let next = self.amounts.len() as u32;
+                let s = *self.shapes.entry(shape.clone()).or_insert(next);
+                if s == next {
+                    self.amounts.push(job_amounts(j));
+                    self.shape_job.push(qi as u32);
+                    self.shape_count.push(0);
+                }
+                self.last_shape = Some((shape, s));
+                s
+            }
+        };
         self.shape_count[s as usize] += 1;
         self.shape_of[qi] = s;
         s
@@ -437,6 +449,20 @@ impl<'a> Index<'a> {
 
 /// Computes a plan. Pure: the same snapshot and time give the same plan.
 pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
+    schedule_with(snapshot, now, true)
+}
+
+/// [`schedule`] for a caller that discards the reasons of waiting jobs (the
+/// simulator): the same placements and preemptions, in the same order, and
+/// an empty [`Plan::waiting`]. No reason is written, and under strict FIFO
+/// (without preemption or quotas, which look at the jobs left waiting) the
+/// walk stops at the first job that cannot start, since nothing behind it
+/// may start either.
+pub fn schedule_without_reasons(snapshot: &Snapshot, now: u64) -> Plan {
+    schedule_with(snapshot, now, false)
+}
+
+fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
     let policy = &snapshot.policy;
     let mut ix = Index::new(snapshot);
     // The workload fragmentation scoring expects: the queue, one shape at a
@@ -461,9 +487,14 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
         &ix.weight,
     );
     let mut plan = Plan {
-        waiting: Vec::with_capacity(snapshot.queue.len()),
+        waiting: Vec::with_capacity(if reasons { snapshot.queue.len() } else { 0 }),
         ..Plan::default()
     };
+    let quotas = snapshot.teams.iter().any(|t| t.quota.is_some());
+    // Whether the jobs left waiting are looked at after the walk.
+    let keep_waiting = reasons || policy.preempt || quotas;
+    // Stands for every reason when none is wanted.
+    let no_reason: Arc<str> = Arc::from("");
     // Per shape, the reason it failed, by (reservation made, in time).
     let mut failed: Vec<[Option<Arc<str>>; 4]> = vec![Default::default(); ix.amounts.len()];
     let lazy = ix.lazy_shapes();
@@ -496,6 +527,12 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
             if let Some(r) =
                 (0..3).find(|r| need[*r] > 0 && used[*r].saturating_add(need[*r]) > limit[*r])
             {
+                if !reasons {
+                    if keep_waiting {
+                        waiting_jobs.push(qi as u32);
+                    }
+                    continue;
+                }
                 let cached = quota_reasons
                     .get(&(team, shape))
                     .filter(|(u, _)| *u == used)
@@ -512,6 +549,14 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
             }
         }
         if let Some(reason) = &blocked_by {
+            if !keep_waiting {
+                // Strict FIFO: nothing behind the blocked job starts.
+                break;
+            }
+            if !reasons {
+                waiting_jobs.push(qi as u32);
+                continue;
+            }
             plan.waiting.push(Waiting {
                 job_id,
                 reason: reason.clone(),
@@ -533,10 +578,12 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
         // the reservation does not change once made).
         let slot = usize::from(reservation.is_some()) * 2 + usize::from(in_time);
         if let Some(reason) = &failed[shape as usize][slot] {
-            plan.waiting.push(Waiting {
-                job_id,
-                reason: reason.clone(),
-            });
+            if reasons {
+                plan.waiting.push(Waiting {
+                    job_id,
+                    reason: reason.clone(),
+                });
+            }
             waiting_jobs.push(qi as u32);
             continue;
         }
@@ -567,39 +614,52 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
                 });
             }
             None => {
-                let mut reason = explain(&snapshot.nodes, &cluster, &job.resources, job.replicas);
-                if let Some(r) = &reservation {
+                let mut reason = if reasons {
+                    explain(&snapshot.nodes, &cluster, &job.resources, job.replicas)
+                } else {
+                    String::new()
+                };
+                if let Some(r) = reservation.as_ref().filter(|_| reasons) {
                     reason.push_str(&format!(
                         "; capacity it could use is held for job {}, which waits ahead of it",
                         r.job_id
                     ));
                 }
                 if policy.strict {
-                    blocked_by = Some(Arc::from(format!(
-                        "behind job {}: under strict FIFO no job passes the first one waiting",
-                        job.id
-                    )));
+                    blocked_by = Some(if reasons {
+                        Arc::from(format!(
+                            "behind job {}: under strict FIFO no job passes the first one waiting",
+                            job.id
+                        ))
+                    } else {
+                        no_reason.clone()
+                    });
                 } else if policy.backfill && !tried_reservation {
                     tried_reservation = true;
                     reservation =
                         cluster.reserve(job, &demand, &snapshot.running, now, |j| bound(j, policy));
-                    if reservation.is_some() {
+                    if reasons && reservation.is_some() {
                         reason.push_str("; capacity is held for it as running jobs end");
                     }
                 }
-                let reason: Arc<str> = reason.into();
+                let reason: Arc<str> = if reasons {
+                    reason.into()
+                } else {
+                    no_reason.clone()
+                };
                 failed[shape as usize][slot] = Some(reason.clone());
-                plan.waiting.push(Waiting {
-                    job_id: job.id,
-                    reason,
-                });
+                if reasons {
+                    plan.waiting.push(Waiting {
+                        job_id: job.id,
+                        reason,
+                    });
+                }
                 waiting_jobs.push(qi as u32);
             }
         }
     }
 
     let mut used = vec![false; snapshot.running.len()];
-    let quotas = snapshot.teams.iter().any(|t| t.quota.is_some());
     if lazy && (policy.preempt || quotas) && !snapshot.running.is_empty() {
         ix.number_all_shapes();
     }

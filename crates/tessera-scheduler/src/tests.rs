@@ -930,6 +930,16 @@ proptest! {
     fn same_plan_as_the_reference((snap, now) in arb_rich_snapshot()) {
         prop_assert_eq!(schedule(&snap, now), crate::reference::schedule(&snap, now));
     }
+
+    /// Without reasons: the same placements and preemptions, no waiting list.
+    #[test]
+    fn without_reasons_same_placements((snap, now) in arb_rich_snapshot()) {
+        let full = schedule(&snap, now);
+        let lean = crate::schedule_without_reasons(&snap, now);
+        prop_assert!(lean.waiting.is_empty());
+        prop_assert_eq!(lean.placements, full.placements);
+        prop_assert_eq!(lean.preemptions, full.preemptions);
+    }
 }
 
 /// The same on large synthetic snapshots (thousands of jobs, many teams
@@ -1008,9 +1018,17 @@ fn same_plan_as_the_reference_at_scale() {
         s.queue = queue[400..].to_vec();
         s.policy = Policy::named(policy).unwrap();
         for now in [0, 45_000, 200_000, 5_000_000] {
+            let full = schedule(&s, now);
             assert_eq!(
-                schedule(&s, now),
+                full,
                 crate::reference::schedule(&s, now),
+                "policy {policy} at {now}"
+            );
+            let lean = crate::schedule_without_reasons(&s, now);
+            assert!(lean.waiting.is_empty());
+            assert_eq!(lean.placements, full.placements, "policy {policy} at {now}");
+            assert_eq!(
+                lean.preemptions, full.preemptions,
                 "policy {policy} at {now}"
             );
         }

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Result};
 use tessera_core::JobId;
 use tessera_scheduler::{
-    ranks_before, schedule, Assignment, NodeView, PendingJob, Policy, RunningJob, Snapshot,
-    TeamView,
+    ranks_before, schedule, schedule_without_reasons, Assignment, NodeView, Packing, PendingJob,
+    Policy, RunningJob, Snapshot, TeamView,
 };
 
 use crate::trace::SimJob;
@@ -28,6 +28,9 @@ use crate::trace::SimJob;
 pub const MAX_PASSES_PER_EVENT: u32 = 64;
 
 const NOT_RUNNING: usize = usize::MAX;
+/// Up to this many jobs leave the queue by one bulk move each
+/// ([`World::dequeue_in_order`]).
+const FEW_TAKEN: usize = 8;
 /// No job (an empty queue).
 const NOT_QUEUED: JobId = JobId::MAX;
 
@@ -325,8 +328,25 @@ impl<'a> World<'a> {
         let Some(&first) = at.first() else {
             return Ok(Vec::new());
         };
-        // Kept jobs move down over the taken ones, which end up at the back.
         let q = &mut self.snap.queue;
+        if at.len() <= FEW_TAKEN {
+            // A pass usually places a few jobs: remove each with one bulk
+            // move of the jobs behind it (last first, so the positions of
+            // the others hold), instead of moving the kept jobs one by one.
+            let mut gone: Vec<PendingJob> = at.iter().rev().map(|p| q.remove(*p)).collect();
+            for (i, j) in q.iter().enumerate().skip(first) {
+                self.st[j.id as usize].queue_pos = i;
+            }
+            return ids
+                .iter()
+                .map(|id| {
+                    self.st[*id as usize].queue_pos = NOT_RUNNING;
+                    let k = gone.iter().position(|j| j.id == *id).expect("taken above");
+                    Ok(gone.swap_remove(k))
+                })
+                .collect();
+        }
+        // Kept jobs move down over the taken ones, which end up at the back.
         let mut write = first;
         let mut taken = at.iter().peekable();
         for read in first..q.len() {
@@ -423,6 +443,58 @@ pub fn arrivals_can_be_skipped(policy: &Policy) -> bool {
     !policy.preempt && !policy.backfill
 }
 
+/// Whether, under backfill, a pass at an event time when jobs only arrived
+/// (nothing ended since the last passes settled, placing nothing) can be
+/// decided by a pass over the first job already waiting and the arrivals
+/// alone. Sound for backfill without preemption, fair share, strict FIFO,
+/// quotas and fragmentation-aware packing (whose scoring reads the whole
+/// queue), provided every arrival ranks after that first job and no running
+/// job's bound has passed ([`backfill_arrivals_decide_alone`]). Then the
+/// first job fails again on the same free capacity and gets the same
+/// reservation (it depends on the time only through running jobs' end
+/// times, which are later than now). Every other job waiting failed after
+/// it on that capacity with that reservation at an earlier time, so it
+/// fails again: capacity can only shrink within the pass, and a job in time
+/// to run before the reservation now was in time then. What the full pass
+/// places is what the arrivals place after the first job, in order: exactly
+/// the small pass. When the small pass places nothing, no pass is needed;
+/// otherwise the full passes run as usual. `shortcuts_change_no_outcome`
+/// checks this on a Philly subset.
+pub fn backfill_arrivals_can_be_decided_alone(policy: &Policy) -> bool {
+    policy.backfill
+        && !policy.preempt
+        && !policy.fair_share
+        && !policy.strict
+        && policy.packing == Packing::BestFit
+}
+
+/// The conditions of [`backfill_arrivals_can_be_decided_alone`] that
+/// depend on the state: every arrival ranks after `head`, and every running
+/// job's run-time bound (as reservations read it) ends at `now` or later.
+fn backfill_arrivals_decide_alone(
+    w: &World,
+    head: JobId,
+    arrived: std::ops::Range<usize>,
+    now: u64,
+) -> bool {
+    let policy = &w.snap.policy;
+    let queued = |id: usize| &w.snap.queue[w.st[id].queue_pos];
+    let h = queued(head as usize);
+    arrived
+        .into_iter()
+        .all(|id| ranks_before(policy, h, queued(id)))
+        && w.snap.running.iter().all(|r| {
+            let bound = r.job.max_runtime_ms.or(if policy.oracle_bounds {
+                r.job
+                    .expected_runtime_ms
+                    .map(|e| e.saturating_sub(r.job.attained_ms))
+            } else {
+                None
+            });
+            bound.is_none_or(|b| r.started_at.saturating_add(b) >= now)
+        })
+}
+
 /// Whether one replica of `job` fits some node's free capacity now (GPU
 /// models aside): a placement needs at least that.
 fn might_fit(job: &PendingJob, nodes: &[NodeView]) -> bool {
@@ -457,8 +529,9 @@ pub fn simulate(jobs: &[SimJob], nodes: &[NodeView], policy: Policy) -> Result<E
 /// even where [`placements_reach_fixpoint`] says it would do nothing; a pass
 /// runs at every event time, even where [`arrivals_can_be_skipped`] says it
 /// would place nothing; and the queue keeps its arrival order under every
-/// policy ([`queue_order_matters`]). For testing that the shortcuts change
-/// no outcome.
+/// policy ([`queue_order_matters`]); and every pass asks the scheduler for
+/// the reasons of waiting jobs too ([`schedule_without_reasons`] is not
+/// used). For testing that the shortcuts change no outcome.
 pub fn simulate_with(
     jobs: &[SimJob],
     nodes: &[NodeView],
@@ -541,6 +614,10 @@ pub fn simulate_with(
     // and (under strict FIFO) the first job waiting since then, once known.
     let mut settled = true;
     let mut first_waiting: Option<JobId> = None;
+    let skip_backfill = backfill_arrivals_can_be_decided_alone(&w.snap.policy)
+        && w.snap.teams.iter().all(|t| t.quota.is_none())
+        && !always_confirm;
+    let mut head_waiting: Option<JobId> = None;
     let mut skipped_passes = 0u64;
     loop {
         // Skip ends of attempts that were preempted.
@@ -617,8 +694,40 @@ pub fn simulate_with(
                 continue;
             }
         }
+        if skip_backfill && settled && !freed && next > first_arrival {
+            let arrived = first_arrival..next;
+            // The first job already waiting, once known (arrivals that rank
+            // after it leave it first).
+            let head = *head_waiting.get_or_insert_with(|| {
+                let policy = &w.snap.policy;
+                w.snap
+                    .queue
+                    .iter()
+                    .filter(|j| !arrived.contains(&(j.id as usize)))
+                    .reduce(|a, b| if ranks_before(policy, b, a) { b } else { a })
+                    .map_or(NOT_QUEUED, |j| j.id)
+            });
+            if head != NOT_QUEUED && backfill_arrivals_decide_alone(&w, head, arrived.clone(), now)
+            {
+                let mut trial: Vec<PendingJob> = Vec::with_capacity(arrived.len() + 1);
+                trial.push(w.snap.queue[w.st[head as usize].queue_pos].clone());
+                for id in arrived.clone() {
+                    trial.push(w.snap.queue[w.st[id].queue_pos].clone());
+                }
+                let all = std::mem::replace(&mut w.snap.queue, trial);
+                let t0 = Instant::now();
+                let plan = schedule_without_reasons(&w.snap, now);
+                sched_time += t0.elapsed();
+                w.snap.queue = all;
+                if plan.placements.is_empty() && plan.preemptions.is_empty() {
+                    skipped_passes += 1;
+                    continue;
+                }
+            }
+        }
         settled = true;
         first_waiting = None;
+        head_waiting = None;
         let mut passes = 0;
         while !w.snap.queue.is_empty() {
             if passes == MAX_PASSES_PER_EVENT {
@@ -629,10 +738,16 @@ pub fn simulate_with(
             passes += 1;
             max_queue = max_queue.max(w.snap.queue.len());
             let t0 = Instant::now();
-            let mut plan = schedule(&w.snap, now);
-            // The reasons for waiting jobs are the scheduler's cost too
-            // (one string per waiting job per pass); free them in the timing.
-            drop(std::mem::take(&mut plan.waiting));
+            // The simulator reads no reasons for waiting jobs: the scheduler
+            // writes none (and under strict FIFO stops at the blocked head),
+            // with the same placements and preemptions.
+            let plan = if always_confirm {
+                let mut plan = schedule(&w.snap, now);
+                drop(std::mem::take(&mut plan.waiting));
+                plan
+            } else {
+                schedule_without_reasons(&w.snap, now)
+            };
             sched_time += t0.elapsed();
             calls += 1;
             let preempted = !plan.preemptions.is_empty();
