@@ -78,7 +78,8 @@ fn readable(shared: &Shared, caller: &Caller, name: &str) -> Result<Service, Api
         .ok_or_else(|| ApiError::not_found(format!("no service named `{name}`")))
 }
 
-async fn store(shared: &Shared, s: &Service) -> Result<(), ApiError> {
+/// Makes a service durable, then current (and runs the service loop).
+async fn save(shared: &Shared, s: &Service) -> Result<(), ApiError> {
     commit(
         shared.store.as_ref(),
         vec![Write::Meta(
@@ -87,6 +88,13 @@ async fn store(shared: &Shared, s: &Service) -> Result<(), ApiError> {
         )],
     )
     .await?;
+    shared
+        .state
+        .lock()
+        .expect("state lock")
+        .services
+        .insert(s.template.name.clone(), s.clone());
+    shared.services.poke();
     Ok(())
 }
 
@@ -157,16 +165,9 @@ pub async fn serve(
             ),
         }
     };
-    store(&shared, &service).await?;
+    save(&shared, &service).await?;
     let name = service.template.name.clone();
     let version = service.version;
-    shared
-        .state
-        .lock()
-        .expect("state lock")
-        .services
-        .insert(name.clone(), service.clone());
-    shared.services.poke();
     shared.services.event(
         &name,
         if created { "created" } else { "updated" },
@@ -271,14 +272,7 @@ pub async fn scale(
     t.max = max as u32;
     service.desired = service.desired.clamp(t.min, t.max);
     service.updated_at = now_ms();
-    store(&shared, &service).await?;
-    shared
-        .state
-        .lock()
-        .expect("state lock")
-        .services
-        .insert(name.clone(), service.clone());
-    shared.services.poke();
+    save(&shared, &service).await?;
     shared.services.event(
         &name,
         "scale",
