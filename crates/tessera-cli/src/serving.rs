@@ -62,7 +62,7 @@ pub async fn services(g: &Globals) -> Result<()> {
         return Ok(());
     }
     let mut t = Table::new(&[
-        "NAME", "TEAM", "VERSION", "READY", "REPLICAS", "REQ/S", "URL",
+        "NAME", "TEAM", "VERSION", "READY", "REPLICAS", "REQ/S", "P99", "URL",
     ]);
     for s in &list {
         t.row(vec![
@@ -72,6 +72,11 @@ pub async fn services(g: &Globals) -> Result<()> {
             format!("{}/{}", s["ready"], s["desired"]),
             format!("{}..{}", s["min"], s["max"]),
             format!("{:.1}", s["requests_per_s"].as_f64().unwrap_or(0.0)),
+            match s["p99_ms"].as_f64() {
+                Some(ms) if ms < 1000.0 => format!("<={ms:.1}ms"),
+                Some(ms) => format!("<={:.1}s", ms / 1000.0),
+                None => "-".into(),
+            },
             format!("{}{}", client.url(), s["url"].as_str().unwrap_or("")),
         ]);
     }

@@ -240,9 +240,22 @@ fn a_service_answers_through_the_gateway_with_keys_and_scales_from_zero() {
     assert!(started.elapsed() < Duration::from_secs(15));
     let k = kinds(&up.detail("echo"));
     assert!(k.iter().filter(|k| *k == "scale").count() >= 2, "{k:?}");
-    // The CLI shows it.
+    // The CLI shows it, with the request rate and p99 latency of the last
+    // 10 s.
     let out = up.cli(&["services"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("/s/echo/"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let list = up.cli_json(&["services"]);
+        let s = &list[0];
+        if s["p99_ms"].as_f64().is_some_and(|p| p > 0.0) && s["requests_per_s"].as_f64() > Some(0.0)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rate or p99: {list}");
+        get(&up.addr, "/s/echo/", Some(&key));
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Metrics carry the gateway's series.
     let (_, metrics) = get(&up.addr, "/metrics", None);
     assert!(

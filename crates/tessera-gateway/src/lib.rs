@@ -38,6 +38,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
 pub use error::error_response;
+pub use metrics::{latency_bound, LATENCY_BOUNDS};
 use metrics::{GatewayMetrics, ServiceMetrics};
 use proxy::OutBody;
 
@@ -352,6 +353,21 @@ impl Gateway {
             requests_total: svc.requests_total.load(Ordering::Relaxed),
             last_request: (last > 0).then(|| self.epoch + Duration::from_nanos(last - 1)),
         })
+    }
+
+    /// Requests of a service by latency bucket since it was added (bucket
+    /// `i` holds latencies up to [`latency_bound`]`(i)` seconds; the last,
+    /// everything slower): the control plane diffs two readings for a
+    /// recent quantile.
+    pub fn latency_buckets(&self, name: &str) -> Option<Vec<u64>> {
+        let svc = self.service(name)?;
+        Some(
+            svc.m
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+        )
     }
 
     /// The current concurrency of a service (in flight plus held): the

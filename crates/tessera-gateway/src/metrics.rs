@@ -20,9 +20,16 @@ pub(crate) struct ServiceCodeLabel {
     pub code: &'static str,
 }
 
+/// Upper bounds (seconds) of the latency buckets: 0.5 ms … ~4.4 min,
+/// doubling; a last bucket holds everything slower.
+pub const LATENCY_BOUNDS: usize = 20;
+
+pub fn latency_bound(i: usize) -> f64 {
+    0.0005 * 2f64.powi(i as i32)
+}
+
 fn duration_histogram() -> Histogram {
-    // 0.5 ms … ~4.4 min
-    Histogram::new(exponential_buckets(0.0005, 2.0, 20))
+    Histogram::new(exponential_buckets(0.0005, 2.0, LATENCY_BOUNDS as u16))
 }
 
 type HistogramFamily = Family<ServiceLabel, Histogram, fn() -> Histogram>;
@@ -52,6 +59,9 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 pub(crate) struct ServiceMetrics {
     by_class: [Counter; 5],
     duration: Histogram,
+    /// The same latencies, in counters the control plane can read (the
+    /// histogram's own are private to the metrics library).
+    pub buckets: std::sync::Arc<[std::sync::atomic::AtomicU64; LATENCY_BOUNDS + 1]>,
     /// Also the service's in-flight count for `Gateway::stats`.
     pub in_flight: Gauge,
     /// Also the service's held count (and the hold queue's bound check).
@@ -66,7 +76,12 @@ impl ServiceMetrics {
 
     /// Records a request that arrived at `start` and has now ended.
     pub fn observe(&self, start: std::time::Instant) {
-        self.duration.observe(start.elapsed().as_secs_f64());
+        let secs = start.elapsed().as_secs_f64();
+        self.duration.observe(secs);
+        let i = (0..LATENCY_BOUNDS)
+            .find(|&i| secs <= latency_bound(i))
+            .unwrap_or(LATENCY_BOUNDS);
+        self.buckets[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -85,6 +100,7 @@ impl GatewayMetrics {
                     .clone()
             }),
             duration: self.duration.get_or_create(&label).clone(),
+            buckets: std::sync::Arc::new(std::array::from_fn(|_| Default::default())),
             in_flight: self.in_flight.get_or_create(&label).clone(),
             held: self.held.get_or_create(&label).clone(),
         }

@@ -32,6 +32,9 @@ pub struct ServiceSummary {
     pub ready: usize,
     /// Requests per second through this server's gateway (last 10 s).
     pub requests_per_s: f64,
+    /// 99th percentile latency through this server's gateway over the last
+    /// 10 s (the upper bound of its histogram bucket), milliseconds.
+    pub p99_ms: Option<f64>,
     /// Path of the service on the gateway.
     pub url: String,
     pub created_at: u64,
@@ -62,6 +65,7 @@ fn summary(shared: &Shared, s: &Service) -> ServiceSummary {
         desired: s.desired,
         ready: shared.services.ready_count(&t.name),
         requests_per_s: (shared.services.request_rate(&t.name) * 10.0).round() / 10.0,
+        p99_ms: shared.services.p99_ms(&t.name),
         url: format!("/s/{}/", t.name),
         created_at: s.created_at,
         updated_at: s.updated_at,

@@ -45,6 +45,10 @@ pub trait Routes: Send + Sync {
     fn requests(&self, _service: &str) -> u64 {
         0
     }
+    /// Requests so far by latency bucket (see `tessera_gateway::latency_bound`).
+    fn latency_buckets(&self, _service: &str) -> Vec<u64> {
+        Vec::new()
+    }
 }
 
 /// One decision or change, for `tessera service NAME`.
@@ -94,6 +98,8 @@ struct Runtime {
     samples: VecDeque<(Instant, f64)>,
     /// Samples (every 250 ms) of requests received so far (last 10 s).
     requests: VecDeque<(Instant, u64)>,
+    /// Samples of the latency buckets, taken with `requests`.
+    latency: VecDeque<Vec<u64>>,
     last_sample: Option<Instant>,
     events: VecDeque<ServiceEvent>,
     /// A request waits for a first replica: scale from zero now.
@@ -122,6 +128,7 @@ impl Default for Runtime {
             replicas: Vec::new(),
             samples: VecDeque::new(),
             requests: VecDeque::new(),
+            latency: VecDeque::new(),
             last_sample: None,
             events: VecDeque::new(),
             demand: false,
@@ -284,6 +291,32 @@ impl Services {
             }
             _ => 0.0,
         }
+    }
+
+    /// The 99th percentile of request latency through the embedded gateway
+    /// over the last 10 s (the upper bound of its bucket), in milliseconds.
+    pub fn p99_ms(&self, service: &str) -> Option<f64> {
+        let rt = self.runtime.lock().expect("services lock");
+        let r = rt.get(service)?;
+        let (first, last) = (r.latency.front()?, r.latency.back()?);
+        let diff: Vec<u64> = last
+            .iter()
+            .zip(first.iter().chain(std::iter::repeat(&0)))
+            .map(|(b, a)| b.saturating_sub(*a))
+            .collect();
+        let total: u64 = diff.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = (total as f64 * 0.99).ceil() as u64;
+        let mut seen = 0;
+        for (i, n) in diff.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return Some(tessera_gateway::latency_bound(i) * 1000.0);
+            }
+        }
+        None
     }
 
     /// Ready replicas of the current version (those traffic goes to).
@@ -608,12 +641,15 @@ async fn reconcile(shared: &Arc<Shared>, name: &str) {
             rt.samples.push_back((instant, load as f64));
             rt.requests
                 .push_back((instant, shared.services.routes.requests(name)));
+            rt.latency
+                .push_back(shared.services.routes.latency_buckets(name));
             while rt
                 .requests
                 .front()
                 .is_some_and(|(s, _)| instant.duration_since(*s) > Duration::from_secs(10))
             {
                 rt.requests.pop_front();
+                rt.latency.pop_front();
             }
             let keep = Duration::from_millis(
                 t.autoscale
@@ -1008,6 +1044,10 @@ impl Routes for GatewayRoutes {
             .stats(service)
             .map(|s| s.requests_total)
             .unwrap_or(0)
+    }
+
+    fn latency_buckets(&self, service: &str) -> Vec<u64> {
+        self.gateway.latency_buckets(service).unwrap_or_default()
     }
 
     fn in_flight(&self, service: &str, _upstream: &str) -> u32 {
