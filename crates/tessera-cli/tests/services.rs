@@ -528,13 +528,15 @@ fn a_standalone_gateway_serves_routes_from_the_control_plane() {
         .port();
     let addr = format!("127.0.0.1:{port}");
     let log = std::fs::File::create(up.dir.path().join("gateway.log")).unwrap();
-    let mut gw = Command::new(BIN)
-        .args(["gateway", "--listen", &addr, "--domain", "svc.test"])
-        .env("TESSERA_HOME", up.home())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let _gw = KillOnDrop(
+        Command::new(BIN)
+            .args(["gateway", "--listen", &addr, "--domain", "svc.test"])
+            .env("TESSERA_HOME", up.home())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(&addr).is_err() {
         assert!(Instant::now() < deadline, "gateway did not start");
@@ -561,8 +563,16 @@ fn a_standalone_gateway_serves_routes_from_the_control_plane() {
     s.read_to_string(&mut text).unwrap();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.ends_with("ok 1 /y"), "{text}");
-    let _ = gw.kill();
-    let _ = gw.wait();
+}
+
+/// A child process stopped when the test ends, passed or not.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Until a replica is first ready it is probed every 20 ms, failed probes
