@@ -495,7 +495,7 @@ fn respond(resp: hyper::Response<Incoming>, guard: InFlight) -> hyper::Response<
         drop(guard);
         RespBody::Axum(Body::empty())
     } else {
-        RespBody::Upstream(GuardedBody {
+        RespBody::Other(GuardedBody {
             inner: body,
             guard: Some(guard),
         })
@@ -583,22 +583,34 @@ impl HttpBody for GuardedBody {
     }
 }
 
-/// A response as the gateway answers it: its own (errors) or a replica's.
-pub(crate) enum RespBody {
+/// A body that is either axum's (the gateway's own answers, requests that
+/// came through `router()`) or hyper's (a replica's response, a request that
+/// came through `serve`).
+pub(crate) enum AxumOr<B> {
     Axum(Body),
-    Upstream(GuardedBody),
+    Other(B),
 }
+
+/// A response as the gateway answers it: its own (errors) or a replica's.
+pub(crate) type RespBody = AxumOr<GuardedBody>;
+
+/// A client's request body, as `router()` or `serve` received it.
+pub(crate) type InBody = AxumOr<Incoming>;
 
 impl RespBody {
     fn into_axum(self) -> Body {
         match self {
-            RespBody::Axum(b) => b,
-            RespBody::Upstream(b) => Body::new(b),
+            AxumOr::Axum(b) => b,
+            AxumOr::Other(b) => Body::new(b),
         }
     }
 }
 
-impl HttpBody for RespBody {
+impl<B> HttpBody for AxumOr<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -607,57 +619,22 @@ impl HttpBody for RespBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         match self.get_mut() {
-            RespBody::Axum(b) => Pin::new(b).poll_frame(cx),
-            RespBody::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(axum::Error::new),
+            AxumOr::Axum(b) => Pin::new(b).poll_frame(cx),
+            AxumOr::Other(b) => Pin::new(b).poll_frame(cx).map_err(axum::Error::new),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RespBody::Axum(b) => b.is_end_stream(),
-            RespBody::Upstream(b) => b.is_end_stream(),
+            AxumOr::Axum(b) => b.is_end_stream(),
+            AxumOr::Other(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RespBody::Axum(b) => b.size_hint(),
-            RespBody::Upstream(b) => b.size_hint(),
-        }
-    }
-}
-
-/// A client's request body, as `router()` or `serve` received it.
-pub(crate) enum InBody {
-    Axum(Body),
-    Hyper(Incoming),
-}
-
-impl HttpBody for InBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        match self.get_mut() {
-            InBody::Axum(b) => Pin::new(b).poll_frame(cx),
-            InBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(axum::Error::new),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            InBody::Axum(b) => b.is_end_stream(),
-            InBody::Hyper(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            InBody::Axum(b) => b.size_hint(),
-            InBody::Hyper(b) => b.size_hint(),
+            AxumOr::Axum(b) => b.size_hint(),
+            AxumOr::Other(b) => b.size_hint(),
         }
     }
 }

@@ -81,7 +81,7 @@ impl Gateway {
                 let resp = gw
                     .handle(
                         parts,
-                        InBody::Hyper(body),
+                        InBody::Other(body),
                         client.as_ref(),
                         Via::Conn(&conns),
                     )
