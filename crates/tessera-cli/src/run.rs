@@ -60,6 +60,9 @@ pub struct RunArgs {
     /// Run only in this pool (same as --selector pool=NAME)
     #[arg(long, value_name = "NAME")]
     pub pool: Option<String>,
+    /// Never preempt other jobs to start; wait for free capacity
+    #[arg(long)]
+    pub no_preempt: bool,
     /// Print replica 0's logs until the job ends, then exit with its exit code
     #[arg(short, long)]
     pub follow: bool,
@@ -147,6 +150,7 @@ pub fn build_spec(args: &RunArgs, cwd: Option<&std::path::Path>) -> Result<JobSp
         retries: args.retries.map(|n| RetriesSpec::Count(i64::from(n))),
         node_selector: args.node_selector.iter().cloned().collect(),
         pool: args.pool.clone(),
+        preempt: args.no_preempt.then_some(false),
     };
     // The default team only stands in for the server's choice here.
     if let Err(e) = spec.validate("default") {

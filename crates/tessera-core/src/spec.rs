@@ -96,6 +96,11 @@ pub struct JobSpec {
     pub node_selector: BTreeMap<String, String>,
     /// Run only in this pool: shorthand for `node_selector: {pool: NAME}`.
     pub pool: Option<String>,
+    /// Whether this job may preempt running jobs of a lower priority (or,
+    /// under the policy, later in its order) to start. Default true; with
+    /// false it waits for free capacity. Its team's guaranteed quota is
+    /// reclaimed from borrowers for it either way.
+    pub preempt: Option<bool>,
 }
 
 /// Validated resources per replica, in plain units.
@@ -218,6 +223,9 @@ pub struct JobTemplate {
     pub priority: i32,
     pub max_runtime_ms: Option<u64>,
     pub retries: RetryPolicy,
+    /// May preempt other jobs to start (see [`JobSpec::preempt`]).
+    #[serde(default = "yes")]
+    pub preempt: bool,
 }
 
 fn qerr(field: &str) -> impl Fn(QuantityError) -> FieldError + '_ {
@@ -532,8 +540,13 @@ impl JobSpec {
             priority,
             max_runtime_ms,
             retries,
+            preempt: self.preempt.unwrap_or(true),
         })
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The node label that names a node's pool; `pool: NAME` in a job spec

@@ -124,6 +124,9 @@ pub struct PendingJob {
     /// order (attained service, remaining time); any preemptible job can be
     /// preempted for a higher priority.
     pub resumable: bool,
+    /// May running jobs be preempted to make room for it (for its priority
+    /// or the policy's order)? Guaranteed quota is reclaimed for it either way.
+    pub may_preempt: bool,
 }
 
 impl PendingJob {
@@ -146,6 +149,7 @@ impl PendingJob {
             expected_runtime_ms: None,
             attained_ms: 0,
             resumable: false,
+            may_preempt: true,
         }
     }
 
@@ -908,6 +912,9 @@ fn preempt(
     for qi in waiting {
         let qi = *qi as usize;
         let job = &snapshot.queue[qi];
+        if !job.may_preempt {
+            continue;
+        }
         let key = &orderer.key(qi);
         let (team, shape) = (ix.team_of[qi], ix.shape_of[qi]);
         if no_room.contains(&(shape, team)) {

@@ -477,6 +477,16 @@ fn preemption_respects_priority_and_minimum_run_time() {
     s.queue = vec![job(3, 20, res(2, 1, 0), 1)];
     assert!(schedule(&s, 1_000).preemptions.is_empty());
     assert_eq!(schedule(&s, 120_000).preemptions[0].job_id, 1);
+    // Unless it is told not to preempt: then it waits for free capacity.
+    s.queue[0].may_preempt = false;
+    let plan = schedule(&s, 120_000);
+    assert!(plan.preemptions.is_empty());
+    assert!(
+        reason(&plan, 3).starts_with("waiting for capacity"),
+        "{}",
+        reason(&plan, 3)
+    );
+    s.queue[0].may_preempt = true;
     // And never a job marked not preemptible.
     s.running[0].preemptible = false;
     assert!(schedule(&s, 120_000).preemptions.is_empty());
@@ -653,6 +663,7 @@ fn arb_job(id: u64) -> impl Strategy<Value = PendingJob> {
                 j.expected_runtime_ms = Some(runtime);
                 j.attained_ms = runtime * id % 5_000;
                 j.resumable = id.is_multiple_of(2);
+                j.may_preempt = id % 5 != 3;
                 j
             },
         )
@@ -796,6 +807,18 @@ proptest! {
     }
 
     /// The scheduler is a function: same input, same plan.
+    #[test]
+    fn jobs_told_not_to_preempt_only_reclaim_their_guarantee(snap in arb_snapshot()) {
+        let plan = schedule(&snap, 10_000);
+        for p in &plan.preemptions {
+            let job = snap.queue.iter().find(|j| j.id == p.for_job).unwrap();
+            prop_assert!(
+                job.may_preempt || p.reason.starts_with("reclaimed"),
+                "job {} may not preempt, yet: {}", job.id, p.reason
+            );
+        }
+    }
+
     #[test]
     fn deterministic(snap in arb_snapshot()) {
         prop_assert_eq!(schedule(&snap, 5), schedule(&snap, 5));
