@@ -180,6 +180,34 @@ impl Gateway {
             .await
     }
 
+    /// The upstream path and the headers to send (hop-by-hop headers gone,
+    /// forwarding headers set), or the answer to a path that is not valid.
+    fn outgoing(
+        &self,
+        guard: &InFlight,
+        route: &Route,
+        strip: usize,
+        parts: &mut request::Parts,
+        client: Option<&HeaderValue>,
+    ) -> Result<(PathAndQuery, HeaderMap), hyper::Response<RespBody>> {
+        let Some(path) = out_path(&parts.uri, strip) else {
+            guard.svc.m.count(400);
+            return Err(answer(error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "the path is not valid",
+            )));
+        };
+        let mut headers = std::mem::take(&mut parts.headers);
+        prepare_request_headers(
+            &mut headers,
+            client,
+            self.config.forwarded_proto,
+            route.require_key,
+        );
+        Ok((path, headers))
+    }
+
     /// Forwards a protocol upgrade (WebSocket): the request goes to a
     /// replica on a connection of its own; when the replica switches
     /// protocols, both connections are handed over and bytes are copied
@@ -197,14 +225,6 @@ impl Gateway {
         start: Instant,
     ) -> hyper::Response<RespBody> {
         let mut guard = InFlight::new(svc, start);
-        let Some(path) = out_path(&parts.uri, strip) else {
-            guard.svc.m.count(400);
-            return answer(error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_path",
-                "the path is not valid",
-            ));
-        };
         let Some(client_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
             guard.svc.m.count(400);
             return answer(error_response(
@@ -213,13 +233,10 @@ impl Gateway {
                 "this connection cannot be upgraded (HTTP/1.1 with `Connection: upgrade` is needed)",
             ));
         };
-        let mut headers = std::mem::take(&mut parts.headers);
-        prepare_request_headers(
-            &mut headers,
-            client,
-            self.config.forwarded_proto,
-            route.require_key,
-        );
+        let (path, mut headers) = match self.outgoing(&guard, route, strip, &mut parts, client) {
+            Ok(out) => out,
+            Err(resp) => return resp,
+        };
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
         let deadline = tokio::time::Instant::from_std(start) + route.request_timeout;
@@ -371,22 +388,10 @@ impl Gateway {
         start: Instant,
     ) -> hyper::Response<RespBody> {
         let mut guard = InFlight::new(svc, start);
-        let svc = &*guard.svc;
-        let Some(path) = out_path(&parts.uri, strip) else {
-            svc.m.count(400);
-            return answer(error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_path",
-                "the path is not valid",
-            ));
+        let (path, mut headers) = match self.outgoing(&guard, route, strip, &mut parts, client) {
+            Ok(out) => out,
+            Err(resp) => return resp,
         };
-        let mut headers = std::mem::take(&mut parts.headers);
-        prepare_request_headers(
-            &mut headers,
-            client,
-            self.config.forwarded_proto,
-            route.require_key,
-        );
 
         let attempts = self
             .config
