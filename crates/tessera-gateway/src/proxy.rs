@@ -181,7 +181,8 @@ impl Gateway {
     }
 
     /// The upstream path and the headers to send (hop-by-hop headers gone,
-    /// forwarding headers set), or the answer to a path that is not valid.
+    /// forwarding headers set); `None` (counted as a 400) for a path that
+    /// is not valid.
     fn outgoing(
         &self,
         guard: &InFlight,
@@ -189,14 +190,10 @@ impl Gateway {
         strip: usize,
         parts: &mut request::Parts,
         client: Option<&HeaderValue>,
-    ) -> Result<(PathAndQuery, HeaderMap), hyper::Response<RespBody>> {
+    ) -> Option<(PathAndQuery, HeaderMap)> {
         let Some(path) = out_path(&parts.uri, strip) else {
             guard.svc.m.count(400);
-            return Err(answer(error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_path",
-                "the path is not valid",
-            )));
+            return None;
         };
         let mut headers = std::mem::take(&mut parts.headers);
         prepare_request_headers(
@@ -205,7 +202,7 @@ impl Gateway {
             self.config.forwarded_proto,
             route.require_key,
         );
-        Ok((path, headers))
+        Some((path, headers))
     }
 
     /// Forwards a protocol upgrade (WebSocket): the request goes to a
@@ -233,9 +230,13 @@ impl Gateway {
                 "this connection cannot be upgraded (HTTP/1.1 with `Connection: upgrade` is needed)",
             ));
         };
-        let (path, mut headers) = match self.outgoing(&guard, route, strip, &mut parts, client) {
-            Ok(out) => out,
-            Err(resp) => return resp,
+        let Some((path, mut headers)) = self.outgoing(&guard, route, strip, &mut parts, client)
+        else {
+            return answer(error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "the path is not valid",
+            ));
         };
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
@@ -388,9 +389,13 @@ impl Gateway {
         start: Instant,
     ) -> hyper::Response<RespBody> {
         let mut guard = InFlight::new(svc, start);
-        let (path, mut headers) = match self.outgoing(&guard, route, strip, &mut parts, client) {
-            Ok(out) => out,
-            Err(resp) => return resp,
+        let Some((path, mut headers)) = self.outgoing(&guard, route, strip, &mut parts, client)
+        else {
+            return answer(error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "the path is not valid",
+            ));
         };
 
         let attempts = self
