@@ -196,9 +196,10 @@ pub fn synthetic(nodes: u32, jobs: u32, now: u64) -> (ClusterState, Tokens) {
         let mut t = base.clone();
         t.name = format!("train-{}", rng.below(5000));
         t.team = format!("team-{}", rng.below(teams));
-        let submitted = now - month + k * (month / finished.max(1));
+        // Spread over the month, all ended before now.
+        let submitted = now - month + k * ((month - 5 * 3_600_000) / finished.max(1));
         let started = submitted + rng.below(600_000);
-        let ended = (started + 60_000 + rng.below(4 * 3_600_000)).min(now - 1);
+        let ended = started + 60_000 + rng.below(4 * 3_600_000);
         let mut j = Job::new(id, t, "tok-bench".into(), submitted);
         let (st, code) = match rng.below(20) {
             0 | 1 => (JobState::Failed, 1),

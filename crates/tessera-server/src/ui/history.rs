@@ -219,8 +219,8 @@ pub fn per_minute(
     out
 }
 
-const W: f64 = 760.0;
-const H: f64 = 220.0;
+const W: f64 = 1200.0;
+const H: f64 = 260.0;
 const PAD_L: f64 = 40.0;
 const PAD_R: f64 = 12.0;
 const PAD_T: f64 = 12.0;
@@ -252,9 +252,14 @@ pub fn utilisation_svg(out: &mut String, samples: &[Sample], from: u64, now: u64
     }
     for i in 0..=6 {
         let t = from + (span as u64) * i / 6;
+        let anchor = match i {
+            0 => "start",
+            6 => "end",
+            _ => "middle",
+        };
         let _ = write!(
             out,
-            "<text class=\"ax\" x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            "<text class=\"ax\" x=\"{:.1}\" y=\"{}\" text-anchor=\"{anchor}\">{}</text>",
             x(t),
             H - 8.0,
             hhmm(t)
@@ -299,7 +304,8 @@ pub fn utilisation_svg(out: &mut String, samples: &[Sample], from: u64, now: u64
 
 /// Jobs started and finished per minute, as paired bars.
 pub fn per_minute_svg(out: &mut String, buckets: &[(u64, u64)], now: u64) {
-    let h = 140.0;
+    let h = 200.0;
+    let w = 640.0;
     let max = buckets
         .iter()
         .map(|b| b.0.max(b.1))
@@ -307,11 +313,11 @@ pub fn per_minute_svg(out: &mut String, buckets: &[(u64, u64)], now: u64) {
         .unwrap_or(0)
         .max(1) as f64;
     let n = buckets.len().max(1) as f64;
-    let bw = (W - PAD_L - PAD_R) / n;
+    let bw = (w - PAD_L - PAD_R) / n;
     let y = |v: f64| PAD_T + (1.0 - v / max) * (h - PAD_T - PAD_B);
     let _ = write!(
         out,
-        "<svg class=\"chart\" id=\"rate-chart\" viewBox=\"0 0 {W} {h}\" role=\"img\" \
+        "<svg class=\"chart\" id=\"rate-chart\" viewBox=\"0 0 {w} {h}\" role=\"img\" \
          aria-label=\"Jobs started and finished per minute\">"
     );
     for i in 0..=2 {
@@ -320,7 +326,7 @@ pub fn per_minute_svg(out: &mut String, buckets: &[(u64, u64)], now: u64) {
             out,
             "<line class=\"grid\" x1=\"{PAD_L}\" x2=\"{}\" y1=\"{yv:.1}\" y2=\"{yv:.1}\"/>\
              <text class=\"ax\" x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.0}</text>",
-            W - PAD_R,
+            w - PAD_R,
             PAD_L - 6.0,
             y(v) + 4.0,
             yv = y(v)

@@ -239,6 +239,9 @@ pub fn cores(milli: u64) -> String {
 }
 
 pub fn gib(bytes: u64) -> String {
+    if bytes == 0 {
+        return "0".into();
+    }
     let g = bytes as f64 / (1u64 << 30) as f64;
     if g >= 100.0 {
         format!("{g:.0} GiB")

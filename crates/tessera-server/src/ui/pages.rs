@@ -3,7 +3,6 @@
 
 use std::fmt::Write;
 
-use tessera_core::auth::Role;
 use tessera_core::JobState;
 
 use super::history::{per_minute_svg, utilisation_svg};
@@ -144,9 +143,8 @@ pub fn overview(s: &Session, v: &Overview) -> String {
          <span class=\"k util\"></span>GPU utilisation (live)</div></section>",
     );
 
-    o.push_str("<div class=\"cols\">");
     // Capacity by pool and GPU model.
-    o.push_str("<section class=\"card\"><h2>Capacity by pool and GPU model</h2><table id=\"capacity\"><thead><tr>\
+    o.push_str("<section class=\"card wide\"><h2>Capacity by pool and GPU model</h2><table id=\"capacity\"><thead><tr>\
         <th>Pool</th><th>GPU model</th><th class=\"num\">Nodes</th><th>GPUs allocated</th><th class=\"num\">GPU busy</th>\
         <th>CPU allocated</th><th>Memory allocated</th></tr></thead><tbody>");
     if v.capacity.is_empty() {
@@ -205,7 +203,7 @@ pub fn overview(s: &Session, v: &Overview) -> String {
         }
         o.push_str("</td></tr>");
     }
-    o.push_str("</tbody></table></section>");
+    o.push_str("</tbody></table></section><div class=\"cols\">");
 
     // Queue per team.
     o.push_str("<section class=\"card\"><h2>Queue by team</h2><table id=\"queues\"><thead><tr><th>Team</th>\
@@ -224,7 +222,7 @@ pub fn overview(s: &Session, v: &Overview) -> String {
             q.oldest_wait_ms.map(span).unwrap_or_else(|| "—".into())
         );
     }
-    o.push_str("</tbody></table></section></div>");
+    o.push_str("</tbody></table></section>");
 
     // Started / finished per minute.
     let last = v.per_minute.last().copied().unwrap_or((0, 0));
@@ -240,7 +238,7 @@ pub fn overview(s: &Session, v: &Overview) -> String {
     );
     per_minute_svg(&mut o, &v.per_minute, v.now);
     o.push_str("<div class=\"legend\"><span class=\"k started\"></span>started<span class=\"k finished\"></span>finished</div></section>");
-    o.push_str("</div>");
+    o.push_str("</div></div>");
     end(&mut o);
     o
 }
@@ -791,13 +789,13 @@ pub fn nodes(s: &Session, v: &Nodes) -> String {
         }
         for g in &n.gpus {
             let cls = if !g.healthy {
-                "gpu bad"
+                "gtile bad"
             } else if g.alloc_milli >= 1000 {
-                "gpu full"
+                "gtile full"
             } else if g.alloc_milli > 0 {
-                "gpu part"
+                "gtile part"
             } else {
-                "gpu"
+                "gtile"
             };
             let mut title = format!("GPU {} · {} · {}", g.index, g.model, gib(g.memory_bytes));
             if !g.jobs.is_empty() {
@@ -907,9 +905,17 @@ pub fn nodes(s: &Session, v: &Nodes) -> String {
 }
 
 fn quota_cell(o: &mut String, used: u64, guaranteed: u64, limit: u64, fmt: fn(u64) -> String) {
+    if guaranteed == 0 && limit == u64::MAX {
+        let _ = write!(
+            o,
+            "{} used<div class=\"muted small\">no quota</div>",
+            fmt(used)
+        );
+        return;
+    }
     let borrowed = used.saturating_sub(guaranteed);
     let lim = if limit == u64::MAX {
-        "no limit".to_string()
+        "none".to_string()
     } else {
         fmt(limit)
     };
@@ -1051,9 +1057,4 @@ pub fn services(s: &Session, rows: &[ServiceSummary]) -> String {
     o.push_str("</tbody></table></section>");
     end(&mut o);
     o
-}
-
-/// Whether this role may press buttons that change things.
-pub fn can_write(role: Role) -> bool {
-    role >= Role::Member
 }
