@@ -138,7 +138,7 @@ async fn click_nav(c: &Client, loc: Locator<'_>) {
 }
 
 const SPEC: &str = "name: browser-hello\n\
-script: \"for i in 1 2 3 4 5 6 7 8; do echo tick-$i; sleep 1; done; echo all-done\"\n\
+script: \"for i in 1 2 3 4 5 6 7 8 9 10; do echo tick-$i; sleep 1; done; echo all-done\"\n\
 resources: {cpu: 0.5, memory: 64Mi}\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,6 +257,11 @@ async fn drive(c: Client, base: String, token: String, shots: Shots) {
     );
     shots.save(&c, "02-job-running").await;
 
+    // The Overview counts it while it runs: its half core is allocated.
+    click_nav(&c, Locator::LinkText("Overview")).await;
+    let cpu = text(&c, ".stats .stat:nth-child(3) .value").await;
+    assert!(cpu.starts_with("0.5 / "), "CPU allocated: {cpu}");
+
     // The Jobs page: the job is there, and finishes without a reload.
     click_nav(&c, Locator::LinkText("Jobs")).await;
     let row = format!("tr[data-job=\"{id}\"]");
@@ -297,7 +302,7 @@ async fn drive(c: Client, base: String, token: String, shots: Shots) {
     )
     .await;
     let log = text(&c, "#log").await;
-    for i in 1..=8 {
+    for i in 1..=10 {
         assert!(log.contains(&format!("tick-{i}")), "{log}");
     }
     assert_eq!(text(&c, "#job-exit").await, "0");

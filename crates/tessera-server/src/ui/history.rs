@@ -38,7 +38,15 @@ pub struct Sample {
 impl Sample {
     /// The cluster as it is now: capacity of every node that is not lost.
     pub fn take(state: &ClusterState, now: u64) -> Sample {
-        let alloc = state.allocations();
+        Sample::take_with(state, &state.allocations(), now)
+    }
+
+    /// [`Sample::take`] with the allocations already computed.
+    pub fn take_with(
+        state: &ClusterState,
+        alloc: &std::collections::HashMap<String, crate::state::Allocation>,
+        now: u64,
+    ) -> Sample {
         let mut s = Sample {
             at: now,
             cpu_total: 0,

@@ -597,11 +597,9 @@ pub fn job(s: &Session, v: &JobPage, replica: u32) -> String {
     o.push_str("</ol></section></div></div>");
 
     // Logs: followed live by the script; not part of the refreshed area.
-    let _ = write!(
-        o,
-        "<section class=\"card\"><div class=\"card-head\"><h2>Logs</h2><div class=\"seg\">"
-    );
+    o.push_str("<section class=\"card\"><div class=\"card-head\"><h2>Logs</h2>");
     if j.spec.replicas > 1 {
+        o.push_str("<div class=\"seg\">");
         for r in 0..j.spec.replicas.min(64) {
             let on = if r == replica { " class=\"on\"" } else { "" };
             let _ = write!(
@@ -610,10 +608,11 @@ pub fn job(s: &Session, v: &JobPage, replica: u32) -> String {
                 j.id
             );
         }
+        o.push_str("</div>");
     }
     let _ = write!(
         o,
-        "</div><span class=\"muted\" id=\"log-status\">{}</span></div>\
+        "<span class=\"muted\" id=\"log-status\">{}</span></div>\
          <pre class=\"log\" id=\"log\" data-src=\"/ui/jobs/{}/logs?replica={replica}\" data-active=\"{}\"></pre></section>",
         if j.state.is_terminal() {
             "complete"

@@ -86,8 +86,8 @@ pub fn overview(
     window_ms: u64,
     now: u64,
 ) -> Overview {
-    let current = Sample::take(state, now);
     let alloc = state.allocations();
+    let current = Sample::take_with(state, &alloc, now);
     let mut nodes_by_state = BTreeMap::new();
     let mut rows: BTreeMap<(String, String), CapacityRow> = BTreeMap::new();
     let mut util: HashMap<(String, String), (u64, u64)> = HashMap::new();
@@ -281,7 +281,7 @@ pub fn jobs(
         .team()
         .map(str::to_string)
         .or_else(|| (!who.is_superuser()).then(|| who.team.clone()));
-    let pool_nodes: Option<BTreeSet<&str>> = q.pool().map(|p| {
+    let pool_nodes: Option<std::collections::HashSet<&str>> = q.pool().map(|p| {
         state
             .nodes
             .values()
@@ -291,25 +291,28 @@ pub fn jobs(
     });
     let name = q.name().map(str::to_lowercase);
     let before = q.before.unwrap_or(JobId::MAX);
+    // Without filters the count is known, and the scan stops after a page.
+    let unfiltered =
+        team.is_none() && state_filter.is_none() && name.is_none() && pool_nodes.is_none();
     let mut rows = Vec::new();
     let mut next = None;
     let mut matched = 0usize;
-    for (id, j) in state.jobs.iter().rev() {
-        if team.as_deref().is_some_and(|t| j.team() != t)
-            || state_filter.is_some_and(|s| j.state != s)
-            || name
-                .as_deref()
-                .is_some_and(|n| !contains_ci(&j.spec.name, n))
-            || pool_nodes
+    let keep = |j: &Job| -> bool {
+        team.as_deref().is_none_or(|t| j.team() == t)
+            && state_filter.is_none_or(|s| j.state == s)
+            && name.as_deref().is_none_or(|n| contains_ci(&j.spec.name, n))
+            && pool_nodes
                 .as_ref()
-                .is_some_and(|ns| !j.placement.iter().any(|p| ns.contains(p.node.as_str())))
-        {
+                .is_none_or(|ns| j.placement.iter().any(|p| ns.contains(p.node.as_str())))
+    };
+    for (_, j) in state.jobs.range(..before).rev() {
+        if unfiltered && next.is_some() {
+            break;
+        }
+        if !keep(j) {
             continue;
         }
         matched += 1;
-        if *id >= before {
-            continue;
-        }
         if rows.len() < JOBS_PER_PAGE {
             rows.push(JobRow {
                 cost: cost_now(state, j, now),
@@ -318,6 +321,12 @@ pub fn jobs(
         } else if next.is_none() {
             next = rows.last().map(|r| r.job.id);
         }
+    }
+    if unfiltered {
+        matched = state.jobs.len();
+    } else {
+        // Matches newer than this page were not scanned: count them too.
+        matched += state.jobs.range(before..).filter(|(_, j)| keep(j)).count();
     }
     let teams = state
         .teams
