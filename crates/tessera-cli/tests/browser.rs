@@ -234,6 +234,7 @@ async fn drive(c: Client, base: String, token: String, shots: Shots) {
         .send_keys(SPEC)
         .await
         .unwrap();
+    shots.save(&c, "01b-submit-form").await;
     click_nav(&c, Locator::Id("submit")).await;
     let url = c.current_url().await.unwrap();
     let id: u64 = url

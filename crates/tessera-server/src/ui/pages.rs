@@ -403,7 +403,7 @@ pub fn new_job(s: &Session, spec: &str, error: Option<(&str, Option<&str>)>) -> 
         o,
         "<label for=\"spec\">Job spec (YAML or JSON), as <code>tessera submit</code> takes it</label>\
          <textarea id=\"spec\" name=\"spec\" rows=\"16\" spellcheck=\"false\">{}</textarea>\
-         <div class=\"actions\"><button class=\"primary\" id=\"submit\">Submit</button>\
+         <div class=\"form-actions\"><button class=\"primary\" id=\"submit\">Submit</button>\
          <a href=\"/ui/jobs\">Cancel</a></div></form></section>",
         Esc(spec)
     );
@@ -770,7 +770,11 @@ pub fn nodes(s: &Session, v: &Nodes) -> String {
             &format!("{} / {}", cores(n.cpu_alloc), cores(n.cpu_milli)),
         );
         if let Some(u) = n.cpu_used {
-            let _ = write!(o, "<div class=\"muted small\">{} in use</div>", cores(u));
+            let _ = write!(
+                o,
+                "<div class=\"muted small\">{} cores in use</div>",
+                cores(u)
+            );
         }
         o.push_str("</td><td>");
         bar(
