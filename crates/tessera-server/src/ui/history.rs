@@ -421,4 +421,74 @@ mod tests {
         let mid = PAD_T + 0.5 * (H - PAD_T - PAD_B);
         assert!(out.contains(&format!(",{mid:.1}")), "{out}");
     }
+    /// One node of 8 GPUs; one job that held 2 GPUs from 10 to 5 minutes
+    /// ago, and one that started 90 s ago and still runs with 1.
+    fn two_jobs(now: u64) -> ClusterState {
+        let (mut s, _) = crate::ui::bench::synthetic(1, 0, now);
+        let spec = tessera_core::spec::JobSpec::parse(
+            "name: a\ncommand: [true]\nresources: {cpu: 1, memory: 1Gi, gpu: 2}\n",
+        )
+        .unwrap()
+        .validate("team-0")
+        .unwrap();
+        let place = |gpus: Vec<u32>| {
+            vec![tessera_core::job::ReplicaPlacement {
+                replica: 0,
+                node: "node-0000".into(),
+                gpus,
+            }]
+        };
+        let mut done = tessera_core::Job::new(1, spec.clone(), "t".into(), now - 700_000);
+        done.state = tessera_core::JobState::Succeeded;
+        done.started_at = Some(now - 600_000);
+        done.finished_at = Some(now - 300_000);
+        done.placement = place(vec![0, 1]);
+        let mut one = spec;
+        one.resources.gpu = 1;
+        let mut run = tessera_core::Job::new(2, one, "t".into(), now - 100_000);
+        run.state = tessera_core::JobState::Running;
+        run.started_at = Some(now - 90_000);
+        run.placement = place(vec![2]);
+        s.active.insert(2);
+        s.jobs.insert(1, done);
+        s.jobs.insert(2, run);
+        s
+    }
+
+    #[test]
+    fn backfill_rebuilds_allocation_from_job_records() {
+        let now = 1_800_000_000_000;
+        let s = two_jobs(now);
+        let samples = backfill(&s, now, 3_600_000, 30_000);
+        assert_eq!(samples.len(), 120);
+        let at = |ago: u64| {
+            samples
+                .iter()
+                .find(|x| x.at == now - ago)
+                .map(|x| x.gpu_alloc)
+                .unwrap()
+        };
+        assert_eq!(at(900_000), 0);
+        assert_eq!(at(600_000), 2000);
+        assert_eq!(at(330_000), 2000);
+        assert_eq!(at(300_000), 0);
+        assert_eq!(at(60_000), 1000);
+        assert!(samples.iter().all(|x| x.gpu_total == 8000));
+    }
+
+    #[test]
+    fn jobs_started_and_finished_fall_in_their_minutes() {
+        let now = 1_800_000_000_000;
+        let s = two_jobs(now);
+        let b = per_minute(&s, now, 60, |_| true);
+        assert_eq!(b.len(), 60);
+        // Started 10 min and 90 s ago; finished 5 min ago.
+        assert_eq!(b[50], (1, 0));
+        assert_eq!(b[58], (1, 0));
+        assert_eq!(b[55], (0, 1));
+        assert_eq!(b.iter().map(|x| x.0 + x.1).sum::<u64>(), 3);
+        // Another team's caller counts nothing.
+        let none = per_minute(&s, now, 60, |t| t == "team-1");
+        assert!(none.iter().all(|x| *x == (0, 0)));
+    }
 }
