@@ -18,6 +18,7 @@ pub mod service_api;
 pub mod services;
 pub mod state;
 pub mod tls;
+pub mod ui;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -78,6 +79,8 @@ pub struct Shared {
     /// Reports from remote agents, to the report loop.
     pub reports: mpsc::UnboundedSender<control::AgentReport>,
     reports_rx: Mutex<Option<mpsc::UnboundedReceiver<control::AgentReport>>>,
+    /// The dashboard's history (`/ui`).
+    pub ui: ui::UiState,
 }
 
 impl std::fmt::Debug for Shared {
@@ -114,6 +117,7 @@ impl Shared {
             admin_lock: tokio::sync::Mutex::new(()),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             policy: tessera_scheduler::Policy::tessera(),
+            ui: ui::UiState::default(),
         }
     }
 
@@ -155,6 +159,7 @@ impl Shared {
             });
         }
         tokio::spawn(services::services_loop(self.clone()));
+        tokio::spawn(ui::sampler(self.clone()));
     }
 
     /// Tells log followers that jobs changed.
