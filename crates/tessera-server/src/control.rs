@@ -312,6 +312,8 @@ pub fn finish(
         JobState::Lost => job.node_losses < job.spec.retries.on_node_loss && !job.cancel_requested,
         _ => false,
     };
+    let what = if retry { "requeued" } else { outcome.as_str() };
+    let ended = crate::usage::ended_attempt(state, id, now, what);
     if retry {
         state.update_job(id, writes, |j| {
             let (kind_count, limit, what) = if outcome == JobState::Lost {
@@ -322,6 +324,7 @@ pub fn finish(
                 (j.failures, j.spec.retries.on_failure, "failure")
             };
             back_to_queue(j, now, cost);
+            j.attempts.extend(ended);
             j.exit_code = exit_code;
             j.reason = Some(format!("requeued after {what}: {reason}"));
             Some(Event::new(
@@ -342,6 +345,7 @@ pub fn finish(
         }
         j.state = outcome;
         j.cost += cost;
+        j.attempts.extend(ended);
         j.finished_at = Some(now);
         j.exit_code = exit_code;
         j.reason = Some(reason.clone());
@@ -382,8 +386,10 @@ fn requeue_preempted(
     shared: &Shared,
 ) {
     let cost = state.attempt_cost(id, now);
+    let ended = crate::usage::ended_attempt(state, id, now, "preempted");
     state.update_job(id, writes, |j| {
         let ran = back_to_queue(j, now, cost);
+        j.attempts.extend(ended);
         j.preemptions += 1;
         j.preempted_ms += ran;
         j.exit_code = None;
@@ -593,7 +599,7 @@ fn handle_agent_event(
             let node = match state.nodes.get(&inv.name) {
                 Some(n) => Node {
                     inventory: inv,
-                    prices: n.prices,
+                    prices: shared.prices,
                     state: if n.state == NodeState::Lost {
                         NodeState::Ready
                     } else {
@@ -605,7 +611,7 @@ fn handle_agent_event(
                 },
                 None => Node {
                     inventory: inv,
-                    prices: Default::default(),
+                    prices: shared.prices,
                     state: NodeState::Ready,
                     registered_at: now,
                     last_heartbeat: now,
