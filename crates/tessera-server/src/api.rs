@@ -71,6 +71,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/tasks", post(seed_create_task))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            crate::metrics::track_http,
+        ))
         .with_state(shared);
     // The gateway takes `/s/...` (and, with a domain, its `Host`s) before
     // any API route; it streams bodies of any size (no body limit).
@@ -219,7 +223,7 @@ async fn healthz() -> impl IntoResponse {
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let text = {
         let state = shared.state.lock().expect("state lock");
-        shared.metrics.render(&state)
+        shared.metrics.render(&state, now_ms())
     };
     (
         [(
@@ -693,7 +697,7 @@ pub(crate) async fn insert_new_job(
         .lock()
         .expect("state lock")
         .insert_job(job.clone(), event);
-    shared.metrics.submitted.inc();
+    shared.metrics.job_submitted(&job.spec.team);
     shared.wake.notify_one();
     Ok(job)
 }

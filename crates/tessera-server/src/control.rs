@@ -351,13 +351,9 @@ pub fn finish(
         j.reason = Some(reason.clone());
         Some(Event::new(id, now, outcome.as_str(), reason))
     });
-    shared
-        .metrics
-        .finished
-        .get_or_create(&crate::metrics::StateLabel {
-            state: outcome.as_str().into(),
-        })
-        .inc();
+    if let Some(j) = state.jobs.get(&id) {
+        shared.metrics.job_finished(j.team(), outcome);
+    }
     shared.wake.notify_one();
 }
 
