@@ -122,11 +122,12 @@ pub fn csv(r: &UsageReport) -> String {
     for row in &r.rows {
         let mut cells: Vec<String> = key_cells(r.by, row).iter().map(|c| csv_field(c)).collect();
         let a = &row.amounts;
+        // Full precision (the shortest text that reads back the same number).
         cells.extend([
-            format!("{:.6}", a.gpu_hours),
-            format!("{:.6}", a.cpu_hours),
-            format!("{:.6}", a.memory_gib_hours),
-            format!("{:.6}", a.cost),
+            a.gpu_hours.to_string(),
+            a.cpu_hours.to_string(),
+            a.memory_gib_hours.to_string(),
+            a.cost.to_string(),
             a.jobs.to_string(),
             a.attempts.to_string(),
         ]);
@@ -218,7 +219,7 @@ mod tests {
         assert_eq!(
             text,
             "job,name,team,gpu_hours,cpu_hours,memory_gib_hours,cost,jobs,attempts\r\n\
-             7,\"a,\"\"b\"\"\",ml,1.500000,3.000000,0.250000,4.125000,1,2\r\n"
+             7,\"a,\"\"b\"\"\",ml,1.5,3,0.25,4.125,1,2\r\n"
         );
         let text = csv(&report(GroupBy::Pool, vec![]));
         assert_eq!(

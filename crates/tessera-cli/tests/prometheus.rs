@@ -140,6 +140,25 @@ fn encode(q: &str) -> String {
     out
 }
 
+/// The body of an HTTP/1.1 response as sent: de-chunked when it came in
+/// chunks (Prometheus chunks larger answers).
+fn dechunk(body: &str) -> String {
+    if body.starts_with('{') {
+        return body.to_string();
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
 impl Prometheus {
     /// An instant query: Err with Prometheus's error when the PromQL is bad.
     fn query(&self, promql: &str) -> Result<Vec<Value>, String> {
@@ -148,6 +167,7 @@ impl Prometheus {
             &format!("/api/v1/query?query={}", encode(promql)),
             None,
         );
+        let body = dechunk(&body);
         let v: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
         if status != 200 || v["status"] != "success" {
             return Err(format!("{promql}: {status} {body}"));

@@ -313,7 +313,7 @@ pub fn finish(
         _ => false,
     };
     let what = if retry { "requeued" } else { outcome.as_str() };
-    let ended = crate::usage::ended_attempt(state, id, now, what);
+    let ended = crate::usage::end_attempt(shared, state, id, now, what);
     if retry {
         state.update_job(id, writes, |j| {
             let (kind_count, limit, what) = if outcome == JobState::Lost {
@@ -382,7 +382,7 @@ fn requeue_preempted(
     shared: &Shared,
 ) {
     let cost = state.attempt_cost(id, now);
-    let ended = crate::usage::ended_attempt(state, id, now, "preempted");
+    let ended = crate::usage::end_attempt(shared, state, id, now, "preempted");
     state.update_job(id, writes, |j| {
         let ran = back_to_queue(j, now, cost);
         j.attempts.extend(ended);

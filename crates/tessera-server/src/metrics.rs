@@ -32,7 +32,7 @@ use tessera_core::node::NodeState;
 use tessera_core::JobState;
 
 use crate::state::ClusterState;
-use crate::usage::{node_pool, usage, GroupBy, UsageQuery};
+use crate::usage::{attempt_record, node_pool};
 use crate::Shared;
 
 type GaugeF = Gauge<f64, AtomicU64>;
@@ -177,6 +177,21 @@ pub struct Metrics {
     pub stale_reports: Counter,
     pub http_requests: Family<RouteStatusLabel, Counter>,
     pub http_duration: HistogramFamily<RouteLabel>,
+    /// Per team: GPU-seconds, CPU-seconds and cost of every ended attempt.
+    /// Computed from the job records when first needed, then kept up to
+    /// date by [`Metrics::attempt_ended`], so a scrape adds only the running
+    /// attempts instead of reading every job's history.
+    ended: std::sync::Mutex<Option<HashMap<String, [f64; 3]>>>,
+}
+
+fn amounts_array(a: &crate::usage::Amounts) -> [f64; 3] {
+    [a.gpu_hours * 3600.0, a.cpu_hours * 3600.0, a.cost]
+}
+
+fn add(into: &mut [f64; 3], v: [f64; 3]) {
+    for (x, y) in into.iter_mut().zip(v) {
+        *x += y;
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -226,6 +241,7 @@ impl Metrics {
             stale_reports: Counter::default(),
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(http_histogram),
+            ended: std::sync::Mutex::new(None),
             registry: Registry::default(),
         };
         // Jobs and the scheduler.
@@ -625,23 +641,64 @@ impl Metrics {
         }
     }
 
-    /// Brings the per-team accounting counters up to the totals computed
-    /// from the job records (they only grow: attempts are never removed).
+    /// The ended attempts' totals per team, computed from `state` the first
+    /// time (callers hold the state lock, so no attempt ends meanwhile).
+    fn ended_totals<'a>(
+        &'a self,
+        state: &ClusterState,
+    ) -> std::sync::MutexGuard<'a, Option<HashMap<String, [f64; 3]>>> {
+        let mut guard = self.ended.lock().expect("accounting lock");
+        if guard.is_none() {
+            let mut totals: HashMap<String, [f64; 3]> = HashMap::new();
+            for job in state.jobs.values() {
+                for a in &job.attempts {
+                    let v = amounts_array(&crate::usage::attempt_amounts(a));
+                    add(totals.entry(job.team().to_string()).or_default(), v);
+                }
+            }
+            *guard = Some(totals);
+        }
+        guard
+    }
+
+    /// Counts an attempt that ended (before it is added to its job in
+    /// `state`).
+    pub fn attempt_ended(
+        &self,
+        state: &ClusterState,
+        team: &str,
+        a: &tessera_core::job::AttemptUsage,
+    ) {
+        let mut guard = self.ended_totals(state);
+        let totals = guard.as_mut().expect("computed");
+        let v = amounts_array(&crate::usage::attempt_amounts(a));
+        add(totals.entry(team.to_string()).or_default(), v);
+    }
+
+    /// Brings the per-team accounting counters up to the ended attempts'
+    /// totals plus the running attempts up to `now` (they only grow:
+    /// attempts are never removed, and a running attempt's share moves to
+    /// the ended totals when it ends, at a later time).
     fn render_accounting(&self, state: &ClusterState, now: u64) {
-        let all = UsageQuery {
-            team: None,
-            since: 0,
-            until: now,
-            by: GroupBy::Team,
-        };
-        for row in usage(state, &all, now).rows {
-            let Some(team) = row.team else { continue };
+        let mut totals = self.ended_totals(state).clone().expect("computed");
+        for t in state.teams.keys() {
+            totals.entry(t.clone()).or_default();
+        }
+        for id in &state.active {
+            let Some(job) = state.jobs.get(id) else {
+                continue;
+            };
+            if let Some(a) = attempt_record(state, job, now, "running") {
+                let v = amounts_array(&crate::usage::attempt_amounts(&a));
+                add(totals.entry(job.team().to_string()).or_default(), v);
+            }
+        }
+        for (team, v) in totals {
             let label = TeamLabel { team };
-            let a = &row.amounts;
             for (f, v) in [
-                (&self.team_gpu_seconds, a.gpu_hours * 3600.0),
-                (&self.team_cpu_seconds, a.cpu_hours * 3600.0),
-                (&self.team_cost, a.cost),
+                (&self.team_gpu_seconds, v[0]),
+                (&self.team_cpu_seconds, v[1]),
+                (&self.team_cost, v[2]),
             ] {
                 let c = f.get_or_create(&label);
                 let delta = v - c.get();
@@ -701,6 +758,75 @@ mod tests {
             assert_eq!(reason_class(reason), class, "{reason:?}");
             assert!(REASON_CLASSES.contains(&class));
         }
+    }
+
+    fn sample(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn accounting_counters_match_the_usage_report_as_attempts_end() {
+        use crate::usage::{usage, GroupBy, UsageQuery};
+        use tessera_core::job::{AttemptUsage, NodeShare};
+        const H: u64 = 3_600_000;
+        let attempt = |start: u64, end: u64| AttemptUsage {
+            attempt: 1,
+            start,
+            end,
+            cpu_milli: 2000,
+            memory_bytes: 0,
+            gpu_milli: 500,
+            nodes: vec![NodeShare {
+                node: "a".into(),
+                pool: "nodes".into(),
+                replicas: 2,
+                prices: tessera_core::node::Prices {
+                    cpu_core_hour: 1.0,
+                    memory_gib_hour: 0.0,
+                    gpu_hour: 10.0,
+                },
+            }],
+            outcome: "succeeded".into(),
+        };
+        let mut state = ClusterState::default();
+        let spec: tessera_core::JobSpec =
+            serde_json::from_value(serde_json::json!({"command": ["x"]})).unwrap();
+        let mut job = tessera_core::Job::new(1, spec.validate("ml").unwrap(), "t".into(), 0);
+        job.attempts.push(attempt(0, H));
+        state.jobs.insert(1, job);
+        let m = Metrics::new();
+        let text = m.render(&state, 10 * H);
+        // 2 replicas × 2 cores × 1 h; 2 × 0.5 GPU × 1 h; cost 2 × (2 + 5).
+        assert_eq!(
+            sample(&text, "tessera_team_cpu_seconds_total{team=\"ml\"}"),
+            4.0 * 3600.0
+        );
+        assert_eq!(
+            sample(&text, "tessera_team_gpu_seconds_total{team=\"ml\"}"),
+            3600.0
+        );
+        assert_eq!(sample(&text, "tessera_team_cost_total{team=\"ml\"}"), 14.0);
+        // An attempt that ends is counted once, as it is added to its job.
+        let second = attempt(2 * H, 4 * H);
+        m.attempt_ended(&state, "ml", &second);
+        state.jobs.get_mut(&1).unwrap().attempts.push(second);
+        let text = m.render(&state, 10 * H);
+        let all = usage(
+            &state,
+            &UsageQuery {
+                team: None,
+                since: 0,
+                until: 10 * H,
+                by: GroupBy::Team,
+            },
+            10 * H,
+        );
+        assert_eq!(sample(&text, "tessera_team_cost_total{team=\"ml\"}"), 42.0);
+        assert_eq!(all.total.cost, 42.0);
     }
 
     #[test]

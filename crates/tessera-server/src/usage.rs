@@ -106,6 +106,34 @@ pub fn ended_attempt(
     attempt_record(state, state.jobs.get(&id)?, now, outcome)
 }
 
+/// [`ended_attempt`], also counted in the metrics' accounting totals. Call
+/// it before the record is added to the job.
+pub fn end_attempt(
+    shared: &Shared,
+    state: &ClusterState,
+    id: JobId,
+    now: u64,
+    outcome: &str,
+) -> Option<AttemptUsage> {
+    let a = ended_attempt(state, id, now, outcome)?;
+    shared
+        .metrics
+        .attempt_ended(state, state.jobs[&id].team(), &a);
+    Some(a)
+}
+
+/// What a whole attempt held and cost, from its start to its end.
+pub fn attempt_amounts(a: &AttemptUsage) -> Amounts {
+    let mut sum = Amounts {
+        attempts: 1,
+        ..Amounts::default()
+    };
+    for share in &a.nodes {
+        sum.add_share(a, share, a.end.saturating_sub(a.start));
+    }
+    sum
+}
+
 /// How usage is grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -203,29 +231,35 @@ pub struct UsageReport {
 /// Usage and cost over the query's range, from the job records in `state`;
 /// the attempts running at `now` count up to `now`.
 pub fn usage(state: &ClusterState, q: &UsageQuery, now: u64) -> UsageReport {
-    let mut by_team: BTreeMap<String, Amounts> = BTreeMap::new();
+    // Keys borrow from the state: no allocation per job or attempt.
+    let mut by_team: BTreeMap<&str, Amounts> = BTreeMap::new();
     let mut by_pool: BTreeMap<String, Amounts> = BTreeMap::new();
     let mut by_job: BTreeMap<JobId, Amounts> = BTreeMap::new();
     if q.by == GroupBy::Team {
         for t in state.teams.keys() {
             if q.team.as_deref().is_none_or(|f| f == t) {
-                by_team.insert(t.clone(), Amounts::default());
+                by_team.insert(t, Amounts::default());
             }
         }
     }
     let mut total = Amounts::default();
     let until = q.until.min(now.max(q.since));
+    let mut job_pools: Vec<String> = Vec::new();
     for job in state.jobs.values() {
-        if q.team.as_deref().is_some_and(|t| job.team() != t) || job.submitted_at >= until {
+        let active = job.state.is_active();
+        if (job.attempts.is_empty() && !active)
+            || job.submitted_at >= until
+            || q.team.as_deref().is_some_and(|t| job.team() != t)
+        {
             continue;
         }
-        let live = if job.state.is_active() {
+        let live = if active {
             attempt_record(state, job, now, "running")
         } else {
             None
         };
         let mut job_counted = false;
-        let mut job_pools: Vec<&str> = Vec::new();
+        job_pools.clear();
         for a in job.attempts.iter().chain(live.as_ref()) {
             let ms = overlap_ms(a.start, a.end, q.since, until);
             if ms == 0 {
@@ -235,10 +269,13 @@ pub fn usage(state: &ClusterState, q: &UsageQuery, now: u64) -> UsageReport {
             for share in &a.nodes {
                 attempt.add_share(a, share, ms);
                 if q.by == GroupBy::Pool {
-                    let p = by_pool.entry(share.pool.clone()).or_default();
+                    if !by_pool.contains_key(&share.pool) {
+                        by_pool.insert(share.pool.clone(), Amounts::default());
+                    }
+                    let p = by_pool.get_mut(&share.pool).expect("inserted");
                     p.add_share(a, share, ms);
-                    if !job_pools.contains(&share.pool.as_str()) {
-                        job_pools.push(&share.pool);
+                    if !job_pools.contains(&share.pool) {
+                        job_pools.push(share.pool.clone());
                         p.jobs += 1;
                     }
                     p.attempts += 1;
@@ -248,7 +285,7 @@ pub fn usage(state: &ClusterState, q: &UsageQuery, now: u64) -> UsageReport {
             attempt.jobs = u64::from(!job_counted);
             job_counted = true;
             let group = match q.by {
-                GroupBy::Team => Some(by_team.entry(job.spec.team.clone()).or_default()),
+                GroupBy::Team => Some(by_team.entry(job.team()).or_default()),
                 GroupBy::Job => Some(by_job.entry(job.id).or_default()),
                 GroupBy::Pool => None,
             };
@@ -266,7 +303,7 @@ pub fn usage(state: &ClusterState, q: &UsageQuery, now: u64) -> UsageReport {
         GroupBy::Team => by_team
             .into_iter()
             .map(|(team, amounts)| UsageRow {
-                team: Some(team),
+                team: Some(team.to_string()),
                 pool: None,
                 job_id: None,
                 job_name: None,
