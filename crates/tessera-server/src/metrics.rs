@@ -508,23 +508,30 @@ impl Metrics {
         }
         self.queue_length.clear();
         self.pending.clear();
-        for t in state.teams.keys() {
-            self.queue_length
-                .get_or_create(&TeamLabel { team: t.clone() })
-                .set(0);
-        }
+        // Count locally first: one family lookup per label set, not per job.
+        let mut queued: HashMap<&str, i64> = state.teams.keys().map(|t| (t.as_str(), 0)).collect();
+        let mut pending: HashMap<(&str, &'static str), i64> = HashMap::new();
         for id in &state.queued {
             let Some(j) = state.jobs.get(id) else {
                 continue;
             };
-            let team = j.spec.team.clone();
+            *queued.entry(j.team()).or_default() += 1;
+            *pending
+                .entry((j.team(), reason_class(j.reason.as_deref())))
+                .or_default() += 1;
+        }
+        for (team, n) in queued {
+            self.queue_length
+                .get_or_create(&TeamLabel { team: team.into() })
+                .set(n);
+        }
+        for ((team, reason), n) in pending {
             self.pending
                 .get_or_create(&PendingLabel {
-                    team: team.clone(),
-                    reason: reason_class(j.reason.as_deref()),
+                    team: team.into(),
+                    reason,
                 })
-                .inc();
-            self.queue_length.get_or_create(&TeamLabel { team }).inc();
+                .set(n);
         }
     }
 
