@@ -134,7 +134,9 @@ pub async fn bench(g: &Globals, command: BenchCommand) -> Result<()> {
             let r = tessera_server::ui::bench::run(nodes, jobs, runs).await?;
             match g.output {
                 Output::Json => output::print(&serde_json::to_string_pretty(&r)?)?,
-                Output::Table => output::print(tessera_server::ui::bench::table(&r).trim_end())?,
+                Output::Table | Output::Csv => {
+                    output::print(tessera_server::ui::bench::table(&r).trim_end())?
+                }
             }
             Ok(())
         }

@@ -100,7 +100,7 @@ pub async fn submit(g: &Globals, file: &str) -> Result<()> {
     let job: Value = client.post_raw("/v1/jobs", text, content_type).await?;
     match g.output {
         Output::Json => output::print_json(&job)?,
-        Output::Table => {
+        Output::Table | Output::Csv => {
             let id = job.get("id").and_then(Value::as_u64).unwrap_or_default();
             output::print(&format!("job {id} submitted"))?
         }
@@ -553,7 +553,7 @@ pub async fn team_set(
         .await?;
     match g.output {
         Output::Json => output::print_json(&team)?,
-        Output::Table => output::print(&format!("team {name} updated"))?,
+        Output::Table | Output::Csv => output::print(&format!("team {name} updated"))?,
     }
     Ok(())
 }
@@ -567,7 +567,7 @@ pub async fn team_create(g: &Globals, name: &str, weight: f64, quota: &[String])
     let team: Value = client.post_json("/v1/teams", &body).await?;
     match g.output {
         Output::Json => output::print_json(&team)?,
-        Output::Table => {
+        Output::Table | Output::Csv => {
             let weight = team.get("weight").and_then(Value::as_f64).unwrap_or(weight);
             output::print(&format!("team {name} created (weight {weight})"))?
         }
@@ -684,7 +684,7 @@ pub async fn token_delete(g: &Globals, id: &str) -> Result<()> {
     client.delete(&format!("/v1/tokens/{id}")).await?;
     match g.output {
         Output::Json => output::print_json(&serde_json::json!({ "deleted": id }))?,
-        Output::Table => output::print(&format!("token {id} deleted"))?,
+        Output::Table | Output::Csv => output::print(&format!("token {id} deleted"))?,
     }
     Ok(())
 }

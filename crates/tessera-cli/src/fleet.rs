@@ -36,6 +36,8 @@ pub struct ServerArgs {
     pub kill_grace: u64,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub prices: crate::usage::PriceArgs,
 }
 
 /// HTTPS for the control plane (`tessera server`, `tessera up`).
@@ -204,6 +206,7 @@ pub async fn server(g: &Globals, args: ServerArgs) -> Result<()> {
     config.gateway_domain = args.gateway_domain;
     config.policy = tessera_scheduler::Policy::named(&args.policy).expect("checked by clap");
     config.tls = args.tls.source();
+    config.prices = args.prices.prices()?;
     tessera_server::run_up(config).await
 }
 

@@ -21,6 +21,7 @@ mod gateway_cmd;
 mod output;
 mod run;
 mod serving;
+mod usage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -165,6 +166,8 @@ enum Command {
         #[command(subcommand)]
         command: Option<TokenCommand>,
     },
+    /// GPU-hours, CPU-hours and cost per team, pool or job over a time range
+    Usage(usage::UsageArgs),
     /// Replay a GPU-cluster trace through the scheduler in virtual time
     Sim(tessera_sim::SimArgs),
     /// Measure the scheduler, the API or the whole path
@@ -206,15 +209,8 @@ struct UpArgs {
     /// Scheduling policy: fifo, fifo-backfill, sjf-oracle, srtf-oracle, las, tiresias, drf, tessera
     #[arg(long, default_value = "tessera", value_parser = policy_name)]
     policy: String,
-    /// Price of one CPU core per hour on the local node (for cost accounting)
-    #[arg(long, default_value_t = 0.0, value_name = "PRICE")]
-    price_cpu_hour: f64,
-    /// Price of one GiB of memory per hour on the local node
-    #[arg(long, default_value_t = 0.0, value_name = "PRICE")]
-    price_memory_gib_hour: f64,
-    /// Price of one GPU per hour on the local node
-    #[arg(long, default_value_t = 0.0, value_name = "PRICE")]
-    price_gpu_hour: f64,
+    #[command(flatten)]
+    prices: usage::PriceArgs,
     #[command(flatten)]
     tls: fleet::TlsArgs,
 }
@@ -407,20 +403,7 @@ async fn up(globals: &Globals, args: UpArgs) -> Result<()> {
     config.policy = tessera_scheduler::Policy::named(&args.policy).expect("checked by clap");
     config.gateway_domain = args.gateway_domain;
     config.tls = args.tls.source();
-    for (flag, v) in [
-        ("--price-cpu-hour", args.price_cpu_hour),
-        ("--price-memory-gib-hour", args.price_memory_gib_hour),
-        ("--price-gpu-hour", args.price_gpu_hour),
-    ] {
-        if !(v.is_finite() && v >= 0.0) {
-            anyhow::bail!("{flag} must be a non-negative number");
-        }
-    }
-    config.prices = tessera_core::node::Prices {
-        cpu_core_hour: args.price_cpu_hour,
-        memory_gib_hour: args.price_memory_gib_hour,
-        gpu_hour: args.price_gpu_hour,
-    };
+    config.prices = args.prices.prices()?;
     tessera_server::run_up(config).await
 }
 
@@ -433,6 +416,11 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         output: cli.output,
     };
     let g = &globals;
+    if g.output == Output::Csv && !matches!(cli.command, Command::Usage(_)) {
+        return Err(
+            UsageError("`--output csv` is for `tessera usage`; use table or json".into()).into(),
+        );
+    }
     match cli.command {
         Command::Up(args) => up(g, args).await?,
         Command::Server(args) => fleet::server(g, args).await?,
@@ -473,6 +461,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             Some(TokenCommand::Delete { id }) => commands::token_delete(g, &id).await?,
         },
         Command::Bench { command } => bench::bench(g, command).await?,
+        Command::Usage(args) => usage::usage(g, &args).await?,
         Command::Sim(args) => tessera_sim::run_cli(args, g.output == Output::Json)?,
     }
     Ok(0)

@@ -10,11 +10,13 @@ use tessera_core::quantity::format_cpu;
 use tessera_core::quantity::format_memory;
 use tessera_core::spec::JobTemplate;
 
-/// `--output`: a table for people or JSON for programs.
+/// `--output`: a table for people or JSON for programs (CSV for
+/// `tessera usage`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Table,
     Json,
+    Csv,
 }
 
 /// Writes `text` to stdout, ending it with a newline.

@@ -202,7 +202,7 @@ pub async fn run(g: &Globals, args: RunArgs) -> Result<u8> {
     if !args.follow {
         match g.output {
             Output::Json => output::print_json(&job)?,
-            Output::Table => output::print(&format!("job {id} submitted"))?,
+            Output::Table | Output::Csv => output::print(&format!("job {id} submitted"))?,
         }
         return Ok(0);
     }

@@ -668,12 +668,12 @@ fn seed_api_metrics_and_openapi() {
     assert_eq!(s, 200);
     let m = m.as_str().unwrap().to_string();
     for name in [
-        "tessera_jobs{state=\"succeeded\"} 1",
+        "tessera_jobs{team=\"admin\",state=\"succeeded\"} 1",
         "tessera_queue_length{team=\"admin\"} 0",
         "tessera_scheduler_cycle_duration_seconds_bucket",
         "tessera_job_submit_to_start_seconds_count 1",
-        "tessera_node_capacity{",
-        "tessera_node_allocated{",
+        "tessera_node_allocatable_cpu_cores{",
+        "tessera_node_allocated_cpu_cores{",
     ] {
         assert!(m.contains(name), "metrics lack {name}:\n{m}");
     }

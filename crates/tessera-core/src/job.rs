@@ -135,6 +135,44 @@ pub struct Job {
     /// What the job has cost so far, all attempts, at its nodes' prices.
     #[serde(default)]
     pub cost: f64,
+    /// Every attempt that has ended: where it ran, for how long, at what
+    /// prices (accounting reads these; the current attempt is `placement`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<AttemptUsage>,
+}
+
+/// What one ended attempt of a job held, from when it was placed (or
+/// started) until it ended: the durable record usage and cost are
+/// computed from over any time range.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AttemptUsage {
+    pub attempt: u32,
+    /// Milliseconds since the Unix epoch: when the attempt began to hold
+    /// its placement (its start, or its placement while it had not started).
+    pub start: u64,
+    /// When it ended (finished, failed, was preempted or lost).
+    pub end: u64,
+    /// What each replica held.
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    /// Thousandths of a GPU (1000 per whole GPU).
+    pub gpu_milli: u64,
+    /// The nodes its replicas ran on, with each node's pool and prices
+    /// at the time.
+    pub nodes: Vec<NodeShare>,
+    /// How it ended: `succeeded`, `failed`, `cancelled`, `lost`,
+    /// `requeued` or `preempted`.
+    pub outcome: String,
+}
+
+/// The replicas of one attempt on one node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeShare {
+    pub node: String,
+    /// The node's pool (its `pool` label; `nodes` without one).
+    pub pool: String,
+    pub replicas: u32,
+    pub prices: crate::node::Prices,
 }
 
 impl Job {
@@ -161,6 +199,7 @@ impl Job {
             attained_ms: 0,
             preempted_ms: 0,
             cost: 0.0,
+            attempts: Vec::new(),
         }
     }
 

@@ -45,6 +45,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/logs", get(job_logs))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/usage", get(crate::usage::get_usage))
         .route("/v1/nodes/{name}", delete(crate::fleet::remove))
         .route("/v1/nodes/{name}/cordon", post(crate::fleet::cordon))
         .route("/v1/nodes/{name}/uncordon", post(crate::fleet::uncordon))
@@ -71,6 +72,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .merge(crate::ui::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            crate::metrics::track_http,
+        ))
         .with_state(shared);
     // The gateway takes `/s/...` (and, with a domain, its `Host`s) before
     // any API route; it streams bodies of any size (no body limit).
@@ -105,7 +110,8 @@ async fn to_gateway(
         crate::fleet::cordon, crate::fleet::uncordon, crate::fleet::drain, crate::fleet::remove,
         crate::service_api::serve, crate::service_api::list, crate::service_api::detail,
         crate::service_api::scale, crate::service_api::delete, crate::service_api::create_key,
-        crate::service_api::routes, crate::service_api::load
+        crate::service_api::routes, crate::service_api::load,
+        crate::usage::get_usage
     ),
     components(schemas(
         ErrorBody, Job, Event, JobSpec, ResourcesSpec, Quantity, Team, TeamQuota, ResourceAmounts,
@@ -124,7 +130,10 @@ async fn to_gateway(
         crate::service_api::ServiceKeyCreated, crate::services::ReplicaView,
         crate::services::ServiceEvent, crate::services::Published,
         crate::service_api::RouteTable, crate::service_api::LoadReport,
-        crate::service_api::ServiceLoad
+        crate::service_api::ServiceLoad,
+        crate::usage::UsageReport, crate::usage::UsageRow, crate::usage::Amounts,
+        crate::usage::GroupBy, tessera_core::job::AttemptUsage, tessera_core::job::NodeShare,
+        tessera_core::node::Prices
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))
@@ -215,7 +224,7 @@ async fn healthz() -> impl IntoResponse {
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let text = {
         let state = shared.state.lock().expect("state lock");
-        shared.metrics.render(&state)
+        shared.metrics.render(&state, now_ms())
     };
     (
         [(
@@ -693,7 +702,7 @@ pub(crate) async fn insert_new_job(
         .lock()
         .expect("state lock")
         .insert_job(job.clone(), event);
-    shared.metrics.submitted.inc();
+    shared.metrics.job_submitted(&job.spec.team);
     shared.wake.notify_one();
     Ok(job)
 }

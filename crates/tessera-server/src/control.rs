@@ -312,6 +312,8 @@ pub fn finish(
         JobState::Lost => job.node_losses < job.spec.retries.on_node_loss && !job.cancel_requested,
         _ => false,
     };
+    let what = if retry { "requeued" } else { outcome.as_str() };
+    let ended = crate::usage::end_attempt(shared, state, id, now, what);
     if retry {
         state.update_job(id, writes, |j| {
             let (kind_count, limit, what) = if outcome == JobState::Lost {
@@ -322,6 +324,7 @@ pub fn finish(
                 (j.failures, j.spec.retries.on_failure, "failure")
             };
             back_to_queue(j, now, cost);
+            j.attempts.extend(ended);
             j.exit_code = exit_code;
             j.reason = Some(format!("requeued after {what}: {reason}"));
             Some(Event::new(
@@ -342,18 +345,15 @@ pub fn finish(
         }
         j.state = outcome;
         j.cost += cost;
+        j.attempts.extend(ended);
         j.finished_at = Some(now);
         j.exit_code = exit_code;
         j.reason = Some(reason.clone());
         Some(Event::new(id, now, outcome.as_str(), reason))
     });
-    shared
-        .metrics
-        .finished
-        .get_or_create(&crate::metrics::StateLabel {
-            state: outcome.as_str().into(),
-        })
-        .inc();
+    if let Some(j) = state.jobs.get(&id) {
+        shared.metrics.job_finished(j.team(), outcome);
+    }
     shared.wake.notify_one();
 }
 
@@ -382,8 +382,10 @@ fn requeue_preempted(
     shared: &Shared,
 ) {
     let cost = state.attempt_cost(id, now);
+    let ended = crate::usage::end_attempt(shared, state, id, now, "preempted");
     state.update_job(id, writes, |j| {
         let ran = back_to_queue(j, now, cost);
+        j.attempts.extend(ended);
         j.preemptions += 1;
         j.preempted_ms += ran;
         j.exit_code = None;
@@ -593,7 +595,7 @@ fn handle_agent_event(
             let node = match state.nodes.get(&inv.name) {
                 Some(n) => Node {
                     inventory: inv,
-                    prices: n.prices,
+                    prices: shared.prices,
                     state: if n.state == NodeState::Lost {
                         NodeState::Ready
                     } else {
@@ -605,7 +607,7 @@ fn handle_agent_event(
                 },
                 None => Node {
                     inventory: inv,
-                    prices: Default::default(),
+                    prices: shared.prices,
                     state: NodeState::Ready,
                     registered_at: now,
                     last_heartbeat: now,

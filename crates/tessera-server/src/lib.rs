@@ -19,6 +19,7 @@ pub mod services;
 pub mod state;
 pub mod tls;
 pub mod ui;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -68,6 +69,9 @@ pub struct Shared {
     pub shutting_down: std::sync::atomic::AtomicBool,
     /// The scheduling policy.
     pub policy: tessera_scheduler::Policy,
+    /// What nodes cost per resource-hour: the local node's price, and every
+    /// remote node's, set when it registers.
+    pub prices: tessera_core::node::Prices,
     /// How often agents heartbeat, and how long the server waits without
     /// one before it declares a node lost.
     pub heartbeat_ms: u64,
@@ -118,6 +122,7 @@ impl Shared {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             policy: tessera_scheduler::Policy::tessera(),
             ui: ui::UiState::default(),
+            prices: tessera_core::node::Prices::default(),
         }
     }
 
@@ -227,7 +232,8 @@ pub struct UpConfig {
     pub kill_grace: Duration,
     /// Scheduling policy (one of `tessera_scheduler::Policy::NAMES`).
     pub policy: tessera_scheduler::Policy,
-    /// The local node's prices per resource-hour.
+    /// What nodes cost per resource-hour (the local node, and remote nodes
+    /// when they register).
     pub prices: tessera_core::node::Prices,
     /// Run a local agent in this process (`tessera up`); without one, the
     /// process is the control plane alone (`tessera server`) and remote
@@ -368,6 +374,7 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
 
     let mut shared = Shared::new(store.clone(), state, home.clone(), config.kill_grace);
     shared.policy = config.policy.clone();
+    shared.prices = config.prices;
     shared.heartbeat_ms = heartbeat_ms;
     shared.node_lease_ms = node_lease_ms;
     shared.with_gateway(config.gateway_domain.clone());

@@ -473,38 +473,3 @@ async fn bench_builds_and_times_every_page() {
     let t = super::bench::table(&r);
     assert!(t.contains("Overview"));
 }
-
-#[test]
-fn usage_counts_only_the_part_of_a_run_inside_the_period() {
-    let now = 1_800_000_000_000u64;
-    let (mut s, _) = synthetic(1, 0, now);
-    let spec = tessera_core::spec::JobSpec::parse(
-        "name: a\nteam: team-2\ncommand: [true]\nresources: {cpu: 4, memory: 1Gi, gpu: 2}\n",
-    )
-    .unwrap()
-    .validate("team-2")
-    .unwrap();
-    let mut j = tessera_core::Job::new(1, spec, "t".into(), now - 3 * 3_600_000);
-    j.state = JobState::Succeeded;
-    j.started_at = Some(now - 2 * 3_600_000);
-    j.finished_at = Some(now - 3_600_000);
-    j.cost = 10.0;
-    j.placement = vec![tessera_core::job::ReplicaPlacement {
-        replica: 0,
-        node: "node-0000".into(),
-        gpus: vec![0, 1],
-    }];
-    s.jobs.insert(1, j);
-    // The whole hour it ran: 2 GPU-hours, 4 CPU-hours, all of its cost.
-    let all = super::view::usage_by_team(&s, now - 86_400_000, now);
-    let u = all["team-2"];
-    assert!((u.gpu_hours - 2.0).abs() < 1e-9, "{u:?}");
-    assert!((u.cpu_hours - 4.0).abs() < 1e-9, "{u:?}");
-    assert!((u.cost - 10.0).abs() < 1e-9, "{u:?}");
-    // The last 90 minutes hold half of its run: half of everything.
-    let half = super::view::usage_by_team(&s, now - 5_400_000, now)["team-2"];
-    assert!((half.gpu_hours - 1.0).abs() < 1e-9, "{half:?}");
-    assert!((half.cost - 5.0).abs() < 1e-9, "{half:?}");
-    // The last hour: nothing.
-    assert!(!super::view::usage_by_team(&s, now - 3_600_000, now).contains_key("team-2"));
-}

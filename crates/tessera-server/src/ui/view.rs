@@ -18,13 +18,9 @@ use super::history::{per_minute, Sample};
 use crate::state::ClusterState;
 
 /// The pool a node belongs to: its `pool` label, else `nodes` (machines
-/// running `tessera agent`). One place to change when pools arrive.
+/// running `tessera agent`), as accounting counts it.
 pub fn pool_of(node: &Node) -> &str {
-    node.inventory
-        .labels
-        .get("pool")
-        .map(String::as_str)
-        .unwrap_or("nodes")
+    crate::usage::pool_name(node)
 }
 
 /// What a job has cost so far: earlier attempts plus the running one.
@@ -566,37 +562,31 @@ pub struct Usage {
     pub cost: f64,
 }
 
-/// GPU-hours, CPU-hours and cost per team in `[from, to]`, from the job
-/// records: each job's current attempt's run time within the window, its
-/// cost prorated over the same share of its run time. Earlier attempts'
-/// times are not recorded per attempt; their cost is counted with the
-/// current attempt's window share.
+/// GPU-hours, CPU-hours and cost per team in `[from, to)`: the accounting
+/// report (`GET /v1/usage`), so the page and the API agree.
 pub fn usage_by_team(state: &ClusterState, from: u64, to: u64) -> HashMap<String, Usage> {
-    let mut out: HashMap<String, Usage> = HashMap::new();
-    for j in state.jobs.values() {
-        let Some(start) = j.started_at.or(j.scheduled_at) else {
-            continue;
-        };
-        let end = match j.finished_at {
-            Some(f) => f,
-            None if j.state.is_active() => to,
-            None => continue,
-        };
-        let (a, b) = (start.max(from), end.min(to));
-        if b <= a {
-            continue;
-        }
-        let hours = (b - a) as f64 / 3_600_000.0;
-        let replicas = j.placement.len().max(1) as f64;
-        let r = &j.spec.resources;
-        let total = cost_now(state, j, to);
-        let share = (b - a) as f64 / end.saturating_sub(start).max(1) as f64;
-        let u = out.entry(j.team().to_string()).or_default();
-        u.gpu_hours += hours * replicas * r.gpu_demand_milli() as f64 / 1000.0;
-        u.cpu_hours += hours * replicas * r.cpu_milli as f64 / 1000.0;
-        u.cost += total * share.min(1.0);
-    }
-    out
+    let q = crate::usage::UsageQuery {
+        team: None,
+        since: from,
+        until: to,
+        by: crate::usage::GroupBy::Team,
+    };
+    crate::usage::usage(state, &q, to)
+        .rows
+        .into_iter()
+        .filter_map(|r| {
+            let a = r.amounts;
+            let used = a.gpu_hours > 0.0 || a.cpu_hours > 0.0 || a.cost > 0.0;
+            Some((
+                r.team.filter(|_| used)?,
+                Usage {
+                    gpu_hours: a.gpu_hours,
+                    cpu_hours: a.cpu_hours,
+                    cost: a.cost,
+                },
+            ))
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone)]
