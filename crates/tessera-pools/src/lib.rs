@@ -9,6 +9,8 @@
 //! of its own that matters: everything it needs to find a job again is in
 //! the engine, under the job's key.
 
+pub mod ray;
+
 use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
