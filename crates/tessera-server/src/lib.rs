@@ -220,6 +220,8 @@ pub struct UpConfig {
     pub agent_cpu_milli: Option<u64>,
     pub agent_memory_bytes: Option<u64>,
     pub agent_gpu_xml: Option<PathBuf>,
+    /// Labels of the local node.
+    pub agent_labels: std::collections::BTreeMap<String, String>,
     pub agent_name: Option<String>,
     pub cgroups: bool,
     pub kill_grace: Duration,
@@ -250,6 +252,7 @@ impl UpConfig {
             agent_cpu_milli: None,
             agent_memory_bytes: None,
             agent_gpu_xml: None,
+            agent_labels: Default::default(),
             agent_name: None,
             cgroups: true,
             kill_grace: Duration::from_secs(10),
@@ -398,6 +401,7 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     agent_config.cpu_milli = config.agent_cpu_milli;
     agent_config.memory_bytes = config.agent_memory_bytes;
     agent_config.gpu_xml = config.agent_gpu_xml.clone();
+    agent_config.labels = config.agent_labels.clone();
     agent_config.cgroups = config.cgroups;
     agent_config.kill_grace = config.kill_grace;
     agent_config.heartbeat = config.heartbeat;

@@ -191,6 +191,7 @@ impl ClusterState {
                         n.prices.memory_gib_hour,
                         n.prices.gpu_hour,
                     ],
+                    labels: inv.labels.clone(),
                 }
             })
             .collect()
