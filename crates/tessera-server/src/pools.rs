@@ -226,7 +226,7 @@ fn inventory(config: &PoolConfig, c: &Capacity) -> Inventory {
     let node = node_name(&config.name);
     let mut labels = c.labels.clone();
     labels.extend(config.labels.clone());
-    labels.insert("pool".into(), config.name.clone());
+    labels.insert(tessera_core::spec::POOL_LABEL.into(), config.name.clone());
     labels.insert("pool.kind".into(), config.kind.clone());
     let mut gpus = Vec::new();
     for g in &c.gpus {
@@ -1022,7 +1022,7 @@ pub fn pool_job(job: &Job, here: &[u32]) -> PoolJob {
         },
         gpu_models: r.gpu_models.clone(),
         max_runtime_ms: spec.max_runtime_ms,
-        node_selector: BTreeMap::new(),
+        node_selector: r.node_selector.clone(),
     }
 }
 
@@ -1151,31 +1151,14 @@ fn check_price(field: &str, v: Option<f64>) -> Result<f64, ApiError> {
 }
 
 fn check_label(k: &str, v: &str) -> Result<(), ApiError> {
-    let field = format!("labels.{k}");
-    let ok = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
-    };
-    if !ok(k) {
+    tessera_core::spec::validate_label_key("labels", k)?;
+    if k == tessera_core::spec::POOL_LABEL || k == "pool.kind" {
         return Err(ApiError::invalid(
-            "labels",
-            format!("`{k}` is not a label key: use 1–63 letters, digits, `.`, `_`, `-`, `/`"),
-        ));
-    }
-    if k == "pool" || k == "pool.kind" {
-        return Err(ApiError::invalid(
-            &field,
+            &format!("labels.{k}"),
             format!("`{k}` is set by Tessera (the pool's name and kind)"),
         ));
     }
-    if !ok(v) {
-        return Err(ApiError::invalid(
-            &field,
-            format!("`{v}` is not a label value: use 1–63 letters, digits, `.`, `_`, `-`, `/`"),
-        ));
-    }
+    tessera_core::spec::validate_label_value(&format!("labels.{k}"), v)?;
     Ok(())
 }
 
