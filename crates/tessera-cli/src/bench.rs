@@ -185,6 +185,7 @@ pub fn synthetic_snapshot_for(
                         gpu,
                         gpu_milli: 0,
                         gpu_models: models,
+                        node_selector: Default::default(),
                     },
                     1,
                 )
@@ -196,6 +197,7 @@ pub fn synthetic_snapshot_for(
                         gpu: 0,
                         gpu_milli: 0,
                         gpu_models: vec![],
+                        node_selector: Default::default(),
                     },
                     1,
                 )
@@ -207,6 +209,7 @@ pub fn synthetic_snapshot_for(
                         gpu: 8,
                         gpu_milli: 0,
                         gpu_models: vec![],
+                        node_selector: Default::default(),
                     },
                     rng.range(2, 4) as u32,
                 )

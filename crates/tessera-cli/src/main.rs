@@ -19,6 +19,7 @@ mod commands;
 mod fleet;
 mod gateway_cmd;
 mod output;
+mod pools;
 mod run;
 mod serving;
 
@@ -153,6 +154,13 @@ enum Command {
     },
     /// List nodes with their capacity and what is allocated
     Nodes,
+    /// Add or remove a pool: an engine (Slurm) Tessera hands work to
+    Pool {
+        #[command(subcommand)]
+        command: pools::PoolCommand,
+    },
+    /// List pools: capacity, in use, queued, price, health
+    Pools,
     /// Manage teams (no subcommand: list them)
     #[command(visible_alias = "teams")]
     Team {
@@ -194,6 +202,9 @@ struct UpArgs {
     /// Name of the local node [default: the host name]
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
+    /// Labels of the local node as k=v,k=v (jobs select nodes by them)
+    #[arg(long, value_name = "K=V,...", value_parser = fleet::labels)]
+    labels: Option<std::collections::BTreeMap<String, String>>,
     /// Do not enforce CPU and memory limits with cgroups
     #[arg(long)]
     no_cgroups: bool,
@@ -397,6 +408,7 @@ async fn up(globals: &Globals, args: UpArgs) -> Result<()> {
     config.agent_cpu_milli = args.cpu;
     config.agent_memory_bytes = args.memory;
     config.agent_gpu_xml = args.gpu_xml;
+    config.agent_labels = args.labels.unwrap_or_default();
     config.agent_name = args.node_name;
     config.cgroups = !args.no_cgroups;
     config.kill_grace = Duration::from_millis(args.kill_grace);
@@ -448,6 +460,8 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Logs(args) => commands::logs(g, &args).await?,
         Command::Cancel { id } => commands::cancel(g, id).await?,
         Command::Nodes => commands::nodes(g).await?,
+        Command::Pool { command } => pools::pool(g, command).await?,
+        Command::Pools => pools::pools(g).await?,
         Command::Team { command } => match command {
             Some(TeamCommand::Create {
                 name,

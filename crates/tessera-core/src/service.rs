@@ -50,6 +50,11 @@ pub struct ServiceSpec {
     pub autoscale: Option<AutoscaleSpec>,
     /// Higher is placed first (and may preempt lower-priority batch jobs).
     pub priority: Option<i64>,
+    /// Node labels a replica's node must carry (e.g. `{region: eu}`).
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// Run replicas only in this pool (shorthand for `node_selector: {pool: NAME}`).
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -191,6 +196,8 @@ impl ServiceSpec {
             priority: self.priority,
             max_runtime: None,
             retries: Some(RetriesSpec::Count(0)),
+            node_selector: self.node_selector.clone(),
+            pool: self.pool.clone(),
         };
         let replica = job.validate(default_team)?;
         let port = match self.port {

@@ -17,6 +17,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tessera_core::job::JobId;
 
+pub mod slurm;
+
 /// One attempt of one job, as a pool is asked to run it. All replicas of a
 /// gang go to one pool together.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

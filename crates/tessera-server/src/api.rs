@@ -68,6 +68,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/agents/join", post(crate::fleet::join))
         .route("/v1/agents/connect", get(crate::fleet::connect))
         .route("/tasks", post(seed_create_task))
+        .merge(crate::pools::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared);
@@ -104,7 +105,8 @@ async fn to_gateway(
         crate::fleet::cordon, crate::fleet::uncordon, crate::fleet::drain, crate::fleet::remove,
         crate::service_api::serve, crate::service_api::list, crate::service_api::detail,
         crate::service_api::scale, crate::service_api::delete, crate::service_api::create_key,
-        crate::service_api::routes, crate::service_api::load
+        crate::service_api::routes, crate::service_api::load,
+        crate::pools::list, crate::pools::add, crate::pools::remove
     ),
     components(schemas(
         ErrorBody, Job, Event, JobSpec, ResourcesSpec, Quantity, Team, TeamQuota, ResourceAmounts,
@@ -123,7 +125,9 @@ async fn to_gateway(
         crate::service_api::ServiceKeyCreated, crate::services::ReplicaView,
         crate::services::ServiceEvent, crate::services::Published,
         crate::service_api::RouteTable, crate::service_api::LoadReport,
-        crate::service_api::ServiceLoad
+        crate::service_api::ServiceLoad,
+        crate::pools::PoolAdd, crate::pools::PoolPrices, crate::pools::PoolView,
+        crate::pools::PoolList
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))

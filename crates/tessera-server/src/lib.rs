@@ -14,6 +14,7 @@ pub mod error;
 pub mod fleet;
 pub mod logs;
 pub mod metrics;
+pub mod pools;
 pub mod service_api;
 pub mod services;
 pub mod state;
@@ -75,8 +76,10 @@ pub struct Shared {
     pub services: services::Services,
     /// The gateway serving `/s/<service>/`, when this process runs one.
     pub gateway: Option<Arc<tessera_gateway::Gateway>>,
-    /// Reports from remote agents, to the report loop.
+    /// Reports from remote agents (and pools), to the report loop.
     pub reports: mpsc::UnboundedSender<control::AgentReport>,
+    /// What each pool's task last saw (health, capacity, jobs in the engine).
+    pub pools: pools::Pools,
     reports_rx: Mutex<Option<mpsc::UnboundedReceiver<control::AgentReport>>>,
 }
 
@@ -100,6 +103,7 @@ impl Shared {
             node_lease_ms: DEFAULT_NODE_LEASE.as_millis() as u64,
             reports,
             reports_rx: Mutex::new(Some(reports_rx)),
+            pools: pools::Pools::default(),
             services: services::Services::new(Arc::new(services::NoRoutes)),
             gateway: None,
             store,
@@ -155,6 +159,7 @@ impl Shared {
             });
         }
         tokio::spawn(services::services_loop(self.clone()));
+        pools::start_all(self);
     }
 
     /// Tells log followers that jobs changed.
@@ -215,6 +220,8 @@ pub struct UpConfig {
     pub agent_cpu_milli: Option<u64>,
     pub agent_memory_bytes: Option<u64>,
     pub agent_gpu_xml: Option<PathBuf>,
+    /// Labels of the local node.
+    pub agent_labels: std::collections::BTreeMap<String, String>,
     pub agent_name: Option<String>,
     pub cgroups: bool,
     pub kill_grace: Duration,
@@ -245,6 +252,7 @@ impl UpConfig {
             agent_cpu_milli: None,
             agent_memory_bytes: None,
             agent_gpu_xml: None,
+            agent_labels: Default::default(),
             agent_name: None,
             cgroups: true,
             kill_grace: Duration::from_secs(10),
@@ -393,6 +401,7 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     agent_config.cpu_milli = config.agent_cpu_milli;
     agent_config.memory_bytes = config.agent_memory_bytes;
     agent_config.gpu_xml = config.agent_gpu_xml.clone();
+    agent_config.labels = config.agent_labels.clone();
     agent_config.cgroups = config.cgroups;
     agent_config.kill_grace = config.kill_grace;
     agent_config.heartbeat = config.heartbeat;
@@ -437,6 +446,7 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
                 n.inventory.name != node_name
                     && n.state != NodeState::Lost
                     && !joined.contains(&n.inventory.name)
+                    && !pools::is_pool_node(&state, &n.inventory.name)
             })
             .map(|n| n.inventory.name.clone())
             .collect();
