@@ -12,8 +12,8 @@ use crate::Globals;
 
 #[derive(Debug, Subcommand)]
 pub enum PoolCommand {
-    /// Add a pool: an engine Tessera hands work to (`slurm`)
-    Add(AddArgs),
+    /// Add a pool: an engine Tessera hands work to (`slurm`, `ray`, `kubernetes`)
+    Add(Box<AddArgs>),
     /// Remove a pool that runs no Tessera job
     Remove {
         /// Pool name
@@ -25,13 +25,28 @@ pub enum PoolCommand {
 
 #[derive(Debug, Args)]
 pub struct AddArgs {
-    /// The engine: `slurm`
+    /// The engine: `slurm`, `ray` or `kubernetes`
     pub kind: String,
     /// The pool's name (its node is `pool-NAME`; jobs pin it with `pool: NAME`)
     pub name: String,
     /// Slurm partition [default: the cluster's default partition]
     #[arg(long)]
     pub partition: Option<String>,
+    /// Ray: the Ray dashboard's URL (`http://HEAD:8265`)
+    #[arg(long, value_name = "URL")]
+    pub address: Option<String>,
+    /// Kubernetes: the kubeconfig file to reach the cluster with
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// Kubernetes: the kubeconfig context [default: its current context]
+    #[arg(long)]
+    pub context: Option<String>,
+    /// Kubernetes: the namespace jobs run in [default: the context's, else `default`]
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Kubernetes: the image of jobs that name none [default: python:3.12-slim]
+    #[arg(long)]
+    pub image: Option<String>,
     /// A kind-specific option KEY=VALUE (Slurm: `output_dir=/shared/dir`); repeatable
     #[arg(long = "option", value_name = "KEY=VALUE")]
     pub options: Vec<String>,
@@ -62,7 +77,7 @@ fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>> {
 
 pub async fn pool(g: &Globals, command: PoolCommand) -> Result<()> {
     match command {
-        PoolCommand::Add(a) => add(g, a).await,
+        PoolCommand::Add(a) => add(g, *a).await,
         PoolCommand::Remove { name } => {
             g.client()?.delete(&format!("/v1/pools/{name}")).await?;
             output::print(&format!("pool {name} removed\n")).map_err(Into::into)
@@ -75,6 +90,21 @@ async fn add(g: &Globals, a: AddArgs) -> Result<()> {
     let mut options = pairs("option", &a.options)?;
     if let Some(p) = a.partition {
         options.insert("partition".into(), p);
+    }
+    if let Some(kc) = a.kubeconfig {
+        // The server reads the file: give it the whole path.
+        let kc = std::path::absolute(&kc).unwrap_or(kc);
+        options.insert("kubeconfig".into(), kc.display().to_string());
+    }
+    for (k, v) in [
+        ("address", a.address),
+        ("context", a.context),
+        ("namespace", a.namespace),
+        ("image", a.image),
+    ] {
+        if let Some(v) = v {
+            options.insert(k.into(), v);
+        }
     }
     let labels = pairs("label", &a.labels)?;
     let mut prices = serde_json::Map::new();

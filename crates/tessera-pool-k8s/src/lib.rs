@@ -320,6 +320,123 @@ pub fn client_for(mut config: Config) -> Result<Client, PoolError> {
     Client::try_from(config).map_err(|e| PoolError::Unavailable(format!("kubernetes client: {e}")))
 }
 
+/// A Kubernetes pool as a server configures it: the kubeconfig is checked
+/// when the pool is made, and the client is built on first use (building
+/// one needs the async runtime, and may run a kubeconfig's credential
+/// plugin).
+pub struct KubePool {
+    kubeconfig: std::path::PathBuf,
+    context: Option<String>,
+    namespace: Option<String>,
+    default_image: Option<String>,
+    driver: tokio::sync::OnceCell<KubeDriver>,
+}
+
+impl std::fmt::Debug for KubePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubePool")
+            .field("kubeconfig", &self.kubeconfig)
+            .field("context", &self.context)
+            .field("namespace", &self.namespace)
+            .finish()
+    }
+}
+
+impl KubePool {
+    /// Checks that `kubeconfig` reads as one and names `context` (when
+    /// given), and that `namespace` is a valid name; errors name the
+    /// option (`kubeconfig:`, `context:`, `namespace:`).
+    pub fn new(
+        kubeconfig: &Path,
+        context: Option<&str>,
+        namespace: Option<&str>,
+        default_image: Option<&str>,
+    ) -> Result<Self, PoolError> {
+        let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| {
+            PoolError::Rejected(format!(
+                "kubeconfig: cannot read {}: {e}",
+                kubeconfig.display()
+            ))
+        })?;
+        match context {
+            Some(c) if !kc.contexts.iter().any(|n| n.name == c) => {
+                return Err(PoolError::Rejected(format!(
+                    "context: {} has no context `{c}`",
+                    kubeconfig.display()
+                )))
+            }
+            None if kc.current_context.is_none() => {
+                return Err(PoolError::Rejected(format!(
+                    "context: {} sets no current-context; name one",
+                    kubeconfig.display()
+                )))
+            }
+            _ => {}
+        }
+        if let Some(ns) = namespace {
+            check_dns_label("namespace", ns)?;
+        }
+        if let Some(image) = default_image {
+            if image.is_empty() || image.contains(char::is_whitespace) {
+                return Err(PoolError::Rejected(format!(
+                    "image: `{image}` is not an image reference"
+                )));
+            }
+        }
+        Ok(KubePool {
+            kubeconfig: kubeconfig.to_path_buf(),
+            context: context.map(str::to_string),
+            namespace: namespace.map(str::to_string),
+            default_image: default_image.map(str::to_string),
+            driver: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    async fn driver(&self) -> Result<&KubeDriver, PoolError> {
+        self.driver
+            .get_or_try_init(|| async {
+                let d = KubeDriver::from_kubeconfig(
+                    &self.kubeconfig,
+                    self.context.as_deref(),
+                    self.namespace.as_deref(),
+                )
+                .await?;
+                Ok(match &self.default_image {
+                    Some(i) => d.with_default_image(i.clone()),
+                    None => d,
+                })
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl PoolDriver for KubePool {
+    fn kind(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    async fn submit(&self, job: &PoolJob) -> Result<RemoteId, PoolError> {
+        self.driver().await?.submit(job).await
+    }
+
+    async fn status(&self, ids: &[RemoteId]) -> Result<HashMap<RemoteId, RemoteState>, PoolError> {
+        self.driver().await?.status(ids).await
+    }
+
+    async fn cancel(&self, id: &RemoteId) -> Result<(), PoolError> {
+        self.driver().await?.cancel(id).await
+    }
+
+    async fn logs(&self, id: &RemoteId, offset: u64) -> Result<LogChunk, PoolError> {
+        self.driver().await?.logs(id, offset).await
+    }
+
+    async fn capacity(&self) -> Result<Capacity, PoolError> {
+        self.driver().await?.capacity().await
+    }
+}
+
 fn api_error(e: kube::Error) -> PoolError {
     match e {
         kube::Error::Api(status) if status.is_not_found() => PoolError::NotFound(status.message),

@@ -12,7 +12,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use tessera_pool_k8s::KubeDriver;
+use tessera_pool_k8s::{KubeDriver, KubePool};
 use tessera_pools::{Failure, PoolDriver, PoolError, PoolJob, RemoteId, RemoteState};
 
 const NS: &str = "ml-jobs";
@@ -569,4 +569,26 @@ current-context: lab
         Err(PoolError::Rejected(m)) => assert!(m.starts_with("namespace:"), "{m}"),
         other => panic!("{other:?}"),
     }
+
+    // As a server makes a pool: checked at once, connected on first use.
+    let err = KubePool::new(&path, Some("nope"), None, None).unwrap_err();
+    assert!(
+        matches!(&err, PoolError::Rejected(m) if m.starts_with("context:")),
+        "{err:?}"
+    );
+    let err = KubePool::new(&missing, None, None, None).unwrap_err();
+    assert!(
+        matches!(&err, PoolError::Rejected(m) if m.starts_with("kubeconfig:")),
+        "{err:?}"
+    );
+    let pool = KubePool::new(&path, Some("lab"), Some("team-c"), Some("busybox:1.36")).unwrap();
+    assert_eq!(pool.kind(), "kubernetes");
+    pool.submit(&job(21, 1)).await.unwrap();
+    let post = fake.seen().pop().unwrap();
+    assert_eq!(post.uri, "/apis/batch/v1/namespaces/team-c/jobs?");
+    let sent: Job = serde_json::from_value(post.body).unwrap();
+    let image = sent.spec.unwrap().template.spec.unwrap().containers[0]
+        .image
+        .clone();
+    assert_eq!(image.as_deref(), Some("busybox:1.36"));
 }

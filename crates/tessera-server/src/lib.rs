@@ -14,6 +14,7 @@ pub mod error;
 pub mod fleet;
 pub mod logs;
 pub mod metrics;
+pub mod pool_engines;
 pub mod pools;
 pub mod service_api;
 pub mod services;

@@ -118,7 +118,7 @@ pub fn is_pool_node(state: &ClusterState, node: &str) -> bool {
 }
 
 /// The pool kinds [`driver_for`] builds.
-pub const KINDS: &[&str] = &["slurm"];
+pub const KINDS: &[&str] = &["slurm", "ray", "kubernetes"];
 
 /// Builds the driver for a pool: the one place a pool kind is registered.
 /// Checks the kind's options; errors name the field.
@@ -165,6 +165,8 @@ pub fn driver_for(config: &PoolConfig, home: &Path) -> Result<Arc<dyn PoolDriver
                 },
             )))
         }
+        "ray" => crate::pool_engines::ray(config),
+        "kubernetes" => crate::pool_engines::kubernetes(config),
         other => Err(FieldError::new(
             "kind",
             format!(
@@ -481,7 +483,7 @@ impl PoolTask {
             self.jobs.insert(
                 (id, job.attempt),
                 Tracked {
-                    job: pool_job(job, &here),
+                    job: engine_job(&state, &self.node, job, &here),
                     replicas: here,
                     remote: None,
                     started: job.started_at.is_some(),
@@ -548,7 +550,7 @@ impl PoolTask {
                     ));
                     continue;
                 }
-                let pj = pool_job(job, &here);
+                let pj = engine_job(&state, &self.node, job, &here);
                 if let Some(why) = self.too_big(&pj) {
                     refused.push((keys, why));
                     continue;
@@ -985,6 +987,19 @@ impl End {
 
 fn spawn_failed(why: String) -> End {
     End::spawn_failed(why)
+}
+
+/// [`pool_job`] as the engine behind pool node `node` gets it: the
+/// selector labels that the pool's node carries were met by placing the
+/// job in this pool (`pool`, `pool.kind`, the pool's labels), so the
+/// engine is not asked to find them on its own nodes too.
+fn engine_job(state: &ClusterState, node: &str, job: &Job, here: &[u32]) -> PoolJob {
+    let mut pj = pool_job(job, here);
+    if let Some(n) = state.nodes.get(node) {
+        pj.node_selector
+            .retain(|k, v| n.inventory.labels.get(k) != Some(v));
+    }
+    pj
 }
 
 /// The pool's view of one attempt of a job whose replicas `here` it runs.
