@@ -223,18 +223,15 @@ impl PoolDriver for KubeDriver {
             Err(kube::Error::Api(status)) if status.is_already_exists() => {
                 // Submitted before (a retry after a crash): the existing Job
                 // is this attempt, as long as it carries this attempt's key.
+                // Keys are unique within one Tessera installation only.
                 let existing = self.jobs().get(&job.key).await.map_err(api_error)?;
-                let key = existing
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(KEY_LABEL));
-                if key.map(String::as_str) == Some(job.key.as_str()) {
+                if same_job(&manifest, &existing) {
                     Ok(RemoteId(job.key.clone()))
                 } else {
                     Err(PoolError::Rejected(format!(
-                        "name: a Job named {} exists in namespace {} but was not made by \
-                         Tessera for this attempt",
+                        "name: a Job named {} exists in namespace {} but is not this attempt \
+                         (made by someone else, or by another Tessera installation sharing \
+                         the namespace)",
                         job.key, self.namespace
                     )))
                 }
@@ -519,9 +516,11 @@ pub fn job_manifest(job: &PoolJob, default_image: &str) -> Result<Job, PoolError
             name: "TESSERA_REPLICA".into(),
             value_from: Some(EnvVarSource {
                 field_ref: Some(ObjectFieldSelector {
+                    // Written out: the API server would default it, and a
+                    // resubmission compares what it sends with what is stored.
+                    api_version: Some("v1".into()),
                     field_path: "metadata.annotations['batch.kubernetes.io/job-completion-index']"
                         .into(),
-                    ..ObjectFieldSelector::default()
                 }),
                 ..EnvVarSource::default()
             }),
@@ -611,6 +610,37 @@ pub fn job_manifest(job: &PoolJob, default_image: &str) -> Result<Job, PoolError
         }),
         ..Job::default()
     })
+}
+
+/// Whether the cluster's Job `existing` is the one `manifest` creates:
+/// the same Tessera labels and name, and the same command, image and
+/// environment (the API server fills in defaults elsewhere).
+fn same_job(manifest: &Job, existing: &Job) -> bool {
+    let main = |j: &Job| {
+        j.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.containers.iter().find(|c| c.name == CONTAINER))
+            .map(|c| (c.command.clone(), c.image.clone(), c.env.clone()))
+    };
+    let tessera = |j: &Job| {
+        let labels: BTreeMap<String, String> = j
+            .metadata
+            .labels
+            .iter()
+            .flatten()
+            .filter(|(k, _)| k.starts_with("tessera.dev/"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let name = j
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(NAME_ANNOTATION))
+            .cloned();
+        (labels, name)
+    };
+    tessera(manifest) == tessera(existing) && main(manifest) == main(existing)
 }
 
 fn env_var(name: &str, value: &str) -> EnvVar {

@@ -180,8 +180,14 @@ async fn submitting_the_same_attempt_twice_creates_one_job() {
     assert_eq!(fake.world.lock().unwrap().jobs.len(), 1);
     assert_eq!(fake.pods_of("tessera-7-1").len(), 2);
 
-    // A Job of the same name that Tessera did not make for this attempt is
-    // not taken for it.
+    // A Job of the same name that is not this attempt (another Tessera
+    // installation's, or anyone's) is not taken for it.
+    let mut other = j.clone();
+    other.argv = vec!["echo".into(), "someone else".into()];
+    match driver.submit(&other).await {
+        Err(PoolError::Rejected(m)) => assert!(m.starts_with("name:"), "{m}"),
+        res => panic!("expected a refusal, got {res:?}"),
+    }
     let mut foreign = fake.job(NS, "tessera-7-1").unwrap();
     foreign
         .metadata

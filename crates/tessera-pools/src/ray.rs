@@ -61,6 +61,8 @@ pub struct RayJobDetails {
     pub metadata: Option<BTreeMap<String, String>>,
     #[serde(default)]
     pub entrypoint: Option<String>,
+    #[serde(default)]
+    pub runtime_env: Option<Value>,
 }
 
 /// The exit code `timeout` gives a program it stopped.
@@ -204,9 +206,23 @@ impl PoolDriver for RayDriver {
         }
         // Ray refuses a submission id it already has (HTTP 500 with a
         // ValueError, or 400 in other versions): the attempt was submitted
-        // before, which is exactly what idempotency wants.
+        // before, which is exactly what idempotency wants — if it is this
+        // job. Keys are unique within one Tessera installation only, so a
+        // job another installation (or an earlier, since reset one) left
+        // under the same key is not taken for it.
         if text.contains("already exists") && text.contains(&job.key) {
-            return Ok(RemoteId(job.key.clone()));
+            let id = RemoteId(job.key.clone());
+            let existing = self.details(&id).await?;
+            return if same_job(&body, &existing) {
+                Ok(id)
+            } else {
+                Err(PoolError::Rejected(format!(
+                    "key: the Ray cluster already holds a different job under {} (left by \
+                     another Tessera installation sharing the cluster?); delete it there, or \
+                     retry the job as a new attempt",
+                    job.key
+                )))
+            };
         }
         let why = last_line(text.as_bytes());
         if status.is_client_error() {
@@ -421,6 +437,26 @@ pub fn submit_body(job: &PoolJob) -> Result<Value, PoolError> {
     Ok(body)
 }
 
+/// Whether Ray's job `existing` is the one `body` submits: the same
+/// entrypoint, environment and Tessera metadata.
+fn same_job(body: &Value, existing: &RayJobDetails) -> bool {
+    let meta: BTreeMap<String, String> = body["metadata"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    existing.entrypoint.as_deref() == body["entrypoint"].as_str()
+        && existing.metadata.as_ref() == Some(&meta)
+        && existing
+            .runtime_env
+            .as_ref()
+            .map(|r| r.get("env_vars").cloned().unwrap_or(Value::Null))
+            == Some(body["runtime_env"]["env_vars"].clone())
+}
+
 /// Refuses a replica that no node of the cluster can hold.
 pub fn check_fits(job: &PoolJob, cap: &Capacity) -> Result<(), PoolError> {
     let (cpu, mem, gpus) = cap.largest_node;
@@ -626,6 +662,7 @@ mod tests {
             driver_exit_code: Some(124),
             metadata: None,
             entrypoint: Some("exec timeout --kill-after=10 1 sleep 5".into()),
+            runtime_env: None,
         };
         assert!(matches!(
             map_state(&d),

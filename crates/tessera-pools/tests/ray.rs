@@ -144,6 +144,15 @@ async fn submitting_the_same_attempt_twice_runs_it_once() {
     assert_eq!(ray.submit(&j).await.unwrap(), first);
     let logs = all_logs(&ray, &first).await;
     assert_eq!(logs.matches("once-1\n").count(), 1, "{logs}");
+
+    // A different job under the same key (another Tessera installation
+    // sharing the cluster) is not taken for this one.
+    let mut other = j.clone();
+    other.argv = vec!["echo".into(), "someone else".into()];
+    match ray.submit(&other).await {
+        Err(PoolError::Rejected(m)) => assert!(m.starts_with("key:"), "{m}"),
+        res => panic!("expected a refusal, got {res:?}"),
+    }
 }
 
 #[tokio::test]

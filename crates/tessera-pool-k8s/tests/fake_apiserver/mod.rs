@@ -603,6 +603,21 @@ async fn create_job(State(world): State<W>, Path(ns): Path<String>, body: Bytes)
     w.clock += 1;
     let now = Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + w.clock).unwrap());
     let mut stored = job.clone();
+    // Defaults the API server fills in, as a client reading the Job back sees them.
+    if let Some(pod) = stored.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
+        for c in &mut pod.containers {
+            c.termination_message_path
+                .get_or_insert("/dev/termination-log".into());
+            c.image_pull_policy.get_or_insert("IfNotPresent".into());
+            for e in c.env.iter_mut().flatten() {
+                if let Some(f) = e.value_from.as_mut().and_then(|v| v.field_ref.as_mut()) {
+                    f.api_version.get_or_insert("v1".into());
+                }
+            }
+        }
+        pod.dns_policy.get_or_insert("ClusterFirst".into());
+        pod.scheduler_name.get_or_insert("default-scheduler".into());
+    }
     stored.metadata.namespace = Some(ns.clone());
     stored.metadata.uid = Some(format!("uid-{}", w.clock));
     stored.metadata.resource_version = Some(w.clock.to_string());
