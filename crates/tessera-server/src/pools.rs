@@ -83,6 +83,11 @@ pub struct PoolConfig {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub created_at: u64,
+    /// Made when the pool is added and part of every job's key in the
+    /// engine, so that another installation's (or an earlier one's) jobs
+    /// are never taken for this one's.
+    #[serde(default)]
+    pub key_prefix: String,
 }
 
 /// The node that stands for pool `name`.
@@ -481,7 +486,7 @@ impl PoolTask {
             self.jobs.insert(
                 (id, job.attempt),
                 Tracked {
-                    job: pool_job(job, &here),
+                    job: pool_job(&self.config, job, &here),
                     replicas: here,
                     remote: None,
                     started: job.started_at.is_some(),
@@ -548,7 +553,7 @@ impl PoolTask {
                     ));
                     continue;
                 }
-                let pj = pool_job(job, &here);
+                let pj = pool_job(&self.config, job, &here);
                 if let Some(why) = self.too_big(&pj) {
                     refused.push((keys, why));
                     continue;
@@ -988,7 +993,7 @@ fn spawn_failed(why: String) -> End {
 }
 
 /// The pool's view of one attempt of a job whose replicas `here` it runs.
-pub fn pool_job(job: &Job, here: &[u32]) -> PoolJob {
+pub fn pool_job(pool: &PoolConfig, job: &Job, here: &[u32]) -> PoolJob {
     let spec = &job.spec;
     let mut env: Vec<(String, String)> = spec
         .env
@@ -1003,7 +1008,7 @@ pub fn pool_job(job: &Job, here: &[u32]) -> PoolJob {
     }
     let r = &spec.resources;
     PoolJob {
-        key: PoolJob::key_for(job.id, job.attempt),
+        key: PoolJob::key_in(&pool.key_prefix, job.id, job.attempt),
         job_id: job.id,
         attempt: job.attempt,
         name: spec.name.clone(),
@@ -1219,6 +1224,7 @@ pub async fn add(
         prices,
         labels: req.labels,
         created_at: now_ms(),
+        key_prefix: format!("{:08x}", rand::random::<u32>()),
     };
     let driver = driver_for(&config, &shared.home)?;
     let _guard = shared.admin_lock.lock().await;
