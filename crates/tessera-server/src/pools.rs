@@ -1227,6 +1227,20 @@ pub async fn add(
         key_prefix: format!("{:08x}", rand::random::<u32>()),
     };
     let driver = driver_for(&config, &shared.home)?;
+    let v = register(&shared, config, driver).await?;
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+/// Adds a pool with its driver: checks the name is free, reads the
+/// engine's capacity (an engine that does not answer adds nothing), stores
+/// the pool and its node, and starts the pool's task. `POST /v1/pools`
+/// comes here with the driver [`driver_for`] built; tests bring their own.
+pub async fn register(
+    shared: &Arc<Shared>,
+    config: PoolConfig,
+    driver: Arc<dyn PoolDriver>,
+) -> Result<PoolView, ApiError> {
+    let prices = config.prices;
     let _guard = shared.admin_lock.lock().await;
     let node = node_name(&config.name);
     {
@@ -1269,18 +1283,22 @@ pub async fn add(
         h.capacity = Some(capacity);
         h.checked_at = now;
     });
-    let v = {
+    {
         let mut state = shared.state.lock().expect("state lock");
         state.nodes.insert(node.clone(), n);
         state.pools.insert(config.name.clone(), config.clone());
+    }
+    // The task takes the node's commands before any work can be placed there.
+    start(shared, config.clone(), driver);
+    let v = {
+        let mut state = shared.state.lock().expect("state lock");
         state.connected.insert(node.clone());
         state.capacity_changed = true;
-        view(&shared, &state, &config)
+        view(shared, &state, &config)
     };
     info!(pool = %config.name, kind = %config.kind, "pool added");
-    start(&shared, config, driver);
     shared.wake.notify_one();
-    Ok((StatusCode::CREATED, Json(v)))
+    Ok(v)
 }
 
 /// Removes a pool that runs no Tessera job.
