@@ -14,8 +14,8 @@
 //! and go to the engine as one job with `replicas = n`.
 //!
 //! The status of all of a pool's jobs is read in one call, every 250 ms
-//! while a job is waiting to start and every second otherwise; capacity
-//! every 5 s. A pool whose engine does not answer is marked unhealthy and
+//! while a job is waiting to start or was handed over in the last 30 s,
+//! and every second otherwise; capacity every 5 s. A pool whose engine does not answer is marked unhealthy and
 //! gets no new work (its node leaves [`ClusterState::connected`]); its jobs
 //! keep their state until the engine answers again. Output is copied into
 //! the job's log file (`$TESSERA_HOME/logs/<job>/<attempt>/<replica>.log`,
@@ -67,6 +67,9 @@ const CAPACITY_EVERY: Duration = Duration::from_secs(5);
 /// How often job status is read while some job waits to start, and otherwise.
 const POLL_FAST: Duration = Duration::from_millis(250);
 const POLL_SLOW: Duration = Duration::from_millis(1000);
+/// A job handed to the engine this recently is polled fast: short jobs end
+/// soon, and their end frees capacity for the next.
+const YOUNG: Duration = Duration::from_secs(30);
 
 /// A pool as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -310,6 +313,8 @@ struct Tracked {
     cancel_sent: bool,
     log_offset: u64,
     queued: bool,
+    /// When this process took the job on.
+    seen: Instant,
 }
 
 struct PoolTask {
@@ -375,7 +380,11 @@ impl PoolTask {
                         self.heartbeat();
                         self.submit_pending().await;
                         self.poll().await;
-                        let fast = self.jobs.values().any(|t| !t.started || t.stop_asked);
+                        let fast = self.jobs.values().any(|t| {
+                            !t.started
+                                || t.stop_asked
+                                || t.seen.elapsed() < YOUNG
+                        });
                         next_poll = Instant::now() + if fast { POLL_FAST } else { POLL_SLOW };
                     }
                 }
@@ -494,6 +503,7 @@ impl PoolTask {
                     cancel_sent: false,
                     log_offset: 0,
                     queued: false,
+                    seen: Instant::now(),
                 },
             );
         }
@@ -569,6 +579,7 @@ impl PoolTask {
                         cancel_sent: false,
                         log_offset: 0,
                         queued: false,
+                        seen: Instant::now(),
                     },
                 );
             }
