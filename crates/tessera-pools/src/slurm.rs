@@ -60,11 +60,16 @@ pub trait CommandRunner: Send + Sync + 'static {
 }
 
 /// Runs commands as processes, from `bin_dir` when one is given (else from
-/// `PATH`).
+/// `PATH`). A command that has not ended after [`COMMAND_TIMEOUT`] is
+/// killed and counts as the engine not answering.
 #[derive(Debug, Clone, Default)]
 pub struct ProcessRunner {
     pub bin_dir: Option<PathBuf>,
 }
+
+/// Longest a Slurm command may take (Slurm's own `MessageTimeout` is 10 s
+/// by default, and a command may retry once).
+pub const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[async_trait]
 impl CommandRunner for ProcessRunner {
@@ -94,7 +99,14 @@ impl CommandRunner for ProcessRunner {
             pipe.write_all(data).await?;
             drop(pipe);
         }
-        let out = child.wait_with_output().await?;
+        let out = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {} s", COMMAND_TIMEOUT.as_secs()),
+                )
+            })??;
         Ok(CommandOutput {
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
