@@ -282,6 +282,11 @@ async fn a_pool_job_is_submitted_once_runs_and_ends_with_the_engines_exit() {
     assert_eq!(p["healthy"], true, "{p}");
     assert_eq!(p["cpu_milli"], 8000);
     assert_eq!(p["labels"]["pool"], "hpc");
+    let (_, doc) = w.call("GET", "/v1/openapi.json", Value::Null).await;
+    assert!(
+        doc["paths"]["/v1/pools"]["post"].is_object(),
+        "OpenAPI lacks /v1/pools"
+    );
 
     let id = w.submit(spec(json!({}))).await;
     let key = format!("tessera-t1-{id}-1");
