@@ -66,10 +66,11 @@ fn wait_state(up: &Up, id: u64, want: &[&str], secs: u64) -> Value {
     }
 }
 
-/// Stops `tessera up` (SIGTERM, as Ctrl-C) and starts it again on the same home.
-fn restart(up: &mut Up) {
+/// Stops `tessera up` with `signal` (`TERM`, as Ctrl-C; `KILL`, a crash)
+/// and starts it again on the same home.
+fn restart(up: &mut Up, signal: &str) {
     let _ = Command::new("kill")
-        .arg("-TERM")
+        .arg(format!("-{signal}"))
         .arg(up.child.id().to_string())
         .status();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -206,10 +207,10 @@ fn jobs_pinned_to_a_slurm_pool_run_in_slurm_and_show_in_tessera() {
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("fits no node"), "{}", text(&out));
 
-    // Pool jobs outlive a restart of `tessera up`: found again by key, not run twice.
+    // Pool jobs outlive a crash of `tessera up`: found again by key, not run twice.
     let long = submit(
         &up,
-        "name: survives\npool: hpc\nscript: echo before; sleep 6; echo after\nresources: {cpu: 1, memory: 64Mi}\n",
+        "name: survives\npool: hpc\nscript: echo before; sleep 10; echo after\nresources: {cpu: 1, memory: 64Mi}\n",
     );
     wait_state(&up, long, &["running"], 60);
     let out = up.cli(&["pool", "remove", "hpc"]);
@@ -217,11 +218,18 @@ fn jobs_pinned_to_a_slurm_pool_run_in_slurm_and_show_in_tessera() {
         !out.status.success(),
         "a pool running a job cannot be removed"
     );
-    restart(&mut up);
+    restart(&mut up, "KILL");
     let j = job(&up, long);
     assert_eq!(
         j["job"]["state"], "running",
-        "still running after the restart: {j:#}"
+        "still running after the crash: {j:#}"
+    );
+    // Ctrl-C stops local work, but a pool job runs on in its engine.
+    restart(&mut up, "TERM");
+    let j = job(&up, long);
+    assert_eq!(
+        j["job"]["state"], "running",
+        "still running after Ctrl-C: {j:#}"
     );
     let j = wait_state(&up, long, &["succeeded", "failed", "lost"], 120);
     assert_eq!(j["job"]["state"], "succeeded", "{j:#}");
@@ -233,7 +241,7 @@ fn jobs_pinned_to_a_slurm_pool_run_in_slurm_and_show_in_tessera() {
     // Removed, it is gone from pools and nodes, and stays gone after a restart.
     let out = up.cli(&["pool", "remove", "hpc"]);
     assert!(out.status.success(), "{}", text(&out));
-    restart(&mut up);
+    restart(&mut up, "TERM");
     assert_eq!(up.cli_json(&["pools"]), serde_json::json!([]));
     let nodes = up.cli_json(&["nodes"]).to_string();
     assert!(!nodes.contains("pool-hpc"), "{nodes}");
