@@ -79,13 +79,7 @@ for i in $(seq "$n"); do
 done
 
 # ---- 2. through Tessera's Ray pool
-# Tessera's keys (tessera-<job>-<attempt>) are unique within one home only,
-# and this run's scratch home counts from job 1: clear what an earlier run
-# left in Ray under the same keys (the driver would refuse those jobs).
-for i in $(seq "$n"); do
-    curl -fsS -o /dev/null -X POST "$ray/api/jobs/tessera-$i-1/stop" 2>/dev/null || true
-    curl -fsS -o /dev/null -X DELETE "$ray/api/jobs/tessera-$i-1" 2>/dev/null || true
-done
+before=$(curl -fsS "$ray/api/jobs/" | jq -c '[.[].submission_id]')
 export TESSERA_HOME="$scratch/home"
 mkdir -p "$TESSERA_HOME"
 "$bin" up --listen 127.0.0.1:0 --no-cgroups >"$scratch/up.log" 2>&1 &
@@ -112,9 +106,10 @@ pool_s=$(echo "$t1 - $t0" | bc -l)
 kill -TERM "$up_pid"
 wait "$up_pid" 2>/dev/null || true
 up_pid=""
-# Leave Ray as found.
-for i in $(seq "$n"); do
-    curl -fsS -o /dev/null -X DELETE "$ray/api/jobs/tessera-$i-1" 2>/dev/null || true
+# Leave Ray as found: delete the jobs this run's Tessera made.
+for id in $(curl -fsS "$ray/api/jobs/" | jq -r --argjson before "$before" \
+        '.[] | select(.metadata.tessera_key != null) | .submission_id | select(. as $s | $before | index($s) | not)'); do
+    curl -fsS -o /dev/null -X DELETE "$ray/api/jobs/$id" 2>/dev/null || true
 done
 printf 'tessera ray pool: %d jobs done in %.1f s (%.2f jobs/s; %s not succeeded); %.3f× Ray direct (%+.1f%%)\n' \
     "$n" "$pool_s" "$(echo "$n / $pool_s" | bc -l)" "$pool_bad" \

@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::Up;
@@ -55,38 +53,38 @@ fn events(v: &Value) -> String {
     v["events"].to_string()
 }
 
-/// The Ray job Tessera made for attempt 1 of job `id`, from Ray's own API.
-fn ray_job(address: &str, id: u64) -> Value {
+/// Every Ray job's submission id, and its Tessera job id where it has one.
+fn ray_jobs(address: &str) -> Vec<(String, Option<String>)> {
     let hostport = address.trim_start_matches("http://").trim_end_matches('/');
-    let (code, body) = common::get(hostport, &format!("/api/jobs/tessera-{id}-1"), None);
+    let (code, body) = common::get(hostport, "/api/jobs/", None);
     assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
+    let all: Value = serde_json::from_str(&body).unwrap();
+    all.as_array()
+        .unwrap()
+        .iter()
+        .map(|j| {
+            (
+                j["submission_id"].as_str().unwrap_or_default().to_string(),
+                j["metadata"]["tessera_job_id"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
 }
 
-/// Stops and deletes Ray job `key`, if Ray has it.
-fn ray_forget(address: &str, key: &str) {
+/// The Ray job this test's Tessera made for job `id` (one Ray did not
+/// have before the test), from Ray's own API.
+fn ray_job(address: &str, before: &[(String, Option<String>)], id: u64) -> Value {
+    let mine: Vec<String> = ray_jobs(address)
+        .into_iter()
+        .filter(|j| !before.contains(j) && j.1 == Some(id.to_string()))
+        .map(|j| j.0)
+        .collect();
+    assert_eq!(mine.len(), 1, "one Ray job for Tessera job {id}: {mine:?}");
+    assert!(mine[0].starts_with("tessera-") && mine[0].ends_with(&format!("-{id}-1")));
     let hostport = address.trim_start_matches("http://").trim_end_matches('/');
-    for (method, path) in [
-        ("POST", format!("/api/jobs/{key}/stop")),
-        ("DELETE", format!("/api/jobs/{key}")),
-    ] {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let mut s = TcpStream::connect(hostport).unwrap();
-            write!(
-                s,
-                "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            )
-            .unwrap();
-            let mut text = String::new();
-            s.read_to_string(&mut text).unwrap();
-            // Deleting waits for a stopped job to end.
-            if !text.contains("Attempted to delete") || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
+    let (code, body) = common::get(hostport, &format!("/api/jobs/{}", mine[0]), None);
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
 }
 
 #[test]
@@ -94,12 +92,7 @@ fn jobs_pinned_to_a_ray_pool_run_in_ray_with_their_logs_and_exit_codes() {
     let Some(address) = ray_address() else {
         return;
     };
-    // Job keys are unique within one Tessera home, and a fresh home counts
-    // from job 1 again; a Ray head kept across runs (locally) still holds
-    // the jobs an earlier run of this test made under the same keys.
-    for id in 1..=4 {
-        ray_forget(&address, &format!("tessera-{id}-1"));
-    }
+    let before = ray_jobs(&address);
     let up = Up::start();
 
     // Adding a pool checks its options and names the one at fault.
@@ -147,7 +140,7 @@ fn jobs_pinned_to_a_ray_pool_run_in_ray_with_their_logs_and_exit_codes() {
         "{logs}"
     );
     // It really is Ray's job, under the attempt's key, naming the Tessera job.
-    let rj = ray_job(&address, ok);
+    let rj = ray_job(&address, &before, ok);
     assert_eq!(rj["status"], "SUCCEEDED", "{rj}");
     assert_eq!(rj["metadata"]["tessera_job_id"], ok.to_string(), "{rj}");
 
@@ -167,8 +160,8 @@ fn jobs_pinned_to_a_ray_pool_run_in_ray_with_their_logs_and_exit_codes() {
     assert!(out.status.success(), "{out:?}");
     wait_state(&up, long, &["cancelled"], 60);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while ray_job(&address, long)["status"] != "STOPPED" {
-        assert!(Instant::now() < deadline, "{}", ray_job(&address, long));
+    while ray_job(&address, &before, long)["status"] != "STOPPED" {
+        assert!(Instant::now() < deadline, "{}", ray_job(&address, &before, long));
         std::thread::sleep(Duration::from_millis(200));
     }
 

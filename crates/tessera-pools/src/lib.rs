@@ -23,9 +23,12 @@ pub mod slurm;
 /// gang go to one pool together.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolJob {
-    /// The idempotency key, `tessera-<job>-<attempt>`: the same attempt
-    /// always has the same key, and a driver asked to submit a key the
-    /// engine already knows returns the existing job.
+    /// The idempotency key, `tessera-<job>-<attempt>` (the server puts a
+    /// pool-unique part in between, [`PoolJob::key_in`], so that two Tessera
+    /// installations, or a fresh one, never take each other's jobs for
+    /// their own): the same attempt always has the same key, and a driver
+    /// asked to submit a key the engine already knows returns the existing
+    /// job.
     pub key: String,
     pub job_id: JobId,
     pub attempt: u32,
@@ -53,6 +56,15 @@ impl PoolJob {
     /// The idempotency key of one attempt of one job.
     pub fn key_for(job_id: JobId, attempt: u32) -> String {
         format!("tessera-{job_id}-{attempt}")
+    }
+
+    /// The key of one attempt of one job in a pool whose jobs carry
+    /// `prefix` (`tessera-<prefix>-<job>-<attempt>`).
+    pub fn key_in(prefix: &str, job_id: JobId, attempt: u32) -> String {
+        if prefix.is_empty() {
+            return PoolJob::key_for(job_id, attempt);
+        }
+        format!("tessera-{prefix}-{job_id}-{attempt}")
     }
 }
 

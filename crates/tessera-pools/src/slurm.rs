@@ -17,11 +17,13 @@
 //!   `<output_dir>/slurm-<id>.out`, which [`SlurmDriver::logs`] reads back:
 //!   the directory must be visible to the Slurm nodes and to Tessera (on one
 //!   machine it is; on a cluster, a shared file system).
-//! - **Status**: one `scontrol show job -o` for all jobs. A minimal Slurm has
-//!   no accounting database, so `sacct` may not answer; `scontrol` keeps
-//!   ended jobs, with their exit codes and reasons, for `MinJobAge` seconds
-//!   (the CI configuration sets an hour). A job the listing lacks is
-//!   [`RemoteState::NotFound`].
+//! - **Status**: one `squeue --jobs=<ids> --states=all -O
+//!   JobID,State,Reason,exit_code` for all of the pool's jobs (only those:
+//!   the cost does not grow with the cluster's other work). A minimal Slurm
+//!   has no accounting database, so `sacct` may not answer; the controller
+//!   keeps ended jobs, with their exit status and reason, for `MinJobAge`
+//!   seconds (the CI configuration sets an hour), and `squeue --states=all`
+//!   shows them. A job it does not list is [`RemoteState::NotFound`].
 //! - **Cancel**: `scancel`; a job that already ended is not an error.
 //! - **Capacity**: `scontrol show node -o` over the partition's usable nodes
 //!   (down, drained and failing nodes are left out).
@@ -58,11 +60,16 @@ pub trait CommandRunner: Send + Sync + 'static {
 }
 
 /// Runs commands as processes, from `bin_dir` when one is given (else from
-/// `PATH`).
+/// `PATH`). A command that has not ended after [`COMMAND_TIMEOUT`] is
+/// killed and counts as the engine not answering.
 #[derive(Debug, Clone, Default)]
 pub struct ProcessRunner {
     pub bin_dir: Option<PathBuf>,
 }
+
+/// Longest a Slurm command may take (Slurm's own `MessageTimeout` is 10 s
+/// by default, and a command may retry once).
+pub const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[async_trait]
 impl CommandRunner for ProcessRunner {
@@ -92,7 +99,14 @@ impl CommandRunner for ProcessRunner {
             pipe.write_all(data).await?;
             drop(pipe);
         }
-        let out = child.wait_with_output().await?;
+        let out = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {} s", COMMAND_TIMEOUT.as_secs()),
+                )
+            })??;
         Ok(CommandOutput {
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -404,19 +418,24 @@ fn reason_suffix(reason: &str) -> String {
     }
 }
 
-/// `scontrol show job -o` output → each job's state.
-pub fn parse_jobs(text: &str) -> HashMap<RemoteId, RemoteState> {
+/// The `-O` format of the status call: id, state, reason, raw exit status.
+pub const SQUEUE_FORMAT: &str = "JobID:|,State:|,Reason:|,exit_code:|";
+
+/// `squeue -O JobID:|,State:|,Reason:|,exit_code:|` output → each job's
+/// state. The exit status is the raw wait status (`code << 8 | signal`).
+pub fn parse_squeue(text: &str) -> HashMap<RemoteId, RemoteState> {
     text.lines()
-        .filter(|l| l.starts_with("JobId="))
         .filter_map(|l| {
-            let f = parse_fields(l);
-            let id = f.get("JobId")?;
-            let state = map_state(
-                f.get("JobState").copied().unwrap_or(""),
-                f.get("Reason").copied().unwrap_or(""),
-                f.get("ExitCode").copied().unwrap_or("0:0"),
-            );
-            Some((RemoteId(id.to_string()), state))
+            let mut f = l.trim().split('|');
+            let id = f.next()?.trim();
+            if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
+                return None;
+            }
+            let state = f.next()?.trim();
+            let reason = f.next().unwrap_or("").trim();
+            let raw: i32 = f.next().unwrap_or("0").trim().parse().unwrap_or(0);
+            let exit = format!("{}:{}", (raw >> 8) & 0xff, raw & 0x7f);
+            Some((RemoteId(id.to_string()), map_state(state, reason, &exit)))
         })
         .collect()
 }
@@ -568,20 +587,30 @@ impl PoolDriver for SlurmDriver {
     }
 
     async fn status(&self, ids: &[RemoteId]) -> Result<HashMap<RemoteId, RemoteState>, PoolError> {
-        if ids.is_empty() {
-            return Ok(HashMap::new());
+        let mut all = HashMap::new();
+        // One call (a few for thousands of jobs, to keep the command line short).
+        for chunk in ids.chunks(1000) {
+            let list: Vec<&str> = chunk.iter().map(|i| i.0.as_str()).collect();
+            let out = self
+                .run(
+                    "squeue",
+                    vec![
+                        format!("--jobs={}", list.join(",")),
+                        "--states=all".into(),
+                        "--noheader".into(),
+                        "-O".into(),
+                        SQUEUE_FORMAT.into(),
+                    ],
+                    None,
+                )
+                .await?;
+            // Asked only about jobs Slurm has forgotten: none of them is listed.
+            let forgotten = out.code == Some(1) && out.stderr.contains("Invalid job id");
+            if out.code != Some(0) && !forgotten {
+                return Err(unavailable("squeue", &out));
+            }
+            all.extend(parse_squeue(&out.stdout));
         }
-        let out = self
-            .run(
-                "scontrol",
-                vec!["show".into(), "job".into(), "-o".into()],
-                None,
-            )
-            .await?;
-        if out.code != Some(0) {
-            return Err(unavailable("scontrol show job", &out));
-        }
-        let mut all = parse_jobs(&out.stdout);
         let answer: HashMap<RemoteId, RemoteState> = ids
             .iter()
             .map(|id| (id.clone(), all.remove(id).unwrap_or(RemoteState::NotFound)))

@@ -14,8 +14,8 @@
 //! and go to the engine as one job with `replicas = n`.
 //!
 //! The status of all of a pool's jobs is read in one call, every 250 ms
-//! while a job is waiting to start and every second otherwise; capacity
-//! every 5 s. A pool whose engine does not answer is marked unhealthy and
+//! while a job is waiting to start or was handed over in the last 30 s,
+//! and every second otherwise; capacity every 5 s. A pool whose engine does not answer is marked unhealthy and
 //! gets no new work (its node leaves [`ClusterState::connected`]); its jobs
 //! keep their state until the engine answers again. Output is copied into
 //! the job's log file (`$TESSERA_HOME/logs/<job>/<attempt>/<replica>.log`,
@@ -67,6 +67,9 @@ const CAPACITY_EVERY: Duration = Duration::from_secs(5);
 /// How often job status is read while some job waits to start, and otherwise.
 const POLL_FAST: Duration = Duration::from_millis(250);
 const POLL_SLOW: Duration = Duration::from_millis(1000);
+/// A job handed to the engine this recently is polled fast: short jobs end
+/// soon, and their end frees capacity for the next.
+const YOUNG: Duration = Duration::from_secs(30);
 
 /// A pool as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -83,6 +86,11 @@ pub struct PoolConfig {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub created_at: u64,
+    /// Made when the pool is added and part of every job's key in the
+    /// engine, so that another installation's (or an earlier one's) jobs
+    /// are never taken for this one's.
+    #[serde(default)]
+    pub key_prefix: String,
 }
 
 /// The node that stands for pool `name`.
@@ -307,6 +315,8 @@ struct Tracked {
     cancel_sent: bool,
     log_offset: u64,
     queued: bool,
+    /// When this process took the job on.
+    seen: Instant,
 }
 
 struct PoolTask {
@@ -372,7 +382,11 @@ impl PoolTask {
                         self.heartbeat();
                         self.submit_pending().await;
                         self.poll().await;
-                        let fast = self.jobs.values().any(|t| !t.started || t.stop_asked);
+                        let fast = self.jobs.values().any(|t| {
+                            !t.started
+                                || t.stop_asked
+                                || t.seen.elapsed() < YOUNG
+                        });
                         next_poll = Instant::now() + if fast { POLL_FAST } else { POLL_SLOW };
                     }
                 }
@@ -483,7 +497,7 @@ impl PoolTask {
             self.jobs.insert(
                 (id, job.attempt),
                 Tracked {
-                    job: engine_job(&state, &self.node, job, &here),
+                    job: engine_job(&state, &self.config, job, &here),
                     replicas: here,
                     remote: None,
                     started: job.started_at.is_some(),
@@ -491,6 +505,7 @@ impl PoolTask {
                     cancel_sent: false,
                     log_offset: 0,
                     queued: false,
+                    seen: Instant::now(),
                 },
             );
         }
@@ -550,7 +565,7 @@ impl PoolTask {
                     ));
                     continue;
                 }
-                let pj = engine_job(&state, &self.node, job, &here);
+                let pj = engine_job(&state, &self.config, job, &here);
                 if let Some(why) = self.too_big(&pj) {
                     refused.push((keys, why));
                     continue;
@@ -566,6 +581,7 @@ impl PoolTask {
                         cancel_sent: false,
                         log_offset: 0,
                         queued: false,
+                        seen: Instant::now(),
                     },
                 );
             }
@@ -989,13 +1005,13 @@ fn spawn_failed(why: String) -> End {
     End::spawn_failed(why)
 }
 
-/// [`pool_job`] as the engine behind pool node `node` gets it: the
+/// [`pool_job`] as the engine behind `pool` gets it: the
 /// selector labels that the pool's node carries were met by placing the
 /// job in this pool (`pool`, `pool.kind`, the pool's labels), so the
 /// engine is not asked to find them on its own nodes too.
-fn engine_job(state: &ClusterState, node: &str, job: &Job, here: &[u32]) -> PoolJob {
-    let mut pj = pool_job(job, here);
-    if let Some(n) = state.nodes.get(node) {
+fn engine_job(state: &ClusterState, pool: &PoolConfig, job: &Job, here: &[u32]) -> PoolJob {
+    let mut pj = pool_job(pool, job, here);
+    if let Some(n) = state.nodes.get(&node_name(&pool.name)) {
         pj.node_selector
             .retain(|k, v| n.inventory.labels.get(k) != Some(v));
     }
@@ -1003,7 +1019,7 @@ fn engine_job(state: &ClusterState, node: &str, job: &Job, here: &[u32]) -> Pool
 }
 
 /// The pool's view of one attempt of a job whose replicas `here` it runs.
-pub fn pool_job(job: &Job, here: &[u32]) -> PoolJob {
+pub fn pool_job(pool: &PoolConfig, job: &Job, here: &[u32]) -> PoolJob {
     let spec = &job.spec;
     let mut env: Vec<(String, String)> = spec
         .env
@@ -1018,7 +1034,7 @@ pub fn pool_job(job: &Job, here: &[u32]) -> PoolJob {
     }
     let r = &spec.resources;
     PoolJob {
-        key: PoolJob::key_for(job.id, job.attempt),
+        key: PoolJob::key_in(&pool.key_prefix, job.id, job.attempt),
         job_id: job.id,
         attempt: job.attempt,
         name: spec.name.clone(),
@@ -1234,8 +1250,23 @@ pub async fn add(
         prices,
         labels: req.labels,
         created_at: now_ms(),
+        key_prefix: format!("{:08x}", rand::random::<u32>()),
     };
     let driver = driver_for(&config, &shared.home)?;
+    let v = register(&shared, config, driver).await?;
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+/// Adds a pool with its driver: checks the name is free, reads the
+/// engine's capacity (an engine that does not answer adds nothing), stores
+/// the pool and its node, and starts the pool's task. `POST /v1/pools`
+/// comes here with the driver [`driver_for`] built; tests bring their own.
+pub async fn register(
+    shared: &Arc<Shared>,
+    config: PoolConfig,
+    driver: Arc<dyn PoolDriver>,
+) -> Result<PoolView, ApiError> {
+    let prices = config.prices;
     let _guard = shared.admin_lock.lock().await;
     let node = node_name(&config.name);
     {
@@ -1278,18 +1309,22 @@ pub async fn add(
         h.capacity = Some(capacity);
         h.checked_at = now;
     });
-    let v = {
+    {
         let mut state = shared.state.lock().expect("state lock");
         state.nodes.insert(node.clone(), n);
         state.pools.insert(config.name.clone(), config.clone());
+    }
+    // The task takes the node's commands before any work can be placed there.
+    start(shared, config.clone(), driver);
+    let v = {
+        let mut state = shared.state.lock().expect("state lock");
         state.connected.insert(node.clone());
         state.capacity_changed = true;
-        view(&shared, &state, &config)
+        view(shared, &state, &config)
     };
     info!(pool = %config.name, kind = %config.kind, "pool added");
-    start(&shared, config, driver);
     shared.wake.notify_one();
-    Ok((StatusCode::CREATED, Json(v)))
+    Ok(v)
 }
 
 /// Removes a pool that runs no Tessera job.

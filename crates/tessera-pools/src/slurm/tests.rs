@@ -1,14 +1,15 @@
 //! The Slurm driver against output captured from a real Slurm 22.05
-//! (`scontrol_show_job.txt`: a failed job, one pending forever on a
-//! partition limit, a timeout, completed jobs, one running and two pending;
-//! `scontrol_show_node.txt`: a node with one CPU and all memory allocated),
+//! (`squeue_jobs.txt`: failed jobs, one cancelled while pending forever on a
+//! partition limit, timeouts, completed, cancelled, running and pending
+//! jobs; `scontrol_show_node.txt`: a node with one CPU and all memory
+//! allocated),
 //! through a runner that answers with that text and records the commands.
 
 use std::sync::{Arc, Mutex};
 
 use super::*;
 
-const JOBS: &str = include_str!("scontrol_show_job.txt");
+const JOBS: &str = include_str!("squeue_jobs.txt");
 const NODES: &str = include_str!("scontrol_show_node.txt");
 
 type Calls = Arc<Mutex<Vec<(String, Vec<String>, Option<String>)>>>;
@@ -99,13 +100,20 @@ fn id(s: &str) -> RemoteId {
 
 #[tokio::test]
 async fn status_maps_every_state_of_the_captured_listing_in_one_call() {
-    let (d, calls) = driver(vec![("scontrol", ok(JOBS))]);
-    let ids: Vec<RemoteId> = ["1", "2", "4", "5", "7", "8", "42"]
+    let (d, calls) = driver(vec![("squeue", ok(JOBS))]);
+    let ids: Vec<RemoteId> = ["1", "2", "4", "5", "10", "24", "26", "42"]
         .iter()
         .map(|s| id(s))
         .collect();
     let s = d.status(&ids).await.unwrap();
-    assert_eq!(calls.lock().unwrap().len(), 1, "one call for all jobs");
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.len(), 1, "one call for all jobs");
+    assert!(
+        calls[0]
+            .1
+            .contains(&"--jobs=1,2,4,5,10,24,26,42".to_string()),
+        "{calls:?}"
+    );
     assert_eq!(
         s[&id("1")],
         RemoteState::Failed {
@@ -125,9 +133,16 @@ async fn status_maps_every_state_of_the_captured_listing_in_one_call() {
         other => panic!("job 4 timed out, not {other:?}"),
     }
     assert_eq!(s[&id("5")], RemoteState::Succeeded);
-    assert_eq!(s[&id("7")], RemoteState::Running);
+    assert!(matches!(
+        s[&id("10")],
+        RemoteState::Failed {
+            exit_code: Some(4),
+            ..
+        }
+    ));
+    assert_eq!(s[&id("24")], RemoteState::Running);
     assert_eq!(
-        s[&id("8")],
+        s[&id("26")],
         RemoteState::Queued {
             reason: Some("Resources".into())
         }
@@ -294,13 +309,27 @@ async fn refusals_name_the_field_and_unreachable_slurm_is_unavailable() {
         matches!(d.submit(&j).await, Err(PoolError::Rejected(m)) if m.starts_with("gpu_models:"))
     );
 
-    let (down, _) = driver(vec![
+    // sbatch alone cannot reach the controller (squeue did a moment ago).
+    let (flaky, _) = driver(vec![
         ("squeue", ok("")),
         (
             "sbatch",
             err("sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)\n"),
         ),
-        ("scontrol", err("slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n")),
+    ]);
+    assert!(matches!(
+        flaky.submit(&job(1)).await,
+        Err(PoolError::Unavailable(_))
+    ));
+    let (down, _) = driver(vec![
+        (
+            "sbatch",
+            err("sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)\n"),
+        ),
+        (
+            "squeue",
+            err("slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n"),
+        ),
     ]);
     assert!(matches!(
         down.submit(&job(1)).await,
@@ -314,6 +343,16 @@ async fn refusals_name_the_field_and_unreachable_slurm_is_unavailable() {
     assert!(
         matches!(missing.capacity().await, Err(PoolError::Unavailable(m)) if m.contains("scontrol"))
     );
+}
+
+#[tokio::test]
+async fn jobs_slurm_has_forgotten_are_not_found() {
+    let (d, _) = driver(vec![(
+        "squeue",
+        err("slurm_load_jobs error: Invalid job id specified\n"),
+    )]);
+    let s = d.status(&[id("99999")]).await.unwrap();
+    assert_eq!(s[&id("99999")], RemoteState::NotFound);
 }
 
 #[tokio::test]
