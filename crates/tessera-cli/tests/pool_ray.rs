@@ -161,7 +161,11 @@ fn jobs_pinned_to_a_ray_pool_run_in_ray_with_their_logs_and_exit_codes() {
     wait_state(&up, long, &["cancelled"], 60);
     let deadline = Instant::now() + Duration::from_secs(30);
     while ray_job(&address, &before, long)["status"] != "STOPPED" {
-        assert!(Instant::now() < deadline, "{}", ray_job(&address, &before, long));
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            ray_job(&address, &before, long)
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 
