@@ -74,9 +74,15 @@ impl RayDriver {
     /// `address` is the dashboard's URL, e.g. `http://127.0.0.1:8265`.
     pub fn new(address: &str) -> Result<Self, PoolError> {
         let base = address.trim_end_matches('/').to_string();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
+        if base.starts_with("https://") {
             return Err(PoolError::Rejected(format!(
-                "address: {address:?} is not an http:// or https:// URL of a Ray dashboard"
+                "address: {address:?}: HTTPS dashboards are not supported yet; give the \
+                 dashboard's http:// URL"
+            )));
+        }
+        if !base.starts_with("http://") || base.len() <= "http://".len() {
+            return Err(PoolError::Rejected(format!(
+                "address: {address:?} is not the http:// URL of a Ray dashboard"
             )));
         }
         let http = reqwest::Client::builder()
@@ -118,11 +124,7 @@ impl RayDriver {
         id: &RemoteId,
     ) -> Result<impl Stream<Item = Result<String, PoolError>>, PoolError> {
         use tokio_tungstenite::tungstenite::Message;
-        let ws_base = if let Some(rest) = self.base.strip_prefix("https://") {
-            format!("wss://{rest}")
-        } else {
-            format!("ws://{}", self.base.trim_start_matches("http://"))
-        };
+        let ws_base = format!("ws://{}", self.base.trim_start_matches("http://"));
         let url = format!("{ws_base}/api/jobs/{}/logs/tail", path_segment(&id.0));
         // A job Ray does not know closes the socket at once; say so instead.
         self.details(id).await?;
@@ -629,6 +631,17 @@ mod tests {
             r"cd '/data/my runs' && exec timeout --kill-after=10 2 echo 'it'\''s a $HOME'"
         );
         assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn an_address_must_be_a_plain_http_url() {
+        assert!(RayDriver::new("http://head:8265/").is_ok());
+        for bad in ["head:8265", "https://head:8265", "http://", "ftp://x"] {
+            assert!(
+                matches!(RayDriver::new(bad), Err(PoolError::Rejected(m)) if m.starts_with("address:")),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
