@@ -10,7 +10,7 @@
 #   3. through Tessera's own nodes pool: `tessera up --cpu C` (C = the
 #      Slurm node's CPUs), the same N jobs on its local agent.
 # Each time runs from the first submission to the moment the waiting loop
-# (every 100 ms, the same in all three) sees the last job ended. Needs a
+# (every 500 ms, the same in all three) sees the last job ended. Needs a
 # Slurm answering `sinfo` (bash .ci/slurm-up.sh) with no other work queued.
 # Usage: bash bench/pools.sh [N] [OUT_DIR]     (default N = 200)
 #   TESSERA_BIN=path  use this binary instead of building the release one
@@ -53,7 +53,7 @@ list=$(IFS=,; echo "${ids[*]}")
 while true; do
     left=$(squeue --jobs="$list" --states=all -h -o %T | grep -cvE '^(COMPLETED|FAILED|CANCELLED|TIMEOUT|OUT_OF_MEMORY|NODE_FAIL)$' || true)
     [ "$left" = 0 ] && break
-    sleep 0.1
+    sleep 0.5
 done
 t1=$(now)
 failed=$(squeue --jobs="$list" --states=all -h -o %T | grep -cv '^COMPLETED$' || true)
@@ -92,7 +92,7 @@ through_tessera() {
     while true; do
         done_count=$("$bin" jobs --all -o json | jq '[.[] | select(.state == "succeeded" or .state == "failed" or .state == "lost" or .state == "cancelled")] | length')
         [ "$done_count" -ge "$n" ] && break
-        sleep 0.1
+        sleep 0.5
     done
     t1=$(now)
     local bad

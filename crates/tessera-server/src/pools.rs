@@ -13,7 +13,7 @@
 //! unchanged. A gang's replicas arrive as separate `Start`s of one attempt
 //! and go to the engine as one job with `replicas = n`.
 //!
-//! The status of all of a pool's jobs is read in one call, every 250 ms
+//! The status of all of a pool's jobs is read in one call, every 100 ms
 //! while a job is waiting to start or was handed over in the last 30 s,
 //! and every second otherwise; capacity every 5 s. A pool whose engine does not answer is marked unhealthy and
 //! gets no new work (its node leaves [`ClusterState::connected`]); its jobs
@@ -65,7 +65,7 @@ const META_PREFIX: &str = "pool/";
 /// How often a pool's capacity (and health) is read.
 const CAPACITY_EVERY: Duration = Duration::from_secs(5);
 /// How often job status is read while some job waits to start, and otherwise.
-const POLL_FAST: Duration = Duration::from_millis(250);
+const POLL_FAST: Duration = Duration::from_millis(100);
 const POLL_SLOW: Duration = Duration::from_millis(1000);
 /// A job handed to the engine this recently is polled fast: short jobs end
 /// soon, and their end frees capacity for the next.
@@ -348,6 +348,9 @@ struct Tracked {
     queued: bool,
     /// When this process took the job on.
     seen: Instant,
+    /// Placed by this process and never handed to the engine: it cannot be
+    /// there, so submitting skips the lookup by key.
+    fresh: bool,
 }
 
 struct PoolTask {
@@ -537,6 +540,7 @@ impl PoolTask {
                     log_offset: 0,
                     queued: false,
                     seen: Instant::now(),
+                    fresh: false,
                 },
             );
         }
@@ -613,6 +617,7 @@ impl PoolTask {
                         log_offset: 0,
                         queued: false,
                         seen: Instant::now(),
+                        fresh: true,
                     },
                 );
             }
@@ -675,8 +680,18 @@ impl PoolTask {
             .map(|(k, _)| *k)
             .collect();
         for key in pending {
-            let job = self.jobs[&key].job.clone();
-            match self.driver.submit(&job).await {
+            let (job, fresh) = (self.jobs[&key].job.clone(), self.jobs[&key].fresh);
+            // Any answer but an id (a timeout too) may hide a submission
+            // that happened: from then on, look the key up first.
+            if let Some(t) = self.jobs.get_mut(&key) {
+                t.fresh = false;
+            }
+            let submitted = if fresh {
+                self.driver.submit_new(&job).await
+            } else {
+                self.driver.submit(&job).await
+            };
+            match submitted {
                 Ok(id) => {
                     if let Some(t) = self.jobs.get_mut(&key) {
                         t.remote = Some(id.clone());
