@@ -5,11 +5,12 @@
 #      wait until Slurm lists all N as ended;
 #   2. through Tessera's Slurm pool: `tessera up`, `tessera pool add slurm`,
 #      N × `tessera run --pool ... -- true`, then wait until Tessera lists
-#      all N as succeeded;
+#      all N as succeeded; then again with `--option backlog=2` (Tessera
+#      hands Slurm up to twice its capacity, the rest waits in Slurm's queue);
 #   3. through Tessera's own nodes pool: `tessera up --cpu C` (C = the
 #      Slurm node's CPUs), the same N jobs on its local agent.
 # Each time runs from the first submission to the moment the waiting loop
-# (every 100 ms, the same in all three) sees the last job ended. Needs a
+# (every 500 ms, the same in all three) sees the last job ended. Needs a
 # Slurm answering `sinfo` (bash .ci/slurm-up.sh) with no other work queued.
 # Usage: bash bench/pools.sh [N] [OUT_DIR]     (default N = 200)
 #   TESSERA_BIN=path  use this binary instead of building the release one
@@ -52,7 +53,7 @@ list=$(IFS=,; echo "${ids[*]}")
 while true; do
     left=$(squeue --jobs="$list" --states=all -h -o %T | grep -cvE '^(COMPLETED|FAILED|CANCELLED|TIMEOUT|OUT_OF_MEMORY|NODE_FAIL)$' || true)
     [ "$left" = 0 ] && break
-    sleep 0.1
+    sleep 0.5
 done
 t1=$(now)
 failed=$(squeue --jobs="$list" --states=all -h -o %T | grep -cv '^COMPLETED$' || true)
@@ -91,7 +92,7 @@ through_tessera() {
     while true; do
         done_count=$("$bin" jobs --all -o json | jq '[.[] | select(.state == "succeeded" or .state == "failed" or .state == "lost" or .state == "cancelled")] | length')
         [ "$done_count" -ge "$n" ] && break
-        sleep 0.1
+        sleep 0.5
     done
     t1=$(now)
     local bad
@@ -109,6 +110,15 @@ printf 'tessera slurm pool: %d jobs done in %.1f s (%.2f jobs/s; %s not succeede
     "$n" "$pool_s" "$(echo "$n / $pool_s" | bc -l)" "$pool_bad" \
     "$(echo "$pool_s / $slurm_s" | bc -l)" "$(echo "($pool_s / $slurm_s - 1) * 100" | bc -l)"
 
+# ---- 2b. the same, the pool handing Slurm up to twice its capacity (backlog=2)
+start_up backlog
+"$bin" pool add slurm bench --option backlog=2 >/dev/null
+read -r backlog_s backlog_bad < <(through_tessera --pool bench)
+stop_up
+printf 'tessera slurm pool, backlog=2: %d jobs done in %.1f s (%.2f jobs/s; %s not succeeded); %.3f× Slurm direct (%+.1f%%)\n' \
+    "$n" "$backlog_s" "$(echo "$n / $backlog_s" | bc -l)" "$backlog_bad" \
+    "$(echo "$backlog_s / $slurm_s" | bc -l)" "$(echo "($backlog_s / $slurm_s - 1) * 100" | bc -l)"
+
 # ---- 3. through Tessera's own nodes pool (the local agent), as many CPUs as the Slurm node
 start_up nodes --cpu "$cpus"
 read -r nodes_s nodes_bad < <(through_tessera)
@@ -116,6 +126,8 @@ stop_up
 printf 'tessera own nodes: %d jobs done in %.1f s (%.2f jobs/s; %s not succeeded); %.3f× Slurm direct\n' \
     "$n" "$nodes_s" "$(echo "$n / $nodes_s" | bc -l)" "$nodes_bad" "$(echo "$nodes_s / $slurm_s" | bc -l)"
 
-jq -n --argjson n "$n" --argjson slurm "$slurm_s" --argjson pool "$pool_s" --argjson nodes "$nodes_s" \
-    '{jobs: $n, slurm_direct_s: $slurm, tessera_slurm_pool_s: $pool, tessera_nodes_s: $nodes,
-      pool_over_slurm: ($pool / $slurm), nodes_over_slurm: ($nodes / $slurm)}' | tee "$out/pools.json"
+jq -n --argjson n "$n" --argjson slurm "$slurm_s" --argjson pool "$pool_s" --argjson backlog "$backlog_s" \
+    --argjson nodes "$nodes_s" \
+    '{jobs: $n, slurm_direct_s: $slurm, tessera_slurm_pool_s: $pool, tessera_slurm_pool_backlog2_s: $backlog,
+      tessera_nodes_s: $nodes, pool_over_slurm: ($pool / $slurm), backlog2_over_slurm: ($backlog / $slurm),
+      nodes_over_slurm: ($nodes / $slurm)}' | tee "$out/pools.json"

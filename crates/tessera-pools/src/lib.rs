@@ -189,6 +189,13 @@ pub trait PoolDriver: Send + Sync + 'static {
     /// under `job.key`, returns that job's id and submits nothing.
     async fn submit(&self, job: &PoolJob) -> Result<RemoteId, PoolError>;
 
+    /// Submits an attempt the caller knows was never submitted (it made the
+    /// placement itself and has not tried before), so a driver may skip
+    /// looking the key up. By default the same as [`PoolDriver::submit`].
+    async fn submit_new(&self, job: &PoolJob) -> Result<RemoteId, PoolError> {
+        self.submit(job).await
+    }
+
     /// The state of many jobs in one call to the engine. Ids the engine
     /// does not know come back as [`RemoteState::NotFound`].
     async fn status(&self, ids: &[RemoteId]) -> Result<HashMap<RemoteId, RemoteState>, PoolError>;

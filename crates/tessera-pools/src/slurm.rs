@@ -4,7 +4,8 @@
 //!
 //! - **Submit**: `sbatch --parsable --job-name=<key>` with the batch script
 //!   on stdin. Idempotent: `squeue --name=<key> --states=all` first, and an
-//!   existing job under the key is returned instead of a second submission.
+//!   existing job under the key is returned instead of a second submission
+//!   (`submit_new`, for attempts the caller knows are new, skips the lookup).
 //!   Resources: `--cpus-per-task` (whole CPUs, rounded up), `--mem` (MiB,
 //!   rounded up; `--mem-per-cpu` for gangs, so each task gets its share
 //!   wherever Slurm puts it), `--gres=gpu[:model]:N` (`--gpus-per-task` for
@@ -544,14 +545,19 @@ impl PoolDriver for SlurmDriver {
     }
 
     async fn submit(&self, job: &PoolJob) -> Result<RemoteId, PoolError> {
+        sbatch_args(&self.config, job, Path::new("/"))?;
+        if let Some(id) = self.find(&job.key).await? {
+            return Ok(id);
+        }
+        self.submit_new(job).await
+    }
+
+    async fn submit_new(&self, job: &PoolJob) -> Result<RemoteId, PoolError> {
         let workdir = match &job.workdir {
             Some(w) => PathBuf::from(w),
             None => self.config.output_dir.join("work").join(&job.key),
         };
         let args = sbatch_args(&self.config, job, &workdir)?;
-        if let Some(id) = self.find(&job.key).await? {
-            return Ok(id);
-        }
         std::fs::create_dir_all(&self.config.output_dir)
             .and_then(|_| std::fs::create_dir_all(&workdir))
             .map_err(|e| {

@@ -13,7 +13,7 @@
 //! unchanged. A gang's replicas arrive as separate `Start`s of one attempt
 //! and go to the engine as one job with `replicas = n`.
 //!
-//! The status of all of a pool's jobs is read in one call, every 250 ms
+//! The status of all of a pool's jobs is read in one call, every 100 ms
 //! while a job is waiting to start or was handed over in the last 30 s,
 //! and every second otherwise; capacity every 5 s. A pool whose engine does not answer is marked unhealthy and
 //! gets no new work (its node leaves [`ClusterState::connected`]); its jobs
@@ -65,7 +65,7 @@ const META_PREFIX: &str = "pool/";
 /// How often a pool's capacity (and health) is read.
 const CAPACITY_EVERY: Duration = Duration::from_secs(5);
 /// How often job status is read while some job waits to start, and otherwise.
-const POLL_FAST: Duration = Duration::from_millis(250);
+const POLL_FAST: Duration = Duration::from_millis(100);
 const POLL_SLOW: Duration = Duration::from_millis(1000);
 /// A job handed to the engine this recently is polled fast: short jobs end
 /// soon, and their end frees capacity for the next.
@@ -125,14 +125,41 @@ pub fn is_pool_node(state: &ClusterState, node: &str) -> bool {
         .is_some_and(|p| state.pools.contains_key(p))
 }
 
+/// Options every pool kind takes (the server's, not the driver's).
+pub const GENERIC_OPTIONS: &[&str] = &["backlog"];
+
+/// The pool's `backlog` option: the engine is handed up to this many times
+/// its capacity (1 to 10; default 1). What does not fit waits in the
+/// engine's own queue, so the engine starts the next job the moment one
+/// ends instead of waiting for Tessera to notice the end and hand it one —
+/// at the price that fair share and quotas count the waiting jobs as placed.
+pub fn backlog(config: &PoolConfig) -> Result<f64, FieldError> {
+    match config.options.get("backlog") {
+        None => Ok(1.0),
+        Some(v) => match v.parse::<f64>() {
+            Ok(f) if (1.0..=10.0).contains(&f) => Ok(f),
+            _ => Err(FieldError::new(
+                "options.backlog",
+                format!("`{v}` is not a backlog factor: use a number from 1 to 10"),
+            )),
+        },
+    }
+}
+
 /// The pool kinds [`driver_for`] builds.
 pub const KINDS: &[&str] = &["slurm", "ray", "kubernetes"];
 
 /// Builds the driver for a pool: the one place a pool kind is registered.
 /// Checks the kind's options; errors name the field.
 pub fn driver_for(config: &PoolConfig, home: &Path) -> Result<Arc<dyn PoolDriver>, FieldError> {
+    backlog(config)?;
     let allow = |known: &[&str]| -> Result<(), FieldError> {
-        match config.options.keys().find(|k| !known.contains(&k.as_str())) {
+        match config
+            .options
+            .keys()
+            .filter(|k| !GENERIC_OPTIONS.contains(&k.as_str()))
+            .find(|k| !known.contains(&k.as_str()))
+        {
             Some(k) => Err(FieldError::new(
                 format!("options.{k}"),
                 format!(
@@ -238,9 +265,10 @@ fn inventory(config: &PoolConfig, c: &Capacity) -> Inventory {
     labels.extend(config.labels.clone());
     labels.insert(tessera_core::spec::POOL_LABEL.into(), config.name.clone());
     labels.insert("pool.kind".into(), config.kind.clone());
+    let factor = backlog(config).unwrap_or(1.0);
     let mut gpus = Vec::new();
     for g in &c.gpus {
-        for _ in 0..g.count {
+        for _ in 0..(g.count as f64 * factor).floor() as u32 {
             let index = gpus.len() as u32;
             gpus.push(GpuInfo {
                 index,
@@ -253,18 +281,23 @@ fn inventory(config: &PoolConfig, c: &Capacity) -> Inventory {
     }
     Inventory {
         name: node,
-        cpu_milli: c.cpu_milli,
-        memory_bytes: c.memory_bytes,
+        cpu_milli: (c.cpu_milli as f64 * factor) as u64,
+        memory_bytes: (c.memory_bytes as f64 * factor) as u64,
         gpus,
         gpu_source: config.kind.clone(),
         limits_enforced: true,
         limits_note: format!(
-            "a {} pool of {} node(s); the engine places and limits each job (largest node: {} CPU, {} memory, {} GPU)",
+            "a {} pool of {} node(s); the engine places and limits each job (largest node: {} CPU, {} memory, {} GPU){}",
             config.kind,
             c.nodes,
             c.largest_node.0 as f64 / 1000.0,
             tessera_core::quantity::format_memory(c.largest_node.1),
-            c.largest_node.2
+            c.largest_node.2,
+            if factor > 1.0 {
+                format!("; offered {factor}× its capacity (backlog), the rest waits in the engine")
+            } else {
+                String::new()
+            }
         ),
         labels,
         agent_version: format!("pool/{}", config.kind),
@@ -317,6 +350,9 @@ struct Tracked {
     queued: bool,
     /// When this process took the job on.
     seen: Instant,
+    /// Placed by this process and never handed to the engine: it cannot be
+    /// there, so submitting skips the lookup by key.
+    fresh: bool,
 }
 
 struct PoolTask {
@@ -506,6 +542,7 @@ impl PoolTask {
                     log_offset: 0,
                     queued: false,
                     seen: Instant::now(),
+                    fresh: false,
                 },
             );
         }
@@ -582,6 +619,7 @@ impl PoolTask {
                         log_offset: 0,
                         queued: false,
                         seen: Instant::now(),
+                        fresh: true,
                     },
                 );
             }
@@ -644,8 +682,18 @@ impl PoolTask {
             .map(|(k, _)| *k)
             .collect();
         for key in pending {
-            let job = self.jobs[&key].job.clone();
-            match self.driver.submit(&job).await {
+            let (job, fresh) = (self.jobs[&key].job.clone(), self.jobs[&key].fresh);
+            // Any answer but an id (a timeout too) may hide a submission
+            // that happened: from then on, look the key up first.
+            if let Some(t) = self.jobs.get_mut(&key) {
+                t.fresh = false;
+            }
+            let submitted = if fresh {
+                self.driver.submit_new(&job).await
+            } else {
+                self.driver.submit(&job).await
+            };
+            match submitted {
                 Ok(id) => {
                     if let Some(t) = self.jobs.get_mut(&key) {
                         t.remote = Some(id.clone());
@@ -1369,4 +1417,56 @@ pub async fn remove(
     shared.pools.forget(&name);
     info!(pool = %name, "pool removed");
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(options: &[(&str, &str)]) -> PoolConfig {
+        PoolConfig {
+            name: "hpc".into(),
+            kind: "slurm".into(),
+            options: options
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            prices: Prices::default(),
+            labels: BTreeMap::new(),
+            created_at: 0,
+            key_prefix: "x".into(),
+        }
+    }
+
+    #[test]
+    fn backlog_offers_a_multiple_of_the_engines_capacity_and_is_checked() {
+        let c = Capacity {
+            nodes: 1,
+            cpu_milli: 2000,
+            memory_bytes: 4 << 30,
+            gpus: vec![tessera_pools::GpuCount {
+                model: "H100".into(),
+                count: 2,
+            }],
+            largest_node: (2000, 4 << 30, 2),
+            ..Capacity::default()
+        };
+        let plain = inventory(&config(&[]), &c);
+        assert_eq!((plain.cpu_milli, plain.gpus.len()), (2000, 2));
+        let twice = inventory(&config(&[("backlog", "2")]), &c);
+        assert_eq!(twice.cpu_milli, 4000);
+        assert_eq!(twice.memory_bytes, 8 << 30);
+        assert_eq!(twice.gpus.len(), 4);
+        assert_eq!(twice.labels["pool"], "hpc");
+        let home = std::path::Path::new("/nonexistent");
+        assert!(driver_for(&config(&[("backlog", "2")]), home).is_ok());
+        for bad in ["0.5", "11", "lots"] {
+            let e = driver_for(&config(&[("backlog", bad)]), home)
+                .err()
+                .unwrap();
+            assert_eq!(e.field, "options.backlog", "{bad}");
+        }
+        let e = driver_for(&config(&[("queue", "1")]), home).err().unwrap();
+        assert_eq!(e.field, "options.queue");
+    }
 }

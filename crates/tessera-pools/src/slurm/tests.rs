@@ -233,6 +233,15 @@ async fn submit_looks_the_key_up_first_and_returns_the_existing_job() {
 }
 
 #[tokio::test]
+async fn submit_new_skips_the_lookup() {
+    let (d, calls) = driver(vec![("squeue", ok("8\n")), ("sbatch", ok("99\n"))]);
+    assert_eq!(d.submit_new(&job(1)).await.unwrap(), id("99"));
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].0, "sbatch");
+}
+
+#[tokio::test]
 async fn submit_maps_resources_and_quotes_the_script() {
     let (d, calls) = driver(vec![("squeue", ok("")), ("sbatch", ok("12;cluster\n"))]);
     assert_eq!(d.submit(&job(1)).await.unwrap(), id("12"));
