@@ -3,6 +3,9 @@
 //! them. [`crate::pools::driver_for`] dispatches here; everything else
 //! about a pool (its node, its task, persistence) is kind-agnostic.
 //!
+//! Both also take the options every kind takes
+//! ([`crate::pools::GENERIC_OPTIONS`], checked by `driver_for`).
+//!
 //! - `ray`: `address` (required), the Ray dashboard's URL, e.g.
 //!   `http://head:8265`.
 //! - `kubernetes`: `kubeconfig` (required, an absolute path), `context`
@@ -18,7 +21,12 @@ use tessera_pools::{PoolDriver, PoolError};
 use crate::pools::PoolConfig;
 
 fn allow(config: &PoolConfig, known: &[&str]) -> Result<(), FieldError> {
-    match config.options.keys().find(|k| !known.contains(&k.as_str())) {
+    match config
+        .options
+        .keys()
+        .filter(|k| !crate::pools::GENERIC_OPTIONS.contains(&k.as_str()))
+        .find(|k| !known.contains(&k.as_str()))
+    {
         Some(k) => Err(FieldError::new(
             format!("options.{k}"),
             format!(
