@@ -19,6 +19,7 @@ mod commands;
 mod fleet;
 mod gateway_cmd;
 mod output;
+mod pools;
 mod run;
 mod serving;
 mod usage;
@@ -154,6 +155,13 @@ enum Command {
     },
     /// List nodes with their capacity and what is allocated
     Nodes,
+    /// Add or remove a pool: an engine (Slurm) Tessera hands work to
+    Pool {
+        #[command(subcommand)]
+        command: pools::PoolCommand,
+    },
+    /// List pools: capacity, in use, queued, price, health
+    Pools,
     /// Manage teams (no subcommand: list them)
     #[command(visible_alias = "teams")]
     Team {
@@ -440,6 +448,8 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Logs(args) => commands::logs(g, &args).await?,
         Command::Cancel { id } => commands::cancel(g, id).await?,
         Command::Nodes => commands::nodes(g).await?,
+        Command::Pool { command } => pools::pool(g, command).await?,
+        Command::Pools => pools::pools(g).await?,
         Command::Team { command } => match command {
             Some(TeamCommand::Create {
                 name,

@@ -9,19 +9,26 @@
 //! of its own that matters: everything it needs to find a job again is in
 //! the engine, under the job's key.
 
+pub mod ray;
+
 use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tessera_core::job::JobId;
 
+pub mod slurm;
+
 /// One attempt of one job, as a pool is asked to run it. All replicas of a
 /// gang go to one pool together.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolJob {
-    /// The idempotency key, `tessera-<job>-<attempt>`: the same attempt
-    /// always has the same key, and a driver asked to submit a key the
-    /// engine already knows returns the existing job.
+    /// The idempotency key, `tessera-<job>-<attempt>` (the server puts a
+    /// pool-unique part in between, [`PoolJob::key_in`], so that two Tessera
+    /// installations, or a fresh one, never take each other's jobs for
+    /// their own): the same attempt always has the same key, and a driver
+    /// asked to submit a key the engine already knows returns the existing
+    /// job.
     pub key: String,
     pub job_id: JobId,
     pub attempt: u32,
@@ -49,6 +56,15 @@ impl PoolJob {
     /// The idempotency key of one attempt of one job.
     pub fn key_for(job_id: JobId, attempt: u32) -> String {
         format!("tessera-{job_id}-{attempt}")
+    }
+
+    /// The key of one attempt of one job in a pool whose jobs carry
+    /// `prefix` (`tessera-<prefix>-<job>-<attempt>`).
+    pub fn key_in(prefix: &str, job_id: JobId, attempt: u32) -> String {
+        if prefix.is_empty() {
+            return PoolJob::key_for(job_id, attempt);
+        }
+        format!("tessera-{prefix}-{job_id}-{attempt}")
     }
 }
 
@@ -172,6 +188,13 @@ pub trait PoolDriver: Send + Sync + 'static {
     /// Submits one attempt. Idempotent: if the engine already has a job
     /// under `job.key`, returns that job's id and submits nothing.
     async fn submit(&self, job: &PoolJob) -> Result<RemoteId, PoolError>;
+
+    /// Submits an attempt the caller knows was never submitted (it made the
+    /// placement itself and has not tried before), so a driver may skip
+    /// looking the key up. By default the same as [`PoolDriver::submit`].
+    async fn submit_new(&self, job: &PoolJob) -> Result<RemoteId, PoolError> {
+        self.submit(job).await
+    }
 
     /// The state of many jobs in one call to the engine. Ids the engine
     /// does not know come back as [`RemoteState::NotFound`].

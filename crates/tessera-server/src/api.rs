@@ -70,6 +70,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/agents/connect", get(crate::fleet::connect))
         .route("/tasks", post(seed_create_task))
         .merge(crate::ui::routes())
+        .merge(crate::pools::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
@@ -111,7 +112,8 @@ async fn to_gateway(
         crate::service_api::serve, crate::service_api::list, crate::service_api::detail,
         crate::service_api::scale, crate::service_api::delete, crate::service_api::create_key,
         crate::service_api::routes, crate::service_api::load,
-        crate::usage::get_usage
+        crate::usage::get_usage,
+        crate::pools::list, crate::pools::add, crate::pools::remove
     ),
     components(schemas(
         ErrorBody, Job, Event, JobSpec, ResourcesSpec, Quantity, Team, TeamQuota, ResourceAmounts,
@@ -133,7 +135,9 @@ async fn to_gateway(
         crate::service_api::ServiceLoad,
         crate::usage::UsageReport, crate::usage::UsageRow, crate::usage::Amounts,
         crate::usage::GroupBy, tessera_core::job::AttemptUsage, tessera_core::job::NodeShare,
-        tessera_core::node::Prices
+        tessera_core::node::Prices,
+        crate::pools::PoolAdd, crate::pools::PoolPrices, crate::pools::PoolView,
+        crate::pools::PoolList
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))

@@ -910,6 +910,11 @@ pub async fn stop_all(shared: &Shared, wait: Duration) {
         for id in &state.active {
             let job = &state.jobs[id];
             for p in &job.placement {
+                // Work in a pool keeps running in its engine; the next
+                // start finds it again.
+                if crate::pools::is_pool_node(&state, &p.node) {
+                    continue;
+                }
                 if let Some(tx) = agents.get(&p.node) {
                     let _ = tx.send(ToAgent::Stop {
                         key: ReplicaKey {
@@ -926,7 +931,16 @@ pub async fn stop_all(shared: &Shared, wait: Duration) {
     }
     let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
-        if shared.state.lock().expect("state lock").active.is_empty() {
+        let outside_pools = {
+            let state = shared.state.lock().expect("state lock");
+            state.active.iter().any(|id| {
+                state.jobs[id]
+                    .placement
+                    .iter()
+                    .any(|p| !crate::pools::is_pool_node(&state, &p.node))
+            })
+        };
+        if !outside_pools {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -942,7 +956,20 @@ pub async fn stop_all(shared: &Shared, wait: Duration) {
 /// per their retry policy.
 pub fn recover_interrupted(shared: &Shared, state: &mut ClusterState, now: u64) -> Vec<Write> {
     let mut writes = Vec::new();
-    let interrupted: Vec<JobId> = state.active.iter().copied().collect();
+    // Jobs in pools run in their engines, not in this process: each pool's
+    // task finds them again.
+    let interrupted: Vec<JobId> = state
+        .active
+        .iter()
+        .copied()
+        .filter(|id| {
+            !state.jobs[id]
+                .placement
+                .iter()
+                .all(|p| crate::pools::is_pool_node(state, &p.node))
+                || state.jobs[id].placement.is_empty()
+        })
+        .collect();
     for id in interrupted {
         let cancel = state.jobs[&id].cancel_requested;
         if cancel {

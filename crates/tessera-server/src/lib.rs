@@ -14,6 +14,8 @@ pub mod error;
 pub mod fleet;
 pub mod logs;
 pub mod metrics;
+pub mod pool_engines;
+pub mod pools;
 pub mod service_api;
 pub mod services;
 pub mod state;
@@ -80,8 +82,10 @@ pub struct Shared {
     pub services: services::Services,
     /// The gateway serving `/s/<service>/`, when this process runs one.
     pub gateway: Option<Arc<tessera_gateway::Gateway>>,
-    /// Reports from remote agents, to the report loop.
+    /// Reports from remote agents (and pools), to the report loop.
     pub reports: mpsc::UnboundedSender<control::AgentReport>,
+    /// What each pool's task last saw (health, capacity, jobs in the engine).
+    pub pools: pools::Pools,
     reports_rx: Mutex<Option<mpsc::UnboundedReceiver<control::AgentReport>>>,
     /// The dashboard's history (`/ui`).
     pub ui: ui::UiState,
@@ -107,6 +111,7 @@ impl Shared {
             node_lease_ms: DEFAULT_NODE_LEASE.as_millis() as u64,
             reports,
             reports_rx: Mutex::new(Some(reports_rx)),
+            pools: pools::Pools::default(),
             services: services::Services::new(Arc::new(services::NoRoutes)),
             gateway: None,
             store,
@@ -165,6 +170,7 @@ impl Shared {
         }
         tokio::spawn(services::services_loop(self.clone()));
         tokio::spawn(ui::sampler(self.clone()));
+        pools::start_all(self);
     }
 
     /// Tells log followers that jobs changed.
@@ -453,6 +459,7 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
                 n.inventory.name != node_name
                     && n.state != NodeState::Lost
                     && !joined.contains(&n.inventory.name)
+                    && !pools::is_pool_node(&state, &n.inventory.name)
             })
             .map(|n| n.inventory.name.clone())
             .collect();

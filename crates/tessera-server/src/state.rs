@@ -38,6 +38,8 @@ pub struct ClusterState {
     pub services: BTreeMap<String, tessera_core::service::Service>,
     /// The latest usage each node's agent reported (in memory only).
     pub usage: HashMap<String, tessera_core::node::NodeUsage>,
+    /// Pools by name (stored in the `meta` table); each is node `pool-<name>`.
+    pub pools: BTreeMap<String, crate::pools::PoolConfig>,
 }
 
 /// What is allocated on one node.
@@ -76,6 +78,7 @@ impl ClusterState {
             s.events.entry(e.job_id).or_default().push(e);
         }
         s.services = crate::services::load(&l.meta);
+        s.pools = crate::pools::load(&l.meta);
         for j in l.jobs {
             s.index(&j);
             s.jobs.insert(j.id, j);
