@@ -112,7 +112,9 @@ chmod 0400 /etc/munge/munge.key
 if ! pgrep -x munged >/dev/null; then
   # Run as root so this works in containers without the munge user's rights.
   munged --force
-  pgrep -xo munged > "$STATE/munged.pid"
+  # munged daemonizes; its own pid file names the daemon.
+  for _ in $(seq 50); do [ -s /run/munge/munged.pid ] && break; sleep 0.1; done
+  cp /run/munge/munged.pid "$STATE/munged.pid"
 fi
 if ! pgrep -x slurmctld >/dev/null; then
   slurmctld
