@@ -420,8 +420,12 @@ pub trait Lake: Send + Sync {
     async fn create(&self, who: &Principal, req: CreateDataset) -> Result<Dataset, LakeError>;
     /// Every dataset the caller may read.
     async fn list(&self, who: &Principal) -> Result<Vec<Dataset>, LakeError>;
-    async fn show(&self, who: &Principal, team: &str, name: &str)
-        -> Result<DatasetDetail, LakeError>;
+    async fn show(
+        &self,
+        who: &Principal,
+        team: &str,
+        name: &str,
+    ) -> Result<DatasetDetail, LakeError>;
     /// Ingests `body` as the next version: committed whole, or not at all.
     /// Creates the dataset (in `team`) when it does not exist yet.
     async fn upload(

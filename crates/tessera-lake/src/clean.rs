@@ -1,7 +1,6 @@
 //! Cleaning: operations on one version of a table, planned as one
 //! DataFrame whose result becomes a new version.
 
-
 use deltalake::arrow::datatypes::{DataType, TimeUnit};
 use deltalake::datafusion::dataframe::DataFrame;
 use deltalake::datafusion::prelude::{cast, ident};
@@ -66,7 +65,10 @@ pub(crate) async fn plan(
         .map_err(|e| internal("opening the table", e))?;
     let mut df = match &req.sql {
         Some(sql) => ctx.sql(sql).await.map_err(|e| {
-            invalid("sql", format!("the transform cannot run: {e} (read from the table `input`)"))
+            invalid(
+                "sql",
+                format!("the transform cannot run: {e} (read from the table `input`)"),
+            )
         })?,
         None => ctx
             .table("input")

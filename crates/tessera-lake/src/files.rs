@@ -49,7 +49,11 @@ async fn numbers(storage: &Storage, team: &str, name: &str) -> Result<Vec<u64>, 
     Ok(v)
 }
 
-pub(crate) async fn latest(storage: &Storage, team: &str, name: &str) -> Result<Option<u64>, LakeError> {
+pub(crate) async fn latest(
+    storage: &Storage,
+    team: &str,
+    name: &str,
+) -> Result<Option<u64>, LakeError> {
     Ok(numbers(storage, team, name).await?.last().copied())
 }
 
@@ -89,7 +93,11 @@ fn version_of(m: &Manifest) -> Version {
     }
 }
 
-pub(crate) async fn versions(storage: &Storage, team: &str, name: &str) -> Result<Vec<Version>, LakeError> {
+pub(crate) async fn versions(
+    storage: &Storage,
+    team: &str,
+    name: &str,
+) -> Result<Vec<Version>, LakeError> {
     let mut out = Vec::new();
     for v in numbers(storage, team, name).await? {
         out.push(version_of(&manifest(storage, team, name, v).await?));

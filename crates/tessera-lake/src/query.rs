@@ -20,9 +20,7 @@ use deltalake::datafusion::execution::SendableRecordBatchStream;
 use deltalake::parquet::arrow::ArrowWriter;
 use futures::StreamExt;
 use tessera_core::auth::Principal;
-use tessera_core::lake::{
-    Dataset, DatasetKind, LakeError, QueryResult, ResultFormat,
-};
+use tessera_core::lake::{Dataset, DatasetKind, LakeError, QueryResult, ResultFormat};
 
 use crate::storage::Storage;
 use crate::table;
@@ -116,9 +114,10 @@ impl SchemaProvider for TeamSchema {
             .await
             .map_err(carry)?
             .ok_or_else(|| carry(LakeError::Query(format!("{full} has no versions yet"))))?;
-        let provider = t.table_provider().await.map_err(|e| {
-            carry(LakeError::Internal(format!("opening {full}: {e}")))
-        })?;
+        let provider = t
+            .table_provider()
+            .await
+            .map_err(|e| carry(LakeError::Internal(format!("opening {full}: {e}"))))?;
         Ok(Some(provider))
     }
 
@@ -176,7 +175,10 @@ pub(crate) fn rewrite_versions(sql: &str) -> String {
         let (plain, quoted) = match next {
             Some(i) => {
                 let q = rest.as_bytes()[i] as char;
-                let end = rest[i + 1..].find(q).map(|j| i + 1 + j + 1).unwrap_or(rest.len());
+                let end = rest[i + 1..]
+                    .find(q)
+                    .map(|j| i + 1 + j + 1)
+                    .unwrap_or(rest.len());
                 (&rest[..i], &rest[i..end])
             }
             None => (rest, ""),
@@ -217,9 +219,7 @@ pub(crate) async fn run(
             .sql_with_options(&sql, opts)
             .await
             .map_err(query_error)?;
-        let df = df
-            .limit(0, Some(max_rows as usize))
-            .map_err(query_error)?;
+        let df = df.limit(0, Some(max_rows as usize)).map_err(query_error)?;
         let columns = table::columns(df.schema().as_arrow());
         let mut stream = df.execute_stream().await.map_err(query_error)?;
         let first = match stream.next().await {
@@ -229,14 +229,15 @@ pub(crate) async fn run(
         };
         Ok::<_, LakeError>((columns, stream, first))
     };
-    let (columns, stream, first) = tokio::time::timeout_at(deadline, work)
-        .await
-        .map_err(|_| {
-            LakeError::Timeout(format!(
-                "the query ran past its time limit of {} s and was stopped",
-                limit.as_secs_f64()
-            ))
-        })??;
+    let (columns, stream, first) =
+        tokio::time::timeout_at(deadline, work)
+            .await
+            .map_err(|_| {
+                LakeError::Timeout(format!(
+                    "the query ran past its time limit of {} s and was stopped",
+                    limit.as_secs_f64()
+                ))
+            })??;
     Ok(QueryResult {
         columns,
         format,

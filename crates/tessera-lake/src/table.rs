@@ -22,9 +22,7 @@ use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
-use tessera_core::lake::{
-    Column, Dataset, LakeError, Upload, UploadFormat, Version, WriteMode,
-};
+use tessera_core::lake::{Column, Dataset, LakeError, Upload, UploadFormat, Version, WriteMode};
 use tessera_core::FieldError;
 
 use crate::storage::{internal, Storage};
@@ -305,12 +303,17 @@ pub(crate) async fn arrow_schema(t: &DeltaTable) -> Result<SchemaRef, LakeError>
 pub(crate) fn session_config() -> deltalake::datafusion::prelude::SessionConfig {
     deltalake::datafusion::prelude::SessionConfig::new()
         .with_information_schema(false)
-        .set_bool("datafusion.execution.parquet.schema_force_view_types", false)
+        .set_bool(
+            "datafusion.execution.parquet.schema_force_view_types",
+            false,
+        )
         .set_bool("datafusion.sql_parser.map_string_types_to_utf8view", false)
 }
 
 /// A session with Delta's planner, which its writes need.
-pub(crate) fn session_with(config: deltalake::datafusion::prelude::SessionConfig) -> SessionContext {
+pub(crate) fn session_with(
+    config: deltalake::datafusion::prelude::SessionConfig,
+) -> SessionContext {
     let state = deltalake::datafusion::execution::SessionStateBuilder::new()
         .with_default_features()
         .with_config(config)
@@ -338,7 +341,9 @@ pub(crate) async fn ingest(
         None => None,
     };
     let ctx = session();
-    let path = file.to_str().ok_or_else(|| internal("the spool path", "not UTF-8"))?;
+    let path = file
+        .to_str()
+        .ok_or_else(|| internal("the spool path", "not UTF-8"))?;
     let df = match upload.format {
         UploadFormat::Csv => {
             let header = check_csv_header(file, expected.as_deref())?;
@@ -377,8 +382,11 @@ pub(crate) async fn ingest(
             ctx.read_json(path, opts).await
         }
         UploadFormat::Parquet => {
-            ctx.read_parquet(path, ParquetReadOptions::default().file_extension(".parquet"))
-                .await
+            ctx.read_parquet(
+                path,
+                ParquetReadOptions::default().file_extension(".parquet"),
+            )
+            .await
         }
         UploadFormat::Tar => unreachable!("file sets are not tables"),
     }
@@ -519,9 +527,9 @@ fn normalize(
             (Some(s), _) if i < s.fields().len() && s.field(i).data_type() != f.data_type() => {
                 Some(s.field(i).data_type().clone())
             }
-            (_, DataType::Timestamp(unit, tz)) if *unit != TimeUnit::Microsecond => Some(
-                DataType::Timestamp(TimeUnit::Microsecond, tz.clone()),
-            ),
+            (_, DataType::Timestamp(unit, tz)) if *unit != TimeUnit::Microsecond => {
+                Some(DataType::Timestamp(TimeUnit::Microsecond, tz.clone()))
+            }
             (_, DataType::Utf8View) => Some(DataType::Utf8),
             _ => None,
         };
@@ -558,7 +566,9 @@ pub(crate) fn bad_data(format: UploadFormat, raw: &str) -> LakeError {
         "Csv error: incorrect number of fields",
         "incorrect number of fields",
     );
-    LakeError::BadData(format!("{what} cannot be stored: {msg}; no version was created"))
+    LakeError::BadData(format!(
+        "{what} cannot be stored: {msg}; no version was created"
+    ))
 }
 
 /// Used by the clean and query modules to name a wrong field.

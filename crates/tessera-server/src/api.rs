@@ -68,6 +68,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/agents/join", post(crate::fleet::join))
         .route("/v1/agents/connect", get(crate::fleet::connect))
         .route("/tasks", post(seed_create_task))
+        .merge(crate::lake_api::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared);
@@ -226,7 +227,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn openapi() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+    Json(ApiDoc::openapi().merge_from(crate::lake_api::LakeDoc::openapi()))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
