@@ -79,6 +79,18 @@ pub enum BenchCommand {
     Agents(crate::bench_fleet::AgentsArgs),
     /// Trivial jobs on a real remote agent, submit to started and finished, against `tessera up`
     Remote(crate::bench_fleet::RemoteArgs),
+    /// Time the dashboard's pages (`/ui`) on a synthetic cluster in memory (no server needed)
+    Ui {
+        /// Nodes, each with 8 GPUs
+        #[arg(long, default_value_t = 1000)]
+        nodes: u32,
+        /// Jobs: about 6 running per node, 4% queued, the rest finished
+        #[arg(long, default_value_t = 100_000)]
+        jobs: u32,
+        /// Timed runs per page, after one warm-up run
+        #[arg(long, default_value_t = 20)]
+        runs: u32,
+    },
 }
 
 pub async fn bench(g: &Globals, command: BenchCommand) -> Result<()> {
@@ -118,6 +130,14 @@ pub async fn bench(g: &Globals, command: BenchCommand) -> Result<()> {
         } => e2e(g, jobs, serial, concurrency, Duration::from_millis(timeout)).await,
         BenchCommand::Agents(args) => crate::bench_fleet::agents(g, args).await,
         BenchCommand::Remote(args) => crate::bench_fleet::remote(g, args).await,
+        BenchCommand::Ui { nodes, jobs, runs } => {
+            let r = tessera_server::ui::bench::run(nodes, jobs, runs).await?;
+            match g.output {
+                Output::Json => output::print(&serde_json::to_string_pretty(&r)?)?,
+                Output::Table => output::print(tessera_server::ui::bench::table(&r).trim_end())?,
+            }
+            Ok(())
+        }
     }
 }
 
@@ -185,6 +205,7 @@ pub fn synthetic_snapshot_for(
                         gpu,
                         gpu_milli: 0,
                         gpu_models: models,
+                        node_selector: Default::default(),
                     },
                     1,
                 )
@@ -196,6 +217,7 @@ pub fn synthetic_snapshot_for(
                         gpu: 0,
                         gpu_milli: 0,
                         gpu_models: vec![],
+                        node_selector: Default::default(),
                     },
                     1,
                 )
@@ -207,6 +229,7 @@ pub fn synthetic_snapshot_for(
                         gpu: 8,
                         gpu_milli: 0,
                         gpu_models: vec![],
+                        node_selector: Default::default(),
                     },
                     rng.range(2, 4) as u32,
                 )

@@ -125,15 +125,15 @@ pub struct AgentArgs {
     pub ca: Option<PathBuf>,
 }
 
-fn labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+pub(crate) fn labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    use tessera_core::spec::{validate_label_key, validate_label_value};
     let mut out = BTreeMap::new();
     for pair in s.split(',').filter(|p| !p.is_empty()) {
         let (k, v) = pair
             .split_once('=')
             .ok_or_else(|| format!("`{pair}` is not k=v"))?;
-        if k.is_empty() {
-            return Err(format!("`{pair}` has an empty key"));
-        }
+        validate_label_key("labels", k).map_err(|e| e.message)?;
+        validate_label_value("labels", v).map_err(|e| e.message)?;
         out.insert(k.to_string(), v.to_string());
     }
     Ok(out)

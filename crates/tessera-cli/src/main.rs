@@ -200,6 +200,9 @@ struct UpArgs {
     /// Name of the local node [default: the host name]
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
+    /// Labels of the local node as k=v,k=v (jobs select nodes by them)
+    #[arg(long, value_name = "K=V,...", value_parser = fleet::labels)]
+    labels: Option<std::collections::BTreeMap<String, String>>,
     /// Do not enforce CPU and memory limits with cgroups
     #[arg(long)]
     no_cgroups: bool,
@@ -403,6 +406,7 @@ async fn up(globals: &Globals, args: UpArgs) -> Result<()> {
     config.agent_cpu_milli = args.cpu;
     config.agent_memory_bytes = args.memory;
     config.agent_gpu_xml = args.gpu_xml;
+    config.agent_labels = args.labels.unwrap_or_default();
     config.agent_name = args.node_name;
     config.cgroups = !args.no_cgroups;
     config.kill_grace = Duration::from_millis(args.kill_grace);

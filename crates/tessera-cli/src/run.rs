@@ -54,6 +54,15 @@ pub struct RunArgs {
     /// Run as a container of this image (without CMD, the image's own entrypoint runs)
     #[arg(long)]
     pub image: Option<String>,
+    /// Run only on nodes with this label (repeatable; all must match)
+    #[arg(long = "selector", value_name = "KEY=VALUE", value_parser = env_pair)]
+    pub node_selector: Vec<(String, String)>,
+    /// Run only in this pool (same as --selector pool=NAME)
+    #[arg(long, value_name = "NAME")]
+    pub pool: Option<String>,
+    /// Never preempt other jobs to start; wait for free capacity
+    #[arg(long)]
+    pub no_preempt: bool,
     /// Print replica 0's logs until the job ends, then exit with its exit code
     #[arg(short, long)]
     pub follow: bool,
@@ -108,6 +117,8 @@ fn flag_for(field: &str) -> &'static str {
         "priority" => "--priority",
         "max_runtime" => "--max-runtime",
         "retries" => "--retries",
+        "node_selector" => "--selector",
+        "pool" => "--pool",
         _ => "CMD",
     }
 }
@@ -137,6 +148,9 @@ pub fn build_spec(args: &RunArgs, cwd: Option<&std::path::Path>) -> Result<JobSp
         priority: args.priority,
         max_runtime: args.max_runtime.clone().map(Quantity::Text),
         retries: args.retries.map(|n| RetriesSpec::Count(i64::from(n))),
+        node_selector: args.node_selector.iter().cloned().collect(),
+        pool: args.pool.clone(),
+        preempt: args.no_preempt.then_some(false),
     };
     // The default team only stands in for the server's choice here.
     if let Err(e) = spec.validate("default") {

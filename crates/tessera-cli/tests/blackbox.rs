@@ -878,3 +878,49 @@ fn policy_prices_and_team_quotas_from_the_cli() {
     assert!(ads["quota"].is_null(), "{ads}");
     assert_eq!(ads["weight"], 3.0);
 }
+
+#[test]
+fn node_selectors_and_pools_pin_jobs_to_labelled_nodes() {
+    let up = Up::start(&["--labels", "region=eu,pool=lab"]);
+    // Selected labels the node has: the job runs.
+    let id = job_id(&up.cli_ok(&[
+        "run",
+        "-o",
+        "json",
+        "--selector",
+        "region=eu",
+        "--pool",
+        "lab",
+        "--",
+        "true",
+    ]));
+    let job = up.wait_state(id, &["succeeded"], 20);
+    assert_eq!(
+        job["spec"]["resources"]["node_selector"]["region"], "eu",
+        "{job}"
+    );
+    assert_eq!(
+        job["spec"]["resources"]["node_selector"]["pool"], "lab",
+        "{job}"
+    );
+    // Labels no node has: refused at submission, naming them; nothing queued.
+    let out = up.cli(&["run", "--selector", "region=us", "--", "true"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("region=us"), "{err}");
+    let (code, body) = up.http().post(
+        "/v1/jobs",
+        json!({"command": ["true"], "pool": "elsewhere"}),
+    );
+    assert_eq!(code, 422, "{body}");
+    assert!(body.to_string().contains("pool=elsewhere"), "{body}");
+    // A contradiction between `pool` and the selector names the field.
+    let (code, body) = up.http().post(
+        "/v1/jobs",
+        json!({"command": ["true"], "pool": "lab", "node_selector": {"pool": "x"}}),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["error"]["field"], "pool", "{body}");
+    let (_, jobs) = up.http().get("/v1/jobs");
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 1, "{jobs}");
+}

@@ -50,6 +50,14 @@ pub struct ServiceSpec {
     pub autoscale: Option<AutoscaleSpec>,
     /// Higher is placed first (and may preempt lower-priority batch jobs).
     pub priority: Option<i64>,
+    /// Node labels a replica's node must carry (e.g. `{region: eu}`).
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// Run replicas only in this pool (shorthand for `node_selector: {pool: NAME}`).
+    pub pool: Option<String>,
+    /// Whether a replica waiting to start may preempt lower-priority batch
+    /// jobs (give the service a higher `priority`). Default true.
+    pub preempt: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -191,6 +199,9 @@ impl ServiceSpec {
             priority: self.priority,
             max_runtime: None,
             retries: Some(RetriesSpec::Count(0)),
+            node_selector: self.node_selector.clone(),
+            pool: self.pool.clone(),
+            preempt: self.preempt,
         };
         let replica = job.validate(default_team)?;
         let port = match self.port {
@@ -299,6 +310,26 @@ mod tests {
         assert_eq!(t.autoscale.stable_window_ms, 60_000);
         assert_eq!(t.replica.replicas, 1);
         assert_eq!(t.replica.max_runtime_ms, None);
+        assert!(
+            t.replica.preempt,
+            "services preempt lower priorities by default"
+        );
+        assert!(t.replica.resources.node_selector.is_empty());
+    }
+
+    #[test]
+    fn preemption_and_placement_are_configurable() {
+        let t = ServiceSpec::parse(
+            "name: chat\nscript: serve\npriority: 50\npreempt: false\npool: gpu-a\nnode_selector: {region: eu}\n",
+        )
+        .unwrap()
+        .validate("ml")
+        .unwrap();
+        assert!(!t.replica.preempt);
+        assert_eq!(t.replica.priority, 50);
+        assert_eq!(t.replica.resources.node_selector.len(), 2);
+        let e = ServiceSpec::parse("name: chat\nscript: serve\npreempt: maybe\n").unwrap_err();
+        assert_eq!(e.field, "preempt");
     }
 
     #[test]

@@ -90,6 +90,17 @@ pub struct JobSpec {
     pub max_runtime: Option<Quantity>,
     /// Retry policy: a count of retries on failure, or `{on_failure, on_node_loss}`.
     pub retries: Option<RetriesSpec>,
+    /// Node labels a node must carry, every one of them, to run this job
+    /// (e.g. `{region: eu}`).
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// Run only in this pool: shorthand for `node_selector: {pool: NAME}`.
+    pub pool: Option<String>,
+    /// Whether this job may preempt running jobs of a lower priority (or,
+    /// under the policy, later in its order) to start. Default true; with
+    /// false it waits for free capacity. Its team's guaranteed quota is
+    /// reclaimed from borrowers for it either way.
+    pub preempt: Option<bool>,
 }
 
 /// Validated resources per replica, in plain units.
@@ -104,6 +115,10 @@ pub struct Resources {
     #[serde(default)]
     pub gpu_milli: u32,
     pub gpu_models: Vec<String>,
+    /// Labels a node must carry (every one, with these values) to run a
+    /// replica; empty: any node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
 }
 
 impl Resources {
@@ -137,6 +152,22 @@ impl Resources {
             }
         }
         s
+    }
+
+    /// Whether a node with these labels may run a replica.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.node_selector
+            .iter()
+            .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+    }
+
+    /// The selector as `k=v, k=v` (for reasons and tables).
+    pub fn selector_summary(&self) -> String {
+        self.node_selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Whether a GPU of this model is allowed for the job.
@@ -192,6 +223,9 @@ pub struct JobTemplate {
     pub priority: i32,
     pub max_runtime_ms: Option<u64>,
     pub retries: RetryPolicy,
+    /// May preempt other jobs to start (see [`JobSpec::preempt`]).
+    #[serde(default = "yes")]
+    pub preempt: bool,
 }
 
 fn qerr(field: &str) -> impl Fn(QuantityError) -> FieldError + '_ {
@@ -485,6 +519,7 @@ impl JobSpec {
                 )? as u32,
             },
         };
+        let node_selector = validate_selector(&self.node_selector, self.pool.as_deref())?;
         Ok(JobTemplate {
             name,
             team,
@@ -499,13 +534,81 @@ impl JobSpec {
                 gpu,
                 gpu_milli: 0,
                 gpu_models: r.gpu_models.clone(),
+                node_selector,
             },
             replicas,
             priority,
             max_runtime_ms,
             retries,
+            preempt: self.preempt.unwrap_or(true),
         })
     }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The node label that names a node's pool; `pool: NAME` in a job spec
+/// selects it.
+pub const POOL_LABEL: &str = "pool";
+
+/// Checks a label key: 1–63 of letters, digits, `.`, `_`, `-`, `/`,
+/// starting with a letter or digit.
+pub fn validate_label_key(field: &str, key: &str) -> Result<(), FieldError> {
+    let ok = !key.is_empty()
+        && key.len() <= 63
+        && key.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!("label key `{key}` must be 1-63 letters, digits, `.`, `_`, `-` or `/`, starting with a letter or digit"),
+        ))
+    }
+}
+
+/// Checks a label value: at most 63 of letters, digits, `.`, `_`, `-`.
+pub fn validate_label_value(field: &str, value: &str) -> Result<(), FieldError> {
+    let ok = value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!("label value `{value}` must be at most 63 letters, digits, `.`, `_` or `-`"),
+        ))
+    }
+}
+
+/// The validated node selector of a spec: `node_selector` plus `pool`.
+fn validate_selector(
+    selector: &BTreeMap<String, String>,
+    pool: Option<&str>,
+) -> Result<BTreeMap<String, String>, FieldError> {
+    for (k, v) in selector {
+        validate_label_key("node_selector", k)?;
+        validate_label_value(&format!("node_selector.{k}"), v)?;
+    }
+    let mut out = selector.clone();
+    if let Some(p) = pool {
+        validate_name("pool", p)?;
+        if let Some(other) = selector.get(POOL_LABEL).filter(|o| *o != p) {
+            return Err(FieldError::new(
+                "pool",
+                format!("`{p}` contradicts node_selector.{POOL_LABEL} = `{other}`"),
+            ));
+        }
+        out.insert(POOL_LABEL.to_string(), p.to_string());
+    }
+    Ok(out)
 }
 
 /// Checks an image reference: not empty, no whitespace or control
@@ -579,6 +682,32 @@ mod tests {
             Err(e) => e,
             Ok(spec) => spec.validate("ml").unwrap_err(),
         }
+    }
+
+    #[test]
+    fn node_selector_and_pool() {
+        let t = parse_ok("command: [true]\npool: lab\nnode_selector: {region: eu, zone: a-1}");
+        let sel: Vec<(&str, &str)> = t
+            .resources
+            .node_selector
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(sel, [("pool", "lab"), ("region", "eu"), ("zone", "a-1")]);
+        assert!(parse_ok("command: [true]")
+            .resources
+            .node_selector
+            .is_empty());
+        let e = parse_err("command: [true]\nnode_selector: {\"bad key\": x}");
+        assert_eq!(e.field, "node_selector");
+        assert!(e.message.contains("bad key"), "{}", e.message);
+        let e = parse_err("command: [true]\nnode_selector: {region: \"e u\"}");
+        assert_eq!(e.field, "node_selector.region");
+        let e = parse_err("command: [true]\npool: lab\nnode_selector: {pool: other}");
+        assert_eq!(e.field, "pool");
+        assert!(e.message.contains("contradicts"), "{}", e.message);
+        let e = parse_err("command: [true]\npool: \"no/slash\"");
+        assert_eq!(e.field, "pool");
     }
 
     #[test]

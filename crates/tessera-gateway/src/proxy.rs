@@ -171,8 +171,157 @@ impl Gateway {
                 }
             }
         }
+        if let Some(protocol) = upgrade_protocol(&parts.headers) {
+            return self
+                .forward_upgrade(svc, &route, strip, parts, protocol, client, start)
+                .await;
+        }
         self.forward(svc, &route, strip, parts, body, client, via, start)
             .await
+    }
+
+    /// The upstream path and the headers to send (hop-by-hop headers gone,
+    /// forwarding headers set); `None` (counted as a 400) for a path that
+    /// is not valid.
+    fn outgoing(
+        &self,
+        guard: &InFlight,
+        route: &Route,
+        strip: usize,
+        parts: &mut request::Parts,
+        client: Option<&HeaderValue>,
+    ) -> Option<(PathAndQuery, HeaderMap)> {
+        let Some(path) = out_path(&parts.uri, strip) else {
+            guard.svc.m.count(400);
+            return None;
+        };
+        let mut headers = std::mem::take(&mut parts.headers);
+        prepare_request_headers(
+            &mut headers,
+            client,
+            self.config.forwarded_proto,
+            route.require_key,
+        );
+        Some((path, headers))
+    }
+
+    /// Forwards a protocol upgrade (WebSocket): the request goes to a
+    /// replica on a connection of its own; when the replica switches
+    /// protocols, both connections are handed over and bytes are copied
+    /// both ways until either side closes. The request counts as in flight
+    /// (for balancing and the autoscaler) until then.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_upgrade(
+        &self,
+        svc: Arc<Service>,
+        route: &Route,
+        strip: usize,
+        mut parts: request::Parts,
+        protocol: HeaderValue,
+        client: Option<&HeaderValue>,
+        start: Instant,
+    ) -> hyper::Response<RespBody> {
+        let mut guard = InFlight::new(svc, start);
+        let Some(client_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+            guard.svc.m.count(400);
+            return answer(error_response(
+                StatusCode::BAD_REQUEST,
+                "upgrade_unsupported",
+                "this connection cannot be upgraded (HTTP/1.1 with `Connection: upgrade` is needed)",
+            ));
+        };
+        let Some((path, mut headers)) = self.outgoing(&guard, route, strip, &mut parts, client)
+        else {
+            return answer(error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "the path is not valid",
+            ));
+        };
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
+        let deadline = tokio::time::Instant::from_std(start) + route.request_timeout;
+        let mut tried = 0u64;
+        let attempts = self
+            .config
+            .max_attempts
+            .clamp(1, route.replicas.len().max(1));
+        for _ in 0..attempts {
+            let Some(i) = route.pick(&guard.svc.rr, tried) else {
+                break;
+            };
+            if i < 64 {
+                tried |= 1 << i;
+            }
+            let replica = &route.replicas[i];
+            guard.set_replica(&replica.in_flight);
+            let connected = tokio::time::timeout_at(
+                deadline,
+                crate::server::connect(replica.addr, self.config.connect_timeout, true),
+            )
+            .await;
+            let mut tx = match connected {
+                Ok(Ok(tx)) => tx,
+                Ok(Err(e)) => {
+                    tracing::debug!(service = &*guard.svc.name, error = %e, "connect failed; trying another replica");
+                    continue;
+                }
+                Err(_) => break,
+            };
+            let mut h = headers.clone();
+            h.insert(header::HOST, replica.host.clone());
+            let mut out_req = hyper::Request::new(OutBody::Empty);
+            *out_req.method_mut() = parts.method.clone();
+            *out_req.uri_mut() = Uri::from(path.clone());
+            *out_req.version_mut() = Version::HTTP_11;
+            *out_req.headers_mut() = h;
+            let mut resp = match tokio::time::timeout_at(deadline, tx.send_request(out_req)).await {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(e)) => {
+                    tracing::debug!(service = &*guard.svc.name, error = %e, "upstream failed");
+                    guard.svc.m.count(502);
+                    return answer(upstream_error(&guard.svc));
+                }
+                Err(_) => break,
+            };
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                // The replica declined the upgrade: its answer goes back as is.
+                return respond(resp, guard);
+            }
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let (mut parts, _) = resp.into_parts();
+            let upgrade = parts.headers.get(header::UPGRADE).cloned();
+            remove_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Some(u) = upgrade {
+                parts.headers.insert(header::UPGRADE, u);
+            }
+            guard.svc.m.count(101);
+            tokio::spawn(async move {
+                let (Ok(down), Ok(up)) = (client_upgrade.await, upstream_upgrade.await) else {
+                    tracing::debug!(service = &*guard.svc.name, "an upgrade did not complete");
+                    return;
+                };
+                relay(
+                    hyper_util::rt::TokioIo::new(down),
+                    hyper_util::rt::TokioIo::new(up),
+                )
+                .await;
+                drop(guard);
+            });
+            return hyper::Response::from_parts(parts, RespBody::Axum(Body::empty()));
+        }
+        guard.svc.m.count(502);
+        answer(error_response(
+            StatusCode::BAD_GATEWAY,
+            "upstream_unavailable",
+            &format!(
+                "no replica of service {:?} accepted the upgrade in time",
+                &*guard.svc.name
+            ),
+        ))
     }
 
     /// Waits, bounded by `max_held` and `hold_timeout`, for a route update
@@ -240,22 +389,14 @@ impl Gateway {
         start: Instant,
     ) -> hyper::Response<RespBody> {
         let mut guard = InFlight::new(svc, start);
-        let svc = &*guard.svc;
-        let Some(path) = out_path(&parts.uri, strip) else {
-            svc.m.count(400);
+        let Some((path, mut headers)) = self.outgoing(&guard, route, strip, &mut parts, client)
+        else {
             return answer(error_response(
                 StatusCode::BAD_REQUEST,
                 "bad_path",
                 "the path is not valid",
             ));
         };
-        let mut headers = std::mem::take(&mut parts.headers);
-        prepare_request_headers(
-            &mut headers,
-            client,
-            self.config.forwarded_proto,
-            route.require_key,
-        );
 
         let attempts = self
             .config
@@ -435,6 +576,54 @@ fn out_path(uri: &Uri, strip: usize) -> Option<PathAndQuery> {
         s.push_str(rest);
         PathAndQuery::try_from(s).ok()
     }
+}
+
+/// How long the other direction of an upgraded connection may go on once
+/// one side has closed its own.
+const HALF_CLOSED_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Copies bytes both ways between an upgraded client connection and its
+/// replica's until both directions end, or one has ended and the other has
+/// not within [`HALF_CLOSED_GRACE`] (a peer that never closes its side must
+/// not hold the request open forever).
+async fn relay<A, B>(down: A, up: B)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let (mut down_r, mut down_w) = tokio::io::split(down);
+    let (mut up_r, mut up_w) = tokio::io::split(up);
+    let to_up = async {
+        let _ = tokio::io::copy(&mut down_r, &mut up_w).await;
+        let _ = up_w.shutdown().await;
+    };
+    let to_down = async {
+        let _ = tokio::io::copy(&mut up_r, &mut down_w).await;
+        let _ = down_w.shutdown().await;
+    };
+    let (mut to_up, mut to_down) = (std::pin::pin!(to_up), std::pin::pin!(to_down));
+    tokio::select! {
+        () = &mut to_up => {
+            let _ = tokio::time::timeout(HALF_CLOSED_GRACE, to_down).await;
+        }
+        () = &mut to_down => {
+            let _ = tokio::time::timeout(HALF_CLOSED_GRACE, to_up).await;
+        }
+    }
+}
+
+/// The protocol a request asks to switch to (`Upgrade`, with `upgrade`
+/// among its `Connection` tokens), e.g. `websocket`.
+fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
+    let up = h.get(header::UPGRADE)?;
+    let asks = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| up.clone())
 }
 
 fn remove_hop_by_hop(h: &mut HeaderMap) {

@@ -89,8 +89,9 @@ impl Gateway {
                 Ok::<_, Infallible>(resp)
             }
         });
-        let conn =
-            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(tcp), svc)
+            .with_upgrades();
         let mut conn = pin!(conn);
         tokio::select! {
             served = conn.as_mut() => {
@@ -209,7 +210,7 @@ impl UpstreamConns {
                 }
             }
         }
-        let mut tx = connect(replica.addr, gw.config.connect_timeout)
+        let mut tx = connect(replica.addr, gw.config.connect_timeout, false)
             .await
             .map_err(SendError::Connect)?;
         let resp = tx
@@ -221,8 +222,14 @@ impl UpstreamConns {
     }
 }
 
-/// A new HTTP/1.1 connection to `addr`, driven by a task of its own.
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<OutBody>, BoxError> {
+/// A new HTTP/1.1 connection to `addr`, driven by a task of its own (which,
+/// with `upgrades`, hands the connection over after `101 Switching
+/// Protocols`).
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    upgrades: bool,
+) -> Result<SendRequest<OutBody>, BoxError> {
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| format!("connecting to {addr} timed out after {timeout:?}"))??;
@@ -231,7 +238,12 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<OutB
         .handshake(TokioIo::new(tcp))
         .await?;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        let ended = if upgrades {
+            conn.with_upgrades().await
+        } else {
+            conn.await
+        };
+        if let Err(e) = ended {
             tracing::trace!(error = %e, "upstream connection ended");
         }
     });

@@ -830,3 +830,103 @@ async fn the_router_serves_the_same_routes_when_embedded() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(gw.stats("echo").unwrap().requests_total, 1);
 }
+
+/// An upstream with a WebSocket endpoint that answers each text message
+/// with the path it was reached at and the message in capitals.
+async fn websocket_upstream() -> SocketAddr {
+    use axum::extract::ws::{Message, WebSocketUpgrade};
+    serve_upstream(Router::new().route(
+        "/v1/realtime",
+        any(
+            |ws: WebSocketUpgrade, req_uri: axum::http::Uri| async move {
+                ws.on_upgrade(move |mut socket| async move {
+                    while let Some(Ok(msg)) = socket.recv().await {
+                        if let Message::Text(t) = msg {
+                            let reply = format!("{} {}", req_uri, t.to_uppercase());
+                            if socket.send(Message::Text(reply.into())).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                })
+            },
+        ),
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn websockets_are_upgraded_and_relayed_both_ways() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let up = websocket_upstream().await;
+    // Both ways into the gateway: its own server, and its router (as the
+    // control plane embeds it).
+    let (gw, served) = start_gateway(GatewayConfig::default()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let routed = listener.local_addr().unwrap();
+    let app = gw.clone().router();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap()
+    });
+    let mut route = ServiceRoute::new(vec![replica("a", up)]);
+    route.key_hashes = vec![hash_key("k1")];
+    gw.set_service("rt", route);
+
+    for addr in [served, routed] {
+        // Without the key: refused before anything reaches the replica.
+        let err = tokio_tungstenite::connect_async(format!("ws://{addr}/s/rt/v1/realtime"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("401"), "{err}");
+
+        let mut req = format!("ws://{addr}/s/rt/v1/realtime?session=7")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", "Bearer k1".parse().unwrap());
+        let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        for word in ["hello", "world"] {
+            ws.send(Message::Text(word.into())).await.unwrap();
+            let reply = ws.next().await.unwrap().unwrap();
+            assert_eq!(
+                reply.into_text().unwrap().as_str(),
+                format!("/v1/realtime?session=7 {}", word.to_uppercase())
+            );
+        }
+        // An open WebSocket is a request in flight (balancing, autoscaling).
+        assert_eq!(gw.stats("rt").unwrap().in_flight, 1);
+        ws.close(None).await.unwrap();
+        // The replica's close comes back through the gateway.
+        while let Some(Ok(m)) = ws.next().await {
+            assert!(m.is_close(), "{m:?}");
+        }
+        drop(ws);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while gw.stats("rt").unwrap().in_flight != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the closed WebSocket still counts"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_replica_that_declines_an_upgrade_answers_as_is() {
+    let up = echo_upstream("a").await;
+    let (gw, addr) = start_gateway(GatewayConfig::default()).await;
+    gw.set_service("plain", ServiceRoute::new(vec![replica("a", up)]));
+    let err = tokio_tungstenite::connect_async(format!("ws://{addr}/s/plain/socket"))
+        .await
+        .unwrap_err();
+    // The echo replica answers 200 with JSON instead of switching protocols.
+    assert!(err.to_string().contains("200"), "{err}");
+}

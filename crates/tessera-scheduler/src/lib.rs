@@ -26,6 +26,7 @@ mod order;
 mod place;
 pub mod policy;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap as HashMap;
@@ -61,6 +62,8 @@ pub struct NodeView {
     pub gpus: Vec<GpuSlot>,
     /// Per hour: one CPU core, one GiB of memory, one GPU.
     pub price_per_hour: [f64; 3],
+    /// The node's labels, which jobs' node selectors match.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl NodeView {
@@ -75,7 +78,14 @@ impl NodeView {
             free_memory_bytes: memory_bytes,
             gpus: Vec::new(),
             price_per_hour: [0.0; 3],
+            labels: BTreeMap::new(),
         }
+    }
+
+    /// Adds a label.
+    pub fn with_label(mut self, key: &str, value: &str) -> NodeView {
+        self.labels.insert(key.to_string(), value.to_string());
+        self
     }
 
     /// Adds `n` free, healthy GPUs of `model`.
@@ -114,6 +124,9 @@ pub struct PendingJob {
     /// order (attained service, remaining time); any preemptible job can be
     /// preempted for a higher priority.
     pub resumable: bool,
+    /// May running jobs be preempted to make room for it (for its priority
+    /// or the policy's order)? Guaranteed quota is reclaimed for it either way.
+    pub may_preempt: bool,
 }
 
 impl PendingJob {
@@ -136,6 +149,7 @@ impl PendingJob {
             expected_runtime_ms: None,
             attained_ms: 0,
             resumable: false,
+            may_preempt: true,
         }
     }
 
@@ -265,6 +279,7 @@ struct Shape<'a> {
     gpu: u32,
     gpu_milli: u32,
     models: &'a [String],
+    selector: &'a BTreeMap<String, String>,
     replicas: u32,
 }
 
@@ -276,6 +291,7 @@ impl<'a> Shape<'a> {
             gpu: j.resources.gpu,
             gpu_milli: j.resources.gpu_milli,
             models: &j.resources.gpu_models,
+            selector: &j.resources.node_selector,
             replicas: j.replicas,
         }
     }
@@ -896,6 +912,9 @@ fn preempt(
     for qi in waiting {
         let qi = *qi as usize;
         let job = &snapshot.queue[qi];
+        if !job.may_preempt {
+            continue;
+        }
         let key = &orderer.key(qi);
         let (team, shape) = (ix.team_of[qi], ix.shape_of[qi]);
         if no_room.contains(&(shape, team)) {
@@ -984,8 +1003,22 @@ pub fn ranks_before(policy: &Policy, a: &PendingJob, b: &PendingJob) -> bool {
 /// some set of nodes could hold it once they are empty. Used to refuse such
 /// jobs at submit time instead of queueing them forever.
 pub fn infeasible_reason(nodes: &[NodeView], r: &Resources, replicas: u32) -> Option<String> {
-    let all: Vec<(&NodeView, u64)> = nodes.iter().map(|n| (n, 1)).collect();
+    if !nodes.is_empty() && !nodes.iter().any(|n| r.selects(&n.labels)) {
+        return Some(no_node_selected(r));
+    }
+    let all: Vec<(&NodeView, u64)> = nodes
+        .iter()
+        .filter(|n| r.selects(&n.labels))
+        .map(|n| (n, 1))
+        .collect();
     infeasible_among(&all, r, replicas)
+}
+
+fn no_node_selected(r: &Resources) -> String {
+    format!(
+        "no node has the labels the job selects ({})",
+        r.selector_summary()
+    )
 }
 
 /// Over nodes with a multiplicity (alike nodes counted once, weighted).
@@ -1066,10 +1099,16 @@ fn explain(nodes: &[NodeView], cluster: &Cluster, r: &Resources, replicas: u32) 
     // Alike nodes answer alike: look at one node of each class, weighted.
     let live: Vec<(&NodeView, u64)> = cluster
         .classes()
-        .filter(|(n, _)| nodes[*n].schedulable)
+        .filter(|(n, _)| nodes[*n].schedulable && r.selects(&nodes[*n].labels))
         .map(|(n, count)| (&nodes[n], count as u64))
         .collect();
     let schedulable: u64 = live.iter().map(|(_, c)| c).sum();
+    if schedulable == 0 && !r.node_selector.is_empty() {
+        return format!(
+            "no schedulable node has the labels the job selects ({})",
+            r.selector_summary()
+        );
+    }
     if schedulable == 0 {
         return format!(
             "no schedulable node: all {} node(s) are cordoned, draining or lost",

@@ -3,7 +3,7 @@
 //! node, reservations for backfill, and making room by preemption.
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 
 use rustc_hash::{FxHashMap as HashMap, FxHasher};
@@ -96,6 +96,8 @@ pub struct Demand {
     milli: u32,
     /// Allowed models, lowercased; empty allows any.
     models: Vec<String>,
+    /// Labels a node must carry; empty: any node.
+    selector: Vec<(String, String)>,
     replicas: u32,
 }
 
@@ -114,6 +116,11 @@ impl Demand {
                 .gpu_models
                 .iter()
                 .map(|m| m.to_ascii_lowercase())
+                .collect(),
+            selector: r
+                .node_selector
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             replicas,
         }
@@ -169,6 +176,7 @@ struct Sig {
     schedulable: bool,
     capacity: (u64, u64, usize),
     model_group: usize,
+    label_group: usize,
     price: [u64; 3],
     cpu: u64,
     mem: u64,
@@ -185,12 +193,20 @@ struct Classes {
     members: Vec<BTreeSet<usize>>,
     class_of: Vec<usize>,
     model_group: Vec<usize>,
+    /// Per node, its group of alike label sets (nodes mostly share one).
+    label_group: Vec<usize>,
 }
 
 impl Classes {
-    fn build(nodes: &[NodeView], free: &[Free], model_group: &[usize]) -> Classes {
+    fn build(
+        nodes: &[NodeView],
+        free: &[Free],
+        model_group: &[usize],
+        label_group: &[usize],
+    ) -> Classes {
         let mut c = Classes {
             model_group: model_group.to_vec(),
+            label_group: label_group.to_vec(),
             class_of: vec![usize::MAX; nodes.len()],
             ..Classes::default()
         };
@@ -206,6 +222,7 @@ impl Classes {
             schedulable: n.schedulable,
             capacity: (n.cpu_milli, n.memory_bytes, n.gpus.len()),
             model_group: self.model_group[i],
+            label_group: self.label_group[i],
             price: n.price_per_hour.map(f64::to_bits),
             cpu: free[i].cpu,
             mem: free[i].mem,
@@ -220,6 +237,7 @@ impl Classes {
         n.schedulable.hash(&mut h);
         (n.cpu_milli, n.memory_bytes, n.gpus.len()).hash(&mut h);
         self.model_group[i].hash(&mut h);
+        self.label_group[i].hash(&mut h);
         n.price_per_hour.map(f64::to_bits).hash(&mut h);
         free[i].cpu.hash(&mut h);
         free[i].mem.hash(&mut h);
@@ -233,6 +251,7 @@ impl Classes {
         s.schedulable == n.schedulable
             && s.capacity == (n.cpu_milli, n.memory_bytes, n.gpus.len())
             && s.model_group == self.model_group[i]
+            && s.label_group == self.label_group[i]
             && s.price == n.price_per_hour.map(f64::to_bits)
             && s.cpu == free[i].cpu
             && s.mem == free[i].mem
@@ -320,7 +339,17 @@ impl<'a> Cluster<'a> {
             }
             model_group.push(g);
         }
-        let classes = Classes::build(nodes, &free, &model_group);
+        let mut label_groups: HashMap<&BTreeMap<String, String>, usize> = HashMap::default();
+        let mut label_group = Vec::with_capacity(nodes.len());
+        for (i, n) in nodes.iter().enumerate() {
+            if i > 0 && nodes[i - 1].labels == n.labels {
+                label_group.push(label_group[i - 1]);
+                continue;
+            }
+            let next = label_groups.len();
+            label_group.push(*label_groups.entry(&n.labels).or_insert(next));
+        }
+        let classes = Classes::build(nodes, &free, &model_group, &label_group);
         Cluster {
             nodes,
             free,
@@ -331,6 +360,16 @@ impl<'a> Cluster<'a> {
             classes,
             scratch: RefCell::new(Vec::new()),
         }
+    }
+
+    /// Whether `node` may run `d` at all: schedulable, with the labels
+    /// `d` selects.
+    fn eligible(&self, node: usize, d: &Demand) -> bool {
+        let n = &self.nodes[node];
+        n.schedulable
+            && d.selector
+                .iter()
+                .all(|(k, v)| n.labels.get(k).is_some_and(|l| l == v))
     }
 
     fn allowed(&self, node: usize, slot: usize, d: &Demand) -> bool {
@@ -349,7 +388,7 @@ impl<'a> Cluster<'a> {
         d: &Demand,
         held: Option<&(u64, u64, Vec<u32>)>,
     ) -> bool {
-        if !self.nodes[node].schedulable {
+        if !self.eligible(node, d) {
             return false;
         }
         let (hc, hm) = held.map(|h| (h.0, h.1)).unwrap_or((0, 0));
@@ -648,6 +687,7 @@ impl<'a> Cluster<'a> {
             whole: res.gpu,
             milli: if res.gpu == 0 { res.gpu_milli } else { 0 },
             models: Vec::new(),
+            selector: Vec::new(),
             replicas: r.job.replicas,
         };
         for a in &r.assignments {
@@ -723,7 +763,7 @@ impl<'a> Cluster<'a> {
 
     /// How many replicas of `d` fit on `node` given `free`, one after another.
     fn slots(&self, node: usize, free: &Free, d: &Demand) -> u64 {
-        if !self.nodes[node].schedulable {
+        if !self.eligible(node, d) {
             return 0;
         }
         let mut n = u64::MAX;
@@ -867,7 +907,7 @@ impl<'a> Cluster<'a> {
         let live = || {
             self.classes()
                 .map(|(n, _)| n)
-                .filter(|n| self.nodes[*n].schedulable)
+                .filter(|n| self.eligible(*n, &d))
         };
         let mut short = Vec::new();
         if !live().any(|n| self.free[n].cpu >= d.cpu) {
@@ -995,6 +1035,7 @@ mod tests {
                         gpu: if *share == 0 { *gpu } else { 0 },
                         gpu_milli: if *share == 0 { 0 } else { 300 * share },
                         gpu_models: if *h100 { vec!["h100".into()] } else { vec![] },
+                        node_selector: Default::default(),
                     };
                     PendingJob::new(i as u64, "t", 0, 0, r, *replicas)
                 })

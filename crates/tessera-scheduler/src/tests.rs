@@ -12,6 +12,7 @@ fn res(cpu: u64, mem_gi: u64, gpu: u32) -> Resources {
         gpu,
         gpu_milli: 0,
         gpu_models: vec![],
+        node_selector: Default::default(),
     }
 }
 
@@ -139,6 +140,7 @@ fn cpu_jobs_avoid_gpu_nodes_and_gpus_follow_models() {
                 0,
                 Resources {
                     gpu_models: vec!["h100".into()],
+                    node_selector: Default::default(),
                     ..res(1, 1, 2)
                 },
                 1,
@@ -220,6 +222,7 @@ fn infeasible_jobs_are_named_at_submit() {
         &nodes,
         &Resources {
             gpu_models: vec!["A100".into()],
+            node_selector: Default::default(),
             ..res(1, 1, 1)
         },
         1,
@@ -474,6 +477,16 @@ fn preemption_respects_priority_and_minimum_run_time() {
     s.queue = vec![job(3, 20, res(2, 1, 0), 1)];
     assert!(schedule(&s, 1_000).preemptions.is_empty());
     assert_eq!(schedule(&s, 120_000).preemptions[0].job_id, 1);
+    // Unless it is told not to preempt: then it waits for free capacity.
+    s.queue[0].may_preempt = false;
+    let plan = schedule(&s, 120_000);
+    assert!(plan.preemptions.is_empty());
+    assert!(
+        reason(&plan, 3).starts_with("waiting for capacity"),
+        "{}",
+        reason(&plan, 3)
+    );
+    s.queue[0].may_preempt = true;
     // And never a job marked not preemptible.
     s.running[0].preemptible = false;
     assert!(schedule(&s, 120_000).preemptions.is_empty());
@@ -643,12 +656,14 @@ fn arb_job(id: u64) -> impl Strategy<Value = PendingJob> {
                             (_, 1) => vec!["H100".into()],
                             _ => vec!["A100".into(), "H100".into()],
                         },
+                        node_selector: Default::default(),
                     },
                     replicas,
                 );
                 j.expected_runtime_ms = Some(runtime);
                 j.attained_ms = runtime * id % 5_000;
                 j.resumable = id.is_multiple_of(2);
+                j.may_preempt = id % 5 != 3;
                 j
             },
         )
@@ -792,6 +807,18 @@ proptest! {
     }
 
     /// The scheduler is a function: same input, same plan.
+    #[test]
+    fn jobs_told_not_to_preempt_only_reclaim_their_guarantee(snap in arb_snapshot()) {
+        let plan = schedule(&snap, 10_000);
+        for p in &plan.preemptions {
+            let job = snap.queue.iter().find(|j| j.id == p.for_job).unwrap();
+            prop_assert!(
+                job.may_preempt || p.reason.starts_with("reclaimed"),
+                "job {} may not preempt, yet: {}", job.id, p.reason
+            );
+        }
+    }
+
     #[test]
     fn deterministic(snap in arb_snapshot()) {
         prop_assert_eq!(schedule(&snap, 5), schedule(&snap, 5));
@@ -1032,5 +1059,128 @@ fn same_plan_as_the_reference_at_scale() {
                 "policy {policy} at {now}"
             );
         }
+    }
+}
+
+// ---- node selectors ----
+
+fn select(mut r: Resources, pairs: &[(&str, &str)]) -> Resources {
+    for (k, v) in pairs {
+        r.node_selector.insert(k.to_string(), v.to_string());
+    }
+    r
+}
+
+#[test]
+fn node_selectors_place_only_on_labelled_nodes_and_say_why_not() {
+    // Alike but for their labels: the first node would win any tie.
+    let us = NodeView::new("us", 8000, 32 * GI).with_label("region", "us");
+    let eu = NodeView::new("eu", 8000, 32 * GI)
+        .with_label("region", "eu")
+        .with_label("pool", "lab");
+    let jobs = vec![
+        job(1, 0, select(res(1, 1, 0), &[("region", "eu")]), 1),
+        job(
+            2,
+            0,
+            select(res(1, 1, 0), &[("region", "eu"), ("pool", "lab")]),
+            1,
+        ),
+        job(
+            3,
+            0,
+            select(res(1, 1, 0), &[("region", "us"), ("pool", "lab")]),
+            1,
+        ),
+        job(4, 0, res(1, 1, 0), 1),
+    ];
+    for policy in Policy::NAMES {
+        let plan = schedule(&snap(vec![us.clone(), eu.clone()], jobs.clone(), policy), 0);
+        assert_eq!(placed(&plan, 1).unwrap().assignments[0].node, 1, "{policy}");
+        assert_eq!(placed(&plan, 2).unwrap().assignments[0].node, 1, "{policy}");
+        assert!(placed(&plan, 3).is_none(), "{policy}");
+        assert!(
+            reason(&plan, 3).contains("region=us, pool=lab")
+                || reason(&plan, 3).contains("pool=lab, region=us"),
+            "{policy}: {}",
+            reason(&plan, 3)
+        );
+        // Strict FIFO stops at the first job that waits.
+        assert_eq!(placed(&plan, 4).is_some(), policy != "fifo", "{policy}");
+    }
+    // Refused at submission when no node that exists has the labels...
+    let nodes = [us.clone(), eu.clone()];
+    let why = infeasible_reason(&nodes, &select(res(1, 1, 0), &[("region", "asia")]), 1).unwrap();
+    assert!(why.contains("region=asia"), "{why}");
+    // ...and judged only against the labelled nodes otherwise.
+    let big = select(res(6, 1, 0), &[("region", "eu")]);
+    assert!(infeasible_reason(&nodes, &big, 1).is_none());
+    let why = infeasible_reason(&nodes, &big, 2).unwrap();
+    assert!(why.contains("at most 1 of the 2"), "{why}");
+    // A cordoned labelled node: the job waits, and the reason names the labels.
+    let mut cordoned = eu.clone();
+    cordoned.schedulable = false;
+    let plan = schedule(&snap(vec![us, cordoned], jobs[..1].to_vec(), "fifo"), 0);
+    assert!(
+        reason(&plan, 1).contains("region=eu"),
+        "{}",
+        reason(&plan, 1)
+    );
+}
+
+/// Labels every node and gives selectors to a share of the queued jobs.
+fn with_selectors(mut s: Snapshot) -> Snapshot {
+    for (i, n) in s.nodes.iter_mut().enumerate() {
+        if i % 3 != 2 {
+            n.labels.insert("region".into(), ["eu", "us"][i % 2].into());
+        }
+        if i % 2 == 0 {
+            n.labels.insert("pool".into(), "a".into());
+        }
+    }
+    for j in s.queue.iter_mut() {
+        match j.id % 4 {
+            0 => {
+                j.resources
+                    .node_selector
+                    .insert("region".into(), "eu".into());
+            }
+            1 => {
+                j.resources
+                    .node_selector
+                    .insert("region".into(), "us".into());
+                j.resources.node_selector.insert("pool".into(), "a".into());
+            }
+            2 => {
+                j.resources.node_selector.insert("pool".into(), "a".into());
+            }
+            _ => {}
+        }
+    }
+    s
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Under every policy, a job runs only on nodes carrying every label it
+    /// selects, even when alike nodes without them come first.
+    #[test]
+    fn selected_labels_always_hold(snap in arb_snapshot().prop_map(with_selectors)) {
+        let plan = schedule(&snap, 10_000);
+        for p in &plan.placements {
+            let job = snap.queue.iter().find(|j| j.id == p.job_id).unwrap();
+            for a in &p.assignments {
+                let labels = &snap.nodes[a.node].labels;
+                prop_assert!(
+                    job.resources.selects(labels),
+                    "job {} selects {:?} but went to {:?}",
+                    job.id, job.resources.node_selector, labels
+                );
+            }
+        }
+        prop_assert_eq!(&plan, &schedule(&snap, 10_000));
+        let fast = schedule_without_reasons(&snap, 10_000);
+        prop_assert_eq!(&plan.placements, &fast.placements);
     }
 }

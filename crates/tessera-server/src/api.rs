@@ -69,6 +69,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/agents/connect", get(crate::fleet::connect))
         .route("/tasks", post(seed_create_task))
         .merge(crate::lake_api::routes())
+        .merge(crate::ui::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared);
@@ -627,7 +628,11 @@ async fn delete_token(
 
 /// Validates, checks rights and feasibility, makes the job durable, then
 /// makes it visible to the scheduler. Nothing is created on any error.
-async fn create_job(shared: &Shared, caller: &Caller, spec: JobSpec) -> Result<Job, ApiError> {
+pub(crate) async fn create_job(
+    shared: &Shared,
+    caller: &Caller,
+    spec: JobSpec,
+) -> Result<Job, ApiError> {
     let template = spec.validate(&caller.0.team)?;
     caller.require_write(&template.team)?;
     let now = now_ms();
@@ -800,7 +805,7 @@ async fn get_job(
 
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = u64, Path)),
     responses((status = 200, body = Job), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn cancel_job(
+pub(crate) async fn cancel_job(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     Path(id): Path<String>,
@@ -918,7 +923,7 @@ pub struct LogQuery {
 #[utoipa::path(get, path = "/v1/jobs/{id}/logs", params(("id" = u64, Path), LogQuery),
     responses((status = 200, description = "The replica's combined stdout and stderr", content_type = "text/plain"),
         (status = 404, body = ErrorBody)))]
-async fn job_logs(
+pub(crate) async fn job_logs(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     Path(id): Path<String>,

@@ -57,7 +57,8 @@ pub fn mint_kind(name: &str, team: &str, kind: TokenKind, now: u64) -> (String, 
     (secret, record)
 }
 
-/// The authenticated caller of a `/v1` or seed API request.
+/// The authenticated caller of a `/v1` or seed API request, or of a
+/// dashboard page (`/ui`, where the session cookie counts too).
 #[derive(Debug, Clone)]
 pub struct Caller(pub Principal);
 
@@ -68,14 +69,20 @@ impl FromRequestParts<Arc<Shared>> for Caller {
         parts: &mut Parts,
         shared: &Arc<Shared>,
     ) -> Result<Caller, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| {
-                ApiError::unauthorized(
-                    "missing token: send `Authorization: Bearer <token>` (see $TESSERA_HOME/admin.token)",
-                )
-            })?;
+        // The dashboard (`/ui`) signs in with a cookie holding the token;
+        // every other route takes only the `Authorization` header, so a
+        // cookie never authorises an API call a page did not make.
+        let header = parts.headers.get(axum::http::header::AUTHORIZATION);
+        if header.is_none() && crate::ui::is_ui_path(parts.uri.path()) {
+            if let Some(secret) = crate::ui::session_token(&parts.headers) {
+                return principal_for(shared, &secret).map(Caller);
+            }
+        }
+        let header = header.ok_or_else(|| {
+            ApiError::unauthorized(
+                "missing token: send `Authorization: Bearer <token>` (see $TESSERA_HOME/admin.token)",
+            )
+        })?;
         let value = header
             .to_str()
             .map_err(|_| ApiError::unauthorized("the Authorization header is not valid text"))?;
@@ -86,23 +93,28 @@ impl FromRequestParts<Arc<Shared>> for Caller {
                 ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
             })?
             .trim();
-        let hash = hash_token(secret);
-        let state = shared.state.lock().expect("state lock");
-        let record = state
-            .tokens
-            .get(&hash)
-            .ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?;
-        if record.kind != TokenKind::Api {
-            return Err(ApiError::unauthorized(
-                "this is a join token or a node credential, not an API token",
-            ));
-        }
-        Ok(Caller(Principal {
-            token_id: record.id.clone(),
-            team: record.team.clone(),
-            role: record.role,
-        }))
+        principal_for(shared, secret).map(Caller)
     }
+}
+
+/// The principal an API token's secret stands for.
+pub(crate) fn principal_for(shared: &Shared, secret: &str) -> Result<Principal, ApiError> {
+    let hash = hash_token(secret);
+    let state = shared.state.lock().expect("state lock");
+    let record = state
+        .tokens
+        .get(&hash)
+        .ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?;
+    if record.kind != TokenKind::Api {
+        return Err(ApiError::unauthorized(
+            "this is a join token or a node credential, not an API token",
+        ));
+    }
+    Ok(Principal {
+        token_id: record.id.clone(),
+        team: record.team.clone(),
+        role: record.role,
+    })
 }
 
 impl Caller {

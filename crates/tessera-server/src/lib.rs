@@ -19,6 +19,7 @@ pub mod service_api;
 pub mod services;
 pub mod state;
 pub mod tls;
+pub mod ui;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -81,6 +82,8 @@ pub struct Shared {
     /// The data lake, when this server has one (`lake_api`).
     pub lake: Option<Arc<dyn tessera_core::lake::Lake>>,
     reports_rx: Mutex<Option<mpsc::UnboundedReceiver<control::AgentReport>>>,
+    /// The dashboard's history (`/ui`).
+    pub ui: ui::UiState,
 }
 
 impl std::fmt::Debug for Shared {
@@ -118,6 +121,7 @@ impl Shared {
             admin_lock: tokio::sync::Mutex::new(()),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             policy: tessera_scheduler::Policy::tessera(),
+            ui: ui::UiState::default(),
         }
     }
 
@@ -159,6 +163,7 @@ impl Shared {
             });
         }
         tokio::spawn(services::services_loop(self.clone()));
+        tokio::spawn(ui::sampler(self.clone()));
     }
 
     /// Tells log followers that jobs changed.
@@ -219,6 +224,8 @@ pub struct UpConfig {
     pub agent_cpu_milli: Option<u64>,
     pub agent_memory_bytes: Option<u64>,
     pub agent_gpu_xml: Option<PathBuf>,
+    /// Labels of the local node.
+    pub agent_labels: std::collections::BTreeMap<String, String>,
     pub agent_name: Option<String>,
     pub cgroups: bool,
     pub kill_grace: Duration,
@@ -264,6 +271,7 @@ impl UpConfig {
             agent_cpu_milli: None,
             agent_memory_bytes: None,
             agent_gpu_xml: None,
+            agent_labels: Default::default(),
             agent_name: None,
             cgroups: true,
             kill_grace: Duration::from_secs(10),
@@ -416,6 +424,7 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     agent_config.cpu_milli = config.agent_cpu_milli;
     agent_config.memory_bytes = config.agent_memory_bytes;
     agent_config.gpu_xml = config.agent_gpu_xml.clone();
+    agent_config.labels = config.agent_labels.clone();
     agent_config.cgroups = config.cgroups;
     agent_config.kill_grace = config.kill_grace;
     agent_config.heartbeat = config.heartbeat;

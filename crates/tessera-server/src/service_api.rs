@@ -54,7 +54,7 @@ pub struct ServiceDetail {
     pub events: Vec<ServiceEvent>,
 }
 
-fn summary(shared: &Shared, s: &Service) -> ServiceSummary {
+pub(crate) fn summary(shared: &Shared, s: &Service) -> ServiceSummary {
     let t = &s.template;
     ServiceSummary {
         name: t.name.clone(),

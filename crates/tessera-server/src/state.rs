@@ -188,6 +188,7 @@ impl ClusterState {
                         n.prices.memory_gib_hour,
                         n.prices.gpu_hour,
                     ],
+                    labels: inv.labels.clone(),
                 }
             })
             .collect()
@@ -351,5 +352,6 @@ fn pending(j: &Job) -> PendingJob {
     );
     p.max_runtime_ms = j.spec.max_runtime_ms;
     p.attained_ms = j.attained_ms;
+    p.may_preempt = j.spec.preempt;
     p
 }

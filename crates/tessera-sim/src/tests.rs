@@ -592,6 +592,7 @@ fn metrics_helpers() {
         gpu: 0,
         gpu_milli: 300,
         gpu_models: vec![],
+        node_selector: Default::default(),
     };
     assert_eq!(r.gpu_demand_milli(), 300);
 }

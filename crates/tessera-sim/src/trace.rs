@@ -165,6 +165,7 @@ pub fn philly_shape(num_gpus: u32, gpus_per_node: u32) -> (Resources, u32) {
         gpu: per,
         gpu_milli: 0,
         gpu_models: Vec::new(),
+        node_selector: Default::default(),
     };
     (res, replicas)
 }
@@ -283,6 +284,7 @@ pub fn parse_openb_pods(text: &str) -> Result<Vec<SimJob>> {
                     gpu,
                     gpu_milli,
                     gpu_models,
+                    node_selector: Default::default(),
                 },
                 replicas: 1,
                 max_runtime_ms: None,

@@ -424,6 +424,9 @@ fn preempt(
     let mut no_room: std::collections::HashSet<(Shape, &str)> = Default::default();
     for (qi, key) in waiting {
         let job = &snapshot.queue[*qi];
+        if !job.may_preempt {
+            continue;
+        }
         if no_room.contains(&(Shape::of(job), job.team.as_str())) {
             continue;
         }
