@@ -133,6 +133,12 @@ fn upload_show_query_export_and_real_readers_agree() {
         ]
         .map(|(a, b)| (a.to_string(), b.to_string()))
     );
+    let (status, doc) = common::get(&up.addr, "/v1/openapi.json", None);
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    for path in ["/v1/datasets", "/v1/datasets/{dataset}/data", "/v1/query"] {
+        assert!(doc["paths"][path].is_object(), "OpenAPI lacks {path}");
+    }
     let human = ok(&up.cli(&["data", "show", "clicks"]));
     assert!(human.contains("more.jsonl"), "{human}");
 
@@ -157,6 +163,9 @@ fn upload_show_query_export_and_real_readers_agree() {
         head.starts_with("user_id") && head.contains("(2 rows"),
         "{head}"
     );
+    // Column names beyond ASCII reach the table's header.
+    let t = ok(&up.cli(&["data", "query", "SELECT 1 AS \"größe\""]));
+    assert!(t.starts_with("größe\n1\n"), "{t}");
     let csv = ok(&up.cli(&[
         "data",
         "query",

@@ -51,7 +51,8 @@ pub struct LakeConfig {
     pub location: Location,
     /// A local directory for uploads in flight (always on local disk).
     pub scratch: PathBuf,
-    /// The most rows a query returns (and the default).
+    /// The most rows a JSON query result holds (and the default); CSV and
+    /// Parquet results are not capped.
     pub max_rows: u64,
     /// The longest a query may run (and the default).
     pub max_query_time: Duration,
@@ -370,10 +371,13 @@ impl Lake for DataLake {
     }
 
     async fn query(&self, who: &Principal, req: QueryRequest) -> Result<QueryResult, LakeError> {
-        let max_rows = req
-            .max_rows
-            .unwrap_or(self.config.max_rows)
-            .min(self.config.max_rows);
+        // Rows shown to people (JSON) are capped; exports to files (CSV,
+        // Parquet) are whole unless the caller asks for fewer.
+        let cap = match req.format {
+            tessera_core::lake::ResultFormat::Json => self.config.max_rows,
+            _ => u64::MAX,
+        };
+        let max_rows = req.max_rows.unwrap_or(cap).min(cap);
         let limit = req
             .timeout_ms
             .map(Duration::from_millis)

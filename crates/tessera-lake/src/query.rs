@@ -219,7 +219,11 @@ pub(crate) async fn run(
             .sql_with_options(&sql, opts)
             .await
             .map_err(query_error)?;
-        let df = df.limit(0, Some(max_rows as usize)).map_err(query_error)?;
+        let df = if max_rows == u64::MAX {
+            df
+        } else {
+            df.limit(0, Some(max_rows as usize)).map_err(query_error)?
+        };
         let columns = table::columns(df.schema().as_arrow());
         let mut stream = df.execute_stream().await.map_err(query_error)?;
         let first = match stream.next().await {
@@ -335,7 +339,7 @@ fn encode(
 enum Encoder {
     Json,
     Csv { header: bool },
-    Parquet(Option<ArrowWriter<Vec<u8>>>),
+    Parquet(Option<Box<ArrowWriter<Vec<u8>>>>),
 }
 
 impl Encoder {
@@ -343,9 +347,11 @@ impl Encoder {
         match format {
             ResultFormat::Json => Encoder::Json,
             ResultFormat::Csv => Encoder::Csv { header: true },
-            ResultFormat::Parquet => {
-                Encoder::Parquet(ArrowWriter::try_new(Vec::new(), schema, None).ok())
-            }
+            ResultFormat::Parquet => Encoder::Parquet(
+                ArrowWriter::try_new(Vec::new(), schema, None)
+                    .ok()
+                    .map(Box::new),
+            ),
         }
     }
 

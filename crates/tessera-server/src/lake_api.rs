@@ -275,7 +275,15 @@ pub async fn query(
 ) -> Result<Response, ApiError> {
     let req: QueryRequest = parse_json(&body_bytes(body)?)?;
     let result = lake(&shared)?.query(&caller.0, req).await?;
-    let columns = serde_json::to_string(&result.columns).expect("columns serialize");
+    // Header values are ASCII: other characters travel as JSON escapes.
+    let columns: String = serde_json::to_string(&result.columns)
+        .expect("columns serialize")
+        .encode_utf16()
+        .map(|u| match u {
+            0x20..=0x7e => (u as u8 as char).to_string(),
+            _ => format!("\\u{u:04x}"),
+        })
+        .collect();
     let mut resp = Body::from_stream(result.body).into_response();
     let h = resp.headers_mut();
     h.insert(
