@@ -555,3 +555,55 @@ dt = deltalake.DeltaTable('s3://lake/tessera/datasets/admin/clicks/table', stora
 print(dt.version(), dt.to_pyarrow_table().num_rows)");
     assert_eq!(rows.trim(), "1 10");
 }
+
+#[test]
+fn a_crash_mid_upload_leaves_no_version_and_no_spool() {
+    let mut up = Up::start();
+    let home = up.home();
+    // An upload in flight: half of its body sent.
+    let body = CLICKS.repeat(2000);
+    let mut s = TcpStream::connect(&up.addr).unwrap();
+    write!(
+        s,
+        "PUT /v1/datasets/crashy/data?format=csv HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n",
+        up.token,
+        body.len()
+    )
+    .unwrap();
+    s.write_all(&body.as_bytes()[..body.len() / 2]).unwrap();
+    s.flush().unwrap();
+    let spool = home.join("lake-tmp");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&spool).unwrap().count() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the upload never reached the spool"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The server dies mid-upload.
+    up.child.kill().unwrap();
+    up.child.wait().unwrap();
+    drop(s);
+    // The next start empties the spool, and no version (no dataset) exists.
+    std::fs::remove_file(home.join("config")).unwrap();
+    let log = std::fs::File::create(up.dir.path().join("up2.log")).unwrap();
+    up.child = Command::new(BIN)
+        .args(["up", "--listen", "127.0.0.1:0", "--no-cgroups"])
+        .env("TESSERA_HOME", &home)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !home.join("config").exists() {
+        assert!(Instant::now() < deadline, "tessera up did not restart");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+    let err = fails(&up.cli(&["data", "show", "crashy"]));
+    assert!(err.contains("no dataset admin.crashy"), "{err}");
+    let ls = up.cli_json(&["data", "ls"]);
+    assert_eq!(ls["datasets"], serde_json::json!([]));
+}
