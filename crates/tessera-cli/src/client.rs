@@ -283,6 +283,25 @@ impl Client {
         }
     }
 
+    /// A request to `path` with the token, for callers that build their own
+    /// (streamed uploads and query results).
+    pub fn builder(&self, method: Method, path: &str) -> RequestBuilder {
+        self.request(method, path)
+    }
+
+    /// Sends a built request without a time limit; non-2xx answers become
+    /// [`ApiError`]s.
+    pub async fn send_stream(&self, rb: RequestBuilder) -> Result<Response> {
+        self.send(rb).await
+    }
+
+    /// Sends a built request without a time limit, decoding a JSON answer.
+    pub async fn send_json<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T> {
+        let resp = self.send(rb).await?;
+        let bytes = resp.bytes().await.map_err(|e| self.transport_error(e))?;
+        serde_json::from_slice(&bytes).context("unexpected answer from the server")
+    }
+
     /// Sends a request; non-2xx answers become [`ApiError`]s.
     async fn send(&self, rb: RequestBuilder) -> Result<Response> {
         let resp = rb.send().await.map_err(|e| self.transport_error(e))?;

@@ -207,6 +207,7 @@ pub async fn server(g: &Globals, args: ServerArgs) -> Result<()> {
     config.policy = tessera_scheduler::Policy::named(&args.policy).expect("checked by clap");
     config.tls = args.tls.source();
     config.prices = args.prices.prices()?;
+    config.lake = Some(crate::data::lake_opener());
     tessera_server::run_up(config).await
 }
 

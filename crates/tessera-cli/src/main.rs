@@ -16,6 +16,7 @@ mod bench;
 mod bench_fleet;
 mod client;
 mod commands;
+mod data;
 mod fleet;
 mod gateway_cmd;
 mod output;
@@ -87,6 +88,11 @@ enum Command {
     Server(fleet::ServerArgs),
     /// Run this machine as a node of a remote control plane
     Agent(fleet::AgentArgs),
+    /// Datasets: create, upload, ls, show, head, query, clean, export, grant
+    Data {
+        #[command(subcommand)]
+        command: data::DataCommand,
+    },
     /// Mint join tokens for new nodes
     #[command(name = "join-token")]
     JoinToken {
@@ -412,6 +418,7 @@ async fn up(globals: &Globals, args: UpArgs) -> Result<()> {
     config.gateway_domain = args.gateway_domain;
     config.tls = args.tls.source();
     config.prices = args.prices.prices()?;
+    config.lake = Some(data::lake_opener());
     tessera_server::run_up(config).await
 }
 
@@ -433,6 +440,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Up(args) => up(g, args).await?,
         Command::Server(args) => fleet::server(g, args).await?,
         Command::Agent(args) => fleet::agent(g, args).await?,
+        Command::Data { command } => data::data(g, command).await?,
         Command::JoinToken { command } => fleet::join_token(g, command).await?,
         Command::Node { command } => fleet::node(g, command).await?,
         Command::Serve { file, delete } => serving::serve(g, &file, delete).await?,

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod error;
 pub mod job;
+pub mod lake;
 pub mod node;
 pub mod protocol;
 pub mod quantity;

@@ -69,6 +69,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/agents/join", post(crate::fleet::join))
         .route("/v1/agents/connect", get(crate::fleet::connect))
         .route("/tasks", post(seed_create_task))
+        .merge(crate::lake_api::routes())
         .merge(crate::ui::routes())
         .merge(crate::pools::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
@@ -240,7 +241,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn openapi() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+    Json(ApiDoc::openapi().merge_from(crate::lake_api::LakeDoc::openapi()))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod control;
 pub mod error;
 pub mod fleet;
+pub mod lake_api;
 pub mod logs;
 pub mod metrics;
 pub mod pool_engines;
@@ -86,6 +87,8 @@ pub struct Shared {
     pub reports: mpsc::UnboundedSender<control::AgentReport>,
     /// What each pool's task last saw (health, capacity, jobs in the engine).
     pub pools: pools::Pools,
+    /// The data lake, when this server has one (`lake_api`).
+    pub lake: Option<Arc<dyn tessera_core::lake::Lake>>,
     reports_rx: Mutex<Option<mpsc::UnboundedReceiver<control::AgentReport>>>,
     /// The dashboard's history (`/ui`).
     pub ui: ui::UiState,
@@ -110,6 +113,7 @@ impl Shared {
             heartbeat_ms: tessera_agent::HEARTBEAT.as_millis() as u64,
             node_lease_ms: DEFAULT_NODE_LEASE.as_millis() as u64,
             reports,
+            lake: None,
             reports_rx: Mutex::new(Some(reports_rx)),
             pools: pools::Pools::default(),
             services: services::Services::new(Arc::new(services::NoRoutes)),
@@ -254,6 +258,21 @@ pub struct UpConfig {
     pub node_lease: Option<Duration>,
     /// Serve HTTPS with this certificate; plain HTTP without.
     pub tls: Option<tls::TlsSource>,
+    /// Opens the data lake in the (locked) home; none: no lake.
+    pub lake: Option<LakeOpener>,
+}
+
+/// Opens a data lake given `$TESSERA_HOME` (after the home is locked).
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct LakeOpener(
+    pub Arc<dyn Fn(&Path) -> anyhow::Result<Arc<dyn tessera_core::lake::Lake>> + Send + Sync>,
+);
+
+impl std::fmt::Debug for LakeOpener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LakeOpener")
+    }
 }
 
 impl UpConfig {
@@ -275,6 +294,7 @@ impl UpConfig {
             node_lease: None,
             tls: None,
             gateway_domain: None,
+            lake: None,
         }
     }
 }
@@ -384,6 +404,9 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     shared.heartbeat_ms = heartbeat_ms;
     shared.node_lease_ms = node_lease_ms;
     shared.with_gateway(config.gateway_domain.clone());
+    if let Some(open) = &config.lake {
+        shared.lake = Some((open.0)(&home).context("opening the data lake")?);
+    }
     let shared = Arc::new(shared);
     if !config.local_agent {
         // The control plane alone. Work placed on remote agents survives a

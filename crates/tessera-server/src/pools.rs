@@ -1209,13 +1209,19 @@ fn view(shared: &Shared, state: &ClusterState, c: &PoolConfig) -> PoolView {
 /// Pools with their capacity, what Tessera holds in them, and health.
 #[utoipa::path(get, path = "/v1/pools", responses((status = 200, body = PoolList)))]
 pub async fn list(State(shared): State<Arc<Shared>>, _caller: Caller) -> Json<PoolList> {
+    Json(PoolList {
+        pools: views(&shared),
+    })
+}
+
+/// Every pool as `tessera pools` shows it (the API and the dashboard).
+pub(crate) fn views(shared: &Shared) -> Vec<PoolView> {
     let state = shared.state.lock().expect("state lock");
-    let pools = state
+    state
         .pools
         .values()
-        .map(|c| view(&shared, &state, c))
-        .collect();
-    Json(PoolList { pools })
+        .map(|c| view(shared, &state, c))
+        .collect()
 }
 
 fn check_price(field: &str, v: Option<f64>) -> Result<f64, ApiError> {

@@ -19,6 +19,8 @@ pub const NAV: &[(&str, &str)] = &[
     ("/ui/nodes", "Nodes"),
     ("/ui/teams", "Teams"),
     ("/ui/services", "Services"),
+    ("/ui/pools", "Pools"),
+    ("/ui/datasets", "Datasets"),
 ];
 
 pub const STYLE: &str = include_str!("style.css");

@@ -138,6 +138,8 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route("/ui/nodes/{name}/{action}", post(node_action))
         .route("/ui/teams", get(teams))
         .route("/ui/services", get(services))
+        .route("/ui/pools", get(pools))
+        .route("/ui/datasets", get(datasets))
         .route("/ui/{*rest}", get(not_found))
 }
 
@@ -717,6 +719,43 @@ async fn services(
         .map(|svc| crate::service_api::summary(&shared, svc))
         .collect();
     page(StatusCode::OK, pages::services(&s, &rows), started)
+}
+
+async fn pools(
+    State(shared): State<Arc<Shared>>,
+    caller: Result<Caller, ApiError>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let caller = signed_in!(caller, uri);
+    let s = session(&headers, &caller);
+    let rows = crate::pools::views(&shared);
+    page(StatusCode::OK, pages::pools(&s, &rows, now_ms()), started)
+}
+
+async fn datasets(
+    State(shared): State<Arc<Shared>>,
+    caller: Result<Caller, ApiError>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let caller = signed_in!(caller, uri);
+    let s = session(&headers, &caller);
+    // What `GET /v1/datasets` lists for this caller.
+    let list = match &shared.lake {
+        None => None,
+        Some(lake) => match lake.list(&caller.0).await {
+            Ok(list) => Some(list),
+            Err(e) => return error_page(Some(&s), &ApiError::from(e), started),
+        },
+    };
+    page(
+        StatusCode::OK,
+        pages::datasets(&s, list.as_deref(), now_ms()),
+        started,
+    )
 }
 
 async fn not_found(caller: Result<Caller, ApiError>, uri: Uri, headers: HeaderMap) -> Response {

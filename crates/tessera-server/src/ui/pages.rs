@@ -1061,3 +1061,110 @@ pub fn services(s: &Session, rows: &[ServiceSummary]) -> String {
     end(&mut o);
     o
 }
+
+pub fn pools(s: &Session, rows: &[crate::pools::PoolView], now: u64) -> String {
+    let mut o = String::with_capacity(8 * 1024);
+    begin(&mut o, "Pools", "/ui/pools", Some(s));
+    o.push_str("<div class=\"head\"><h1>Pools</h1></div><section class=\"card\" id=\"live\" data-live>\
+        <table id=\"pools\"><thead><tr><th>Pool</th><th>Kind</th><th>Health</th><th class=\"num\">Nodes</th>\
+        <th>CPU allocated</th><th>Memory allocated</th><th>GPUs allocated</th><th class=\"num\">Running</th>\
+        <th class=\"num\">Queued in engine</th><th class=\"num\">GPU-hour</th><th>Checked</th></tr></thead><tbody>");
+    if rows.is_empty() {
+        o.push_str("<tr><td colspan=\"11\" class=\"empty\">No pools. Add a Slurm, Ray or Kubernetes cluster with <code>tessera pool add</code>.</td></tr>");
+    }
+    for r in rows {
+        let _ = write!(
+            o,
+            "<tr data-pool=\"{}\"><td><strong>{}</strong></td><td>{}</td><td>",
+            Esc(&r.name),
+            Esc(&r.name),
+            Esc(&r.kind)
+        );
+        badge(&mut o, if r.healthy { "healthy" } else { "unhealthy" });
+        if let Some(m) = &r.message {
+            let _ = write!(o, " <span class=\"muted\">{}</span>", Esc(m));
+        }
+        let _ = write!(o, "</td><td class=\"num\">{}</td><td>", r.nodes);
+        bar(
+            &mut o,
+            r.allocated_cpu_milli as f64,
+            r.cpu_milli.max(1) as f64,
+            &format!("{} / {}", cores(r.allocated_cpu_milli), cores(r.cpu_milli)),
+        );
+        o.push_str("</td><td>");
+        bar(
+            &mut o,
+            r.allocated_memory_bytes as f64,
+            r.memory_bytes.max(1) as f64,
+            &format!(
+                "{} / {}",
+                gib(r.allocated_memory_bytes),
+                gib(r.memory_bytes)
+            ),
+        );
+        o.push_str("</td><td>");
+        bar(
+            &mut o,
+            r.allocated_gpus as f64,
+            r.gpus.max(1) as f64,
+            &format!("{} / {}", r.allocated_gpus, r.gpus),
+        );
+        let _ = write!(
+            o,
+            "</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>",
+            r.running,
+            r.queued_in_engine,
+            money(r.prices.gpu_hour)
+        );
+        ago(&mut o, r.checked_at, now);
+        o.push_str("</td></tr>");
+    }
+    o.push_str("</tbody></table></section>");
+    end(&mut o);
+    o
+}
+
+/// `list` is `None` when the server runs without a data lake.
+pub fn datasets(s: &Session, list: Option<&[tessera_core::lake::Dataset]>, now: u64) -> String {
+    let mut o = String::with_capacity(8 * 1024);
+    begin(&mut o, "Datasets", "/ui/datasets", Some(s));
+    o.push_str("<div class=\"head\"><h1>Datasets</h1></div><section class=\"card\">\
+        <table id=\"datasets\"><thead><tr><th>Dataset</th><th>Kind</th><th class=\"num\">Latest version</th>\
+        <th>Labels</th><th>Readable by</th><th>Created</th></tr></thead><tbody>");
+    match list {
+        None => o.push_str("<tr><td colspan=\"6\" class=\"empty\">This server runs without a data lake.</td></tr>"),
+        Some([]) => o.push_str("<tr><td colspan=\"6\" class=\"empty\">No datasets you may read. Create one with <code>tessera data create NAME</code>.</td></tr>"),
+        Some(list) => {
+            for d in list {
+                let kind = match &d.kind {
+                    Some(k) => serde_json::to_value(k)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                    None => "empty".to_string(),
+                };
+                let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let _ = write!(
+                    o,
+                    "<tr data-dataset=\"{}.{}\"><td><strong>{}.{}</strong></td><td>{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td><td>",
+                    Esc(&d.team),
+                    Esc(&d.name),
+                    Esc(&d.team),
+                    Esc(&d.name),
+                    Esc(&kind),
+                    d.latest.map(|v| v.to_string()).unwrap_or_else(|| "—".into()),
+                    Esc(&labels.join(", ")),
+                    Esc(&std::iter::once(d.team.as_str())
+                        .chain(d.grants.iter().map(String::as_str))
+                        .collect::<Vec<_>>()
+                        .join(", ")),
+                );
+                ago(&mut o, d.created_at, now);
+                o.push_str("</td></tr>");
+            }
+        }
+    }
+    o.push_str("</tbody></table></section>");
+    end(&mut o);
+    o
+}

@@ -2,7 +2,7 @@
 //! role sees, escaping, form tokens and origins, buttons that change state.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, Request, StatusCode};
@@ -472,4 +472,93 @@ async fn bench_builds_and_times_every_page() {
     assert!(r.pages.iter().all(|p| p.bytes > 1000));
     let t = super::bench::table(&r);
     assert!(t.contains("Overview"));
+}
+
+/// An engine that only reports capacity (the Pools page reads nothing else).
+struct IdleEngine;
+
+#[async_trait::async_trait]
+impl tessera_pools::PoolDriver for IdleEngine {
+    fn kind(&self) -> &'static str {
+        "slurm"
+    }
+    async fn submit(
+        &self,
+        _: &tessera_pools::PoolJob,
+    ) -> Result<tessera_pools::RemoteId, tessera_pools::PoolError> {
+        Err(tessera_pools::PoolError::Rejected("idle".into()))
+    }
+    async fn status(
+        &self,
+        _: &[tessera_pools::RemoteId],
+    ) -> Result<
+        std::collections::HashMap<tessera_pools::RemoteId, tessera_pools::RemoteState>,
+        tessera_pools::PoolError,
+    > {
+        Ok(Default::default())
+    }
+    async fn cancel(&self, _: &tessera_pools::RemoteId) -> Result<(), tessera_pools::PoolError> {
+        Ok(())
+    }
+    async fn logs(
+        &self,
+        _: &tessera_pools::RemoteId,
+        _: u64,
+    ) -> Result<tessera_pools::LogChunk, tessera_pools::PoolError> {
+        Ok(Default::default())
+    }
+    async fn capacity(&self) -> Result<tessera_pools::Capacity, tessera_pools::PoolError> {
+        Ok(tessera_pools::Capacity {
+            nodes: 3,
+            cpu_milli: 96_000,
+            memory_bytes: 384 << 30,
+            largest_node: (32_000, 128 << 30, 0),
+            ..Default::default()
+        })
+    }
+}
+
+#[tokio::test]
+async fn pools_and_datasets_pages_list_what_the_api_lists() {
+    let fx = fixture();
+    let a = fx.tokens.admin.clone();
+    let r = fx.get("/ui/pools", Some(&a)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.contains("No pools."), "{}", r.body);
+    assert!(r.body.contains("href=\"/ui/datasets\""));
+    let config = crate::pools::PoolConfig {
+        name: "hpc".into(),
+        kind: "slurm".into(),
+        options: Default::default(),
+        prices: Default::default(),
+        labels: Default::default(),
+        created_at: now_ms(),
+        key_prefix: "t1".into(),
+    };
+    crate::pools::register(&fx.shared, config, Arc::new(IdleEngine))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = fx.get("/ui/pools", Some(&a)).await;
+        let row = r.body.split("data-pool=\"hpc\"").nth(1).unwrap_or("");
+        if row.contains("96 / 96") || row.contains(">3<") {
+            assert!(row.contains("slurm"), "{row}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool's capacity never showed: {row}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // This server has no lake: the page says so instead of failing.
+    let r = fx.get("/ui/datasets", Some(&fx.viewer)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.contains("without a data lake"), "{}", r.body);
+    // Signed out: to the sign-in page, as every page.
+    assert_eq!(
+        fx.get("/ui/pools", None).await.status,
+        StatusCode::SEE_OTHER
+    );
 }

@@ -1,0 +1,453 @@
+//! The lake on a local directory, called through its trait the way the
+//! server calls it.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tessera_core::auth::{Principal, Role};
+use tessera_core::lake::{
+    ByteStream, CleanRequest, CreateDataset, DatasetKind, GrantRequest, Lake, LakeError,
+    QueryRequest, ResultFormat, Upload, UploadFormat, WriteMode,
+};
+
+use super::{DataLake, LakeConfig};
+
+fn member(team: &str) -> Principal {
+    Principal {
+        token_id: format!("tok-{team}"),
+        team: team.into(),
+        role: Role::Member,
+    }
+}
+
+fn open() -> (tempfile::TempDir, DataLake) {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = DataLake::open(LakeConfig::local(dir.path())).unwrap();
+    (dir, lake)
+}
+
+fn body(text: &str) -> ByteStream {
+    let b = Bytes::from(text.to_string());
+    futures::stream::iter(vec![Ok(b)]).boxed()
+}
+
+fn csv(source: &str, mode: WriteMode) -> Upload {
+    Upload {
+        format: UploadFormat::Csv,
+        mode,
+        source: source.into(),
+    }
+}
+
+async fn rows(
+    lake: &DataLake,
+    who: &Principal,
+    sql: &str,
+) -> Result<Vec<serde_json::Value>, LakeError> {
+    let r = lake
+        .query(
+            who,
+            QueryRequest {
+                sql: sql.into(),
+                format: ResultFormat::Json,
+                max_rows: None,
+                timeout_ms: None,
+            },
+        )
+        .await?;
+    let bytes: Vec<Bytes> = r.body.map(|b| b.unwrap()).collect().await;
+    let all: Vec<u8> = bytes.concat();
+    Ok(all
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect())
+}
+
+const CLICKS: &str = "user_id,country,amount\n1,fr,2.5\n2,de,1.0\n3,fr,4.0\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_query_and_versions() {
+    let (_dir, lake) = open();
+    let ads = member("ads");
+    let v1 = lake
+        .upload(
+            &ads,
+            "ads",
+            "clicks",
+            csv("a.csv", WriteMode::Append),
+            body(CLICKS),
+        )
+        .await
+        .unwrap();
+    assert_eq!(v1.version, 1);
+    assert_eq!(v1.rows, Some(3));
+    assert_eq!(v1.operation, "upload");
+    let v2 = lake
+        .upload(
+            &ads,
+            "ads",
+            "clicks",
+            csv("b.csv", WriteMode::Append),
+            body("user_id,country,amount\n4,it,3.0\n"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((v2.version, v2.rows), (2, Some(4)));
+    let r = rows(
+        &lake,
+        &ads,
+        "SELECT country, count(*) AS n FROM ads.clicks GROUP BY 1 ORDER BY 1",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r,
+        vec![
+            serde_json::json!({"country": "de", "n": 1}),
+            serde_json::json!({"country": "fr", "n": 2}),
+            serde_json::json!({"country": "it", "n": 1}),
+        ]
+    );
+    // An old version stays as it was; bare names are the caller's team's.
+    let r = rows(&lake, &ads, "SELECT count(*) AS n FROM clicks@1")
+        .await
+        .unwrap();
+    assert_eq!(r, vec![serde_json::json!({"n": 3})]);
+    let detail = lake.show(&ads, "ads", "clicks").await.unwrap();
+    assert_eq!(detail.dataset.kind, Some(DatasetKind::Table));
+    assert_eq!(detail.versions.len(), 2);
+    assert_eq!(
+        detail
+            .schema
+            .iter()
+            .map(|c| (c.name.as_str(), c.data_type.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("user_id", "bigint"),
+            ("country", "string"),
+            ("amount", "double")
+        ]
+    );
+    // Overwrite replaces the rows.
+    let v3 = lake
+        .upload(
+            &ads,
+            "ads",
+            "clicks",
+            csv("c.csv", WriteMode::Overwrite),
+            body(CLICKS),
+        )
+        .await
+        .unwrap();
+    assert_eq!((v3.version, v3.rows), (3, Some(3)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_creates_no_version() {
+    let (dir, lake) = open();
+    let ads = member("ads");
+    // A ragged CSV.
+    let e = lake
+        .upload(
+            &ads,
+            "ads",
+            "clicks",
+            csv("r.csv", WriteMode::Append),
+            body("a,b\n1,2\n3,4,5\n"),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, LakeError::BadData(m) if m.contains("line") && m.contains("no version")),
+        "{e}"
+    );
+    lake.upload(
+        &ads,
+        "ads",
+        "clicks",
+        csv("a.csv", WriteMode::Append),
+        body(CLICKS),
+    )
+    .await
+    .unwrap();
+    // A wrong type in a column.
+    let e = lake
+        .upload(
+            &ads,
+            "ads",
+            "clicks",
+            csv("w.csv", WriteMode::Append),
+            body("user_id,country,amount\n5,fr,lots\n"),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, LakeError::BadData(m) if m.contains("lots")),
+        "{e}"
+    );
+    // An upload cut off halfway.
+    let cut: ByteStream = futures::stream::iter(vec![
+        Ok(Bytes::from_static(b"user_id,country,amount\n6,fr,")),
+        Err(std::io::Error::other("connection reset")),
+    ])
+    .boxed();
+    let e = lake
+        .upload(&ads, "ads", "clicks", csv("x.csv", WriteMode::Append), cut)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, LakeError::BadData(m) if m.contains("cut off")),
+        "{e}"
+    );
+    let detail = lake.show(&ads, "ads", "clicks").await.unwrap();
+    assert_eq!(detail.versions.len(), 1, "{:?}", detail.versions);
+    assert_eq!(detail.dataset.latest, Some(1));
+    // Nothing of the failed uploads stays in the spool.
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("lake-tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // A query with a syntax error.
+    let e = rows(&lake, &ads, "SELEC * FROM clicks").await.unwrap_err();
+    assert!(matches!(&e, LakeError::Query(_)), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teams_read_only_what_they_are_granted() {
+    let (_dir, lake) = open();
+    let ads = member("ads");
+    let vision = member("vision");
+    lake.upload(
+        &ads,
+        "ads",
+        "clicks",
+        csv("a.csv", WriteMode::Append),
+        body(CLICKS),
+    )
+    .await
+    .unwrap();
+    let e = rows(&lake, &vision, "SELECT * FROM ads.clicks")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, LakeError::Forbidden(m) if m.contains("team vision")),
+        "{e}"
+    );
+    assert!(lake.list(&vision).await.unwrap().is_empty());
+    let e = lake
+        .upload(
+            &vision,
+            "ads",
+            "clicks",
+            csv("a.csv", WriteMode::Append),
+            body(CLICKS),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LakeError::Forbidden(_)));
+    lake.grant(
+        &ads,
+        "ads",
+        "clicks",
+        GrantRequest {
+            team: "vision".into(),
+            revoke: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        rows(&lake, &vision, "SELECT * FROM ads.clicks")
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(lake.list(&vision).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleaning_writes_a_version_with_lineage() {
+    let (_dir, lake) = open();
+    let ads = member("ads");
+    lake.create(
+        &ads,
+        CreateDataset {
+            name: "clicks".into(),
+            labels: [("region".to_string(), "eu".to_string())].into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let raw = "user_id,ts,amount\n1,2024-02-01,2.5\n1,2024-02-01,2.5\n,2024-03-01,1.0\n3,2023-12-01,4.0\n4,2024-05-01,x\n";
+    let e = lake
+        .upload(
+            &ads,
+            "ads",
+            "clicks",
+            csv("raw.csv", WriteMode::Append),
+            body(raw),
+        )
+        .await;
+    // `x` makes amount a string column; casting it is a cleaning step.
+    assert!(e.is_ok(), "{e:?}");
+    let req = CleanRequest {
+        dedupe: true,
+        drop_nulls: vec!["user_id".into()],
+        filter: Some("ts > '2024-01-01'".into()),
+        into: Some("clicks_clean".into()),
+        ..Default::default()
+    };
+    let (ds, v) = lake.clean(&ads, "ads", "clicks", req).await.unwrap();
+    assert_eq!(ds.name, "clicks_clean");
+    assert_eq!(ds.labels.get("region").map(String::as_str), Some("eu"));
+    assert_eq!(v.version, 1);
+    assert_eq!(v.rows, Some(2));
+    assert_eq!(v.inputs, vec!["ads.clicks@1".to_string()]);
+    assert_eq!(v.operation, "clean");
+    assert!(
+        v.detail.contains("dedupe") && v.detail.contains("drop-nulls user_id"),
+        "{}",
+        v.detail
+    );
+    // A cast that does not fit the data fails whole.
+    let e = lake
+        .clean(
+            &ads,
+            "ads",
+            "clicks",
+            CleanRequest {
+                cast: vec!["amount:double".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, LakeError::BadData(_) | LakeError::Query(_)),
+        "{e}"
+    );
+    assert_eq!(
+        lake.show(&ads, "ads", "clicks")
+            .await
+            .unwrap()
+            .versions
+            .len(),
+        1
+    );
+    // A column that does not exist is named.
+    let e = lake
+        .clean(
+            &ads,
+            "ads",
+            "clicks",
+            CleanRequest {
+                drop_nulls: vec!["nope".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, LakeError::Invalid(f) if f.field == "drop_nulls[0]"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_sets_are_versioned_by_content() {
+    let (dir, lake) = open();
+    let ads = member("ads");
+    let src = dir.path().join("ckpt");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("weights.bin"), vec![7u8; 100_000]).unwrap();
+    std::fs::write(src.join("sub/tokenizer.json"), b"{}").unwrap();
+    let tar = dir.path().join("ckpt.tar");
+    {
+        let mut b = tar::Builder::new(std::fs::File::create(&tar).unwrap());
+        b.append_dir_all(".", &src).unwrap();
+        b.finish().unwrap();
+    }
+    let bytes = Bytes::from(std::fs::read(&tar).unwrap());
+    let up = || Upload {
+        format: UploadFormat::Tar,
+        mode: WriteMode::Append,
+        source: "ckpt".into(),
+    };
+    let v1 = lake
+        .upload(
+            &ads,
+            "ads",
+            "weights",
+            up(),
+            futures::stream::iter(vec![Ok(bytes.clone())]).boxed(),
+        )
+        .await
+        .unwrap();
+    assert_eq!((v1.version, v1.files, v1.bytes), (1, 2, 100_002));
+    let v2 = lake
+        .upload(
+            &ads,
+            "ads",
+            "weights",
+            up(),
+            futures::stream::iter(vec![Ok(bytes.clone())]).boxed(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(v2.version, 2);
+    let detail = lake.show(&ads, "ads", "weights").await.unwrap();
+    assert_eq!(detail.dataset.kind, Some(DatasetKind::Files));
+    assert_eq!(
+        detail
+            .files
+            .iter()
+            .map(|f| f.path.as_str())
+            .collect::<Vec<_>>(),
+        vec!["sub/tokenizer.json", "weights.bin"]
+    );
+    // Two versions, one copy of each content.
+    let objects = std::fs::read_dir(dir.path().join("lake/objects/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(objects, 2);
+    // A half archive is refused whole.
+    let half = bytes.slice(..bytes.len() / 3);
+    let e = lake
+        .upload(
+            &ads,
+            "ads",
+            "weights",
+            up(),
+            futures::stream::iter(vec![Ok(half)]).boxed(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LakeError::BadData(_)), "{e}");
+    assert_eq!(
+        lake.show(&ads, "ads", "weights")
+            .await
+            .unwrap()
+            .versions
+            .len(),
+        2
+    );
+    // A table upload to a file set is refused, naming the field.
+    let e = lake
+        .upload(
+            &ads,
+            "ads",
+            "weights",
+            csv("a.csv", WriteMode::Append),
+            body(CLICKS),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, LakeError::Invalid(f) if f.field == "format"),
+        "{e}"
+    );
+}
