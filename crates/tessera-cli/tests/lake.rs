@@ -28,6 +28,12 @@ user_id,country,amount,day,active
 5,de,3.75,2024-03-09,false
 ";
 
+/// Appended to every Python script: print, flush, and leave without the
+/// interpreter's teardown, which some builds of the deltalake/duckdb/pyarrow
+/// wheels abort in ("terminate called without an active exception") after
+/// the script has done its work.
+const EXIT_CLEANLY: &str = "\nimport os as _os, sys as _sys\n_sys.stdout.flush()\n_os._exit(0)\n";
+
 fn ok(out: &std::process::Output) -> String {
     assert!(
         out.status.success(),
@@ -51,7 +57,7 @@ fn fails(out: &std::process::Output) -> String {
 fn peers_python(check: &str, what: &str) -> Option<String> {
     let py = std::env::var("TESSERA_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let found = Command::new(&py)
-        .args(["-c", check])
+        .args(["-c", &format!("{check}{EXIT_CLEANLY}")])
         .output()
         .is_ok_and(|o| o.status.success());
     if found {
@@ -217,7 +223,12 @@ print(json.dumps({"version": latest.version(), "schema": schema, "rows": rows, "
                   "exported": erows, "duckdb_schema": dschema, "latest_rows": latest.to_pyarrow_table().num_rows}))
 "#;
     let out = Command::new(&py)
-        .args(["-c", script, table.to_str().unwrap(), out.to_str().unwrap()])
+        .args([
+            "-c",
+            &format!("{script}{EXIT_CLEANLY}"),
+            table.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let got: Value = serde_json::from_str(&ok(&out)).unwrap();
@@ -467,7 +478,7 @@ fn an_s3_compatible_server_holds_the_lake() {
     }
     let s3 = |code: &str| {
         let out = Command::new(&py)
-            .args(["-c", code])
+            .args(["-c", &format!("{code}{EXIT_CLEANLY}")])
             .env("ENDPOINT", &endpoint)
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
