@@ -314,6 +314,13 @@ pub fn client_for(mut config: Config) -> Result<Client, PoolError> {
     config.default_retry = false;
     config.connect_timeout = Some(std::time::Duration::from_secs(10));
     config.read_timeout = Some(std::time::Duration::from_secs(30));
+    // kube builds its TLS configuration with rustls's process-wide
+    // provider; where more than one provider is compiled in (a dependency
+    // elsewhere in the binary enables aws-lc-rs), rustls cannot pick one by
+    // itself, so name the project's, ring, unless one is set already.
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
     Client::try_from(config).map_err(|e| PoolError::Unavailable(format!("kubernetes client: {e}")))
 }
 
