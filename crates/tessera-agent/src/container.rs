@@ -44,7 +44,7 @@ use tessera_core::protocol::{ExitCause, FromAgent, ReplicaKey, StartReplica};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::{log_path, now_ms, ReplicaCtx};
+use crate::{log_path, now_ms, workdir_of, ReplicaCtx};
 
 pub const LABEL_JOB: &str = "tessera.job";
 pub const LABEL_ATTEMPT: &str = "tessera.attempt";
@@ -84,13 +84,6 @@ pub fn container_name(home: &Path, key: ReplicaKey) -> String {
         (h ^ b as u32).wrapping_mul(0x0100_0193)
     });
     format!("tessera-{key}-{hash:08x}")
-}
-
-fn workdir_of(home: &Path, start: &StartReplica) -> PathBuf {
-    match &start.workdir {
-        Some(w) => PathBuf::from(w),
-        None => home.join("work").join(start.key.to_string()),
-    }
 }
 
 /// Docker's message for an error, without the status-code preamble.
@@ -158,7 +151,13 @@ fn create_body(home: &Path, start: &StartReplica, workdir: &str) -> ContainerCre
         open_stdin: Some(false),
         tty: Some(false),
         host_config: Some(HostConfig {
-            binds: Some(vec![format!("{workdir}:{workdir}")]),
+            // The working directory, and each input's staged directory
+            // read-only at the same path, so its link resolves inside.
+            binds: Some(
+                std::iter::once(format!("{workdir}:{workdir}"))
+                    .chain(start.inputs.iter().map(|i| format!("{0}:{0}:ro", i.path)))
+                    .collect(),
+            ),
             nano_cpus: Some(start.cpu_milli.saturating_mul(1_000_000) as i64),
             memory: Some(memory),
             memory_swap: Some(memory),
@@ -223,6 +222,11 @@ async fn create(docker: &Docker, home: &Path, start: &StartReplica) -> Result<St
     std::fs::create_dir_all(&workdir)
         .map_err(|e| format!("cannot create working directory {}: {e}", workdir.display()))?;
     let workdir = std::fs::canonicalize(&workdir).unwrap_or(workdir);
+    crate::link_inputs(&workdir, &start.inputs)?;
+    let _ = std::fs::write(
+        crate::workdir_note(home, start.key),
+        workdir.display().to_string(),
+    );
     let log = log_path(home, start.key);
     if let Some(parent) = log.parent() {
         std::fs::create_dir_all(parent)
@@ -304,12 +308,14 @@ pub(crate) async fn run(
     mut stop_rx: oneshot::Receiver<(u64, String)>,
 ) {
     let key = start.key;
+    let workdir = workdir_of(&ctx.home, &start).display().to_string();
     let exited = |code: Option<i32>, cause| FromAgent::Exited {
         key,
         code,
         signal: None,
         cause,
         at: now_ms(),
+        workdir: Some(workdir.clone()),
     };
     let spawn_failed = |msg: String| {
         warn!(%key, error = %msg, "replica could not start");
@@ -429,6 +435,7 @@ pub async fn adopt(
     stop_rx: oneshot::Receiver<(u64, String)>,
     events: mpsc::UnboundedSender<FromAgent>,
 ) {
+    let workdir = crate::take_workdir_note(&home, key);
     let report = |cause| {
         let _ = events.send(FromAgent::Exited {
             key,
@@ -436,6 +443,7 @@ pub async fn adopt(
             signal: None,
             cause,
             at: now_ms(),
+            workdir: workdir.clone(),
         });
     };
     let docker = match connect().await {
@@ -604,6 +612,7 @@ impl Watch {
             signal: None,
             cause,
             at: now_ms(),
+            workdir: crate::take_workdir_note(&self.home, key),
         });
     }
 

@@ -176,6 +176,7 @@ fn start(job: u64, argv: &[&str]) -> StartReplica {
         memory_bytes: 256 << 20,
         max_runtime_ms: None,
         image: Some(IMAGE.into()),
+        inputs: Vec::new(),
     }
 }
 

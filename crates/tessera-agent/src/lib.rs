@@ -387,12 +387,14 @@ impl Agent {
                 self.cgroups.remove(&key.to_string());
                 let _ = std::fs::remove_file(entry.path());
                 let _ = std::fs::remove_file(status_path(&self.config.home, key));
+                let workdir = take_workdir_note(&self.config.home, key);
                 let _ = self.events.send(FromAgent::Exited {
                     key,
                     code,
                     signal,
                     cause,
                     at: now_ms(),
+                    workdir,
                 });
             }
         }
@@ -551,6 +553,74 @@ fn status_path(home: &Path, key: ReplicaKey) -> PathBuf {
     running_dir(home).join(format!("{key}.status"))
 }
 
+/// Where the working directory of a live replica is noted, so that an agent
+/// that adopts it can still report where its outputs are.
+pub(crate) fn workdir_note(home: &Path, key: ReplicaKey) -> PathBuf {
+    running_dir(home).join(format!("{key}.workdir"))
+}
+
+/// The working directory a replica runs in: the spec's, or a fresh one
+/// under the agent's home.
+pub fn workdir_of(home: &Path, start: &StartReplica) -> PathBuf {
+    match &start.workdir {
+        Some(w) => PathBuf::from(w),
+        None => home.join("work").join(start.key.to_string()),
+    }
+}
+
+/// Makes each input appear in `workdir` as a link to its staged, read-only
+/// directory. An input this node cannot see is an error naming it.
+pub fn link_inputs(
+    workdir: &Path,
+    inputs: &[tessera_core::protocol::InputMount],
+) -> Result<(), String> {
+    for input in inputs {
+        let target = Path::new(&input.path);
+        if !target.is_dir() {
+            return Err(format!(
+                "input `{}`: its data ({}) is not visible on this node; inputs need a disk shared with the control plane",
+                input.name, input.path
+            ));
+        }
+        let link = workdir.join(&input.name);
+        match std::fs::read_link(&link) {
+            Ok(existing) if existing == target => continue,
+            Ok(_) => std::fs::remove_file(&link).map_err(|e| {
+                format!(
+                    "input `{}`: cannot replace {}: {e}",
+                    input.name,
+                    link.display()
+                )
+            })?,
+            Err(_) if link.exists() => {
+                return Err(format!(
+                    "input `{}`: {} already exists in the working directory",
+                    input.name,
+                    link.display()
+                ))
+            }
+            Err(_) => {}
+        }
+        std::os::unix::fs::symlink(target, &link).map_err(|e| {
+            format!(
+                "input `{}`: cannot link {}: {e}",
+                input.name,
+                link.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// The working directory noted for `key`, if any (removing the note).
+pub(crate) fn take_workdir_note(home: &Path, key: ReplicaKey) -> Option<String> {
+    let path = workdir_note(home, key);
+    let dir = std::fs::read_to_string(&path).ok();
+    let _ = std::fs::remove_file(&path);
+    dir.map(|d| d.trim_end_matches('\n').to_string())
+        .filter(|d| !d.is_empty())
+}
+
 async fn run_replica(
     ctx: ReplicaCtx,
     start: StartReplica,
@@ -560,12 +630,14 @@ async fn run_replica(
         return container::run(ctx, start, stop_rx).await;
     }
     let key = start.key;
+    let workdir = workdir_of(&ctx.home, &start).display().to_string();
     let exited = |code, signal, cause| FromAgent::Exited {
         key,
         code,
         signal,
         cause,
         at: now_ms(),
+        workdir: Some(workdir.clone()),
     };
     // Recorded before the process exists, so a crash at any moment leaves
     // a trace for the next agent to reap by.
@@ -643,6 +715,7 @@ async fn run_replica(
             let _ = std::fs::remove_file(status_path(&ctx.home, key));
             let _ =
                 std::fs::remove_file(status_path(&ctx.home, key).with_extension("status.lease"));
+            let _ = std::fs::remove_file(workdir_note(&ctx.home, key));
             let _ = ctx.events.send(exited(code, signal, cause));
         }
     }
@@ -835,12 +908,14 @@ async fn watch_adopted(
     let _ = std::fs::remove_file(running_dir(&ctx.home).join(&name));
     let _ = std::fs::remove_file(status_path(&ctx.home, key));
     let _ = std::fs::remove_file(status_path(&ctx.home, key).with_extension("status.lease"));
+    let workdir = take_workdir_note(&ctx.home, key);
     let _ = ctx.events.send(FromAgent::Exited {
         key,
         code,
         signal,
         cause,
         at: now_ms(),
+        workdir,
     });
 }
 
@@ -865,12 +940,11 @@ fn spawn_replica(
     start: &StartReplica,
 ) -> Result<(tokio::process::Child, Option<String>), String> {
     let key = start.key;
-    let workdir = match &start.workdir {
-        Some(w) => PathBuf::from(w),
-        None => ctx.home.join("work").join(key.to_string()),
-    };
+    let workdir = workdir_of(&ctx.home, start);
     std::fs::create_dir_all(&workdir)
         .map_err(|e| format!("cannot create working directory {}: {e}", workdir.display()))?;
+    link_inputs(&workdir, &start.inputs)?;
+    let _ = std::fs::write(workdir_note(&ctx.home, key), workdir.display().to_string());
     let log = log_path(&ctx.home, key);
     if let Some(parent) = log.parent() {
         std::fs::create_dir_all(parent)

@@ -269,6 +269,7 @@ impl Link {
                 signal,
                 cause,
                 at,
+                workdir,
             } => {
                 self.running.remove(&key);
                 let cause = if self.lease_stopped.remove(&key) && cause == ExitCause::Stopped {
@@ -282,6 +283,7 @@ impl Link {
                     signal,
                     cause,
                     at,
+                    workdir,
                 }
             }
             other => other,

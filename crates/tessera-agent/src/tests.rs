@@ -53,6 +53,7 @@ fn start(job: u64, argv: &[&str]) -> StartReplica {
         memory_bytes: 256 << 20,
         max_runtime_ms: None,
         image: None,
+        inputs: Vec::new(),
     }
 }
 
@@ -415,4 +416,53 @@ async fn a_program_handling_term_gets_its_grace_period() {
     let (_, _, cause) = h.exit_of(23).await;
     assert_eq!(cause, ExitCause::Stopped);
     assert!(marker.exists(), "the TERM handler ran to completion");
+}
+
+#[test]
+fn inputs_appear_as_links_in_the_working_directory() {
+    use tessera_core::protocol::InputMount;
+    let dir = tempfile::tempdir().unwrap();
+    let staged = dir.path().join("staged/clicks/3");
+    std::fs::create_dir_all(&staged).unwrap();
+    std::fs::write(staged.join("part-0.parquet"), b"PAR1").unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let inputs = vec![InputMount {
+        name: "train".into(),
+        path: staged.display().to_string(),
+    }];
+    crate::link_inputs(&work, &inputs).unwrap();
+    assert_eq!(
+        std::fs::read(work.join("train/part-0.parquet")).unwrap(),
+        b"PAR1"
+    );
+    // Again (a retry in the same directory): fine.
+    crate::link_inputs(&work, &inputs).unwrap();
+    // A file of the job's own in the way, or data this node cannot see:
+    // the replica does not start, and the message names the input.
+    std::fs::write(work.join("w"), b"mine").unwrap();
+    let e = crate::link_inputs(
+        &work,
+        &[InputMount {
+            name: "w".into(),
+            path: staged.display().to_string(),
+        }],
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("input `w`") && e.contains("already exists"),
+        "{e}"
+    );
+    let e = crate::link_inputs(
+        &work,
+        &[InputMount {
+            name: "far".into(),
+            path: "/nonexistent/staged".into(),
+        }],
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("input `far`") && e.contains("not visible"),
+        "{e}"
+    );
 }

@@ -243,6 +243,28 @@ pub fn render_job(job: &Job, events: &[Event], now: u64) -> String {
         let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         pairs.push(("Env", env.join(" ")));
     }
+    if !spec.inputs.is_empty() {
+        let ins: Vec<String> = spec
+            .inputs
+            .iter()
+            .map(|i| match i.version {
+                Some(v) => format!("{}@{v} as {}/", i.dataset, i.mount),
+                None => format!("{} as {}/", i.dataset, i.mount),
+            })
+            .collect();
+        pairs.push(("Reads", ins.join(", ")));
+    }
+    if !spec.outputs.is_empty() {
+        let outs: Vec<String> = spec
+            .outputs
+            .iter()
+            .map(|o| format!("{}/ -> {}", o.from, o.dataset))
+            .collect();
+        pairs.push(("Outputs", outs.join(", ")));
+    }
+    if !job.wrote.is_empty() {
+        pairs.push(("Wrote", job.wrote.join(", ")));
+    }
     let mut out = format!("Job {}\n", job.id);
     out.push_str(&key_values(&pairs));
     if !job.placement.is_empty() {

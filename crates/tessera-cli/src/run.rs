@@ -151,6 +151,8 @@ pub fn build_spec(args: &RunArgs, cwd: Option<&std::path::Path>) -> Result<JobSp
         node_selector: args.node_selector.iter().cloned().collect(),
         pool: args.pool.clone(),
         preempt: args.no_preempt.then_some(false),
+        inputs: Vec::new(),
+        outputs: Vec::new(),
     };
     // The default team only stands in for the server's choice here.
     if let Err(e) = spec.validate("default") {

@@ -139,6 +139,17 @@ pub struct Job {
     /// prices (accounting reads these; the current attempt is `placement`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempts: Vec<AttemptUsage>,
+    /// The dataset versions the job wrote, `team.name@version`, in the
+    /// order of its `outputs` (set when it succeeded). What it read is
+    /// `spec.inputs`, whose versions were pinned at submission.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wrote: Vec<String>,
+    /// Where replica 0 of the current attempt ran, as its node reported:
+    /// the outputs are read from here. Once every replica has exited 0 the
+    /// job stays `running` while its outputs are written, and succeeds when
+    /// every output is a version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs_dir: Option<String>,
 }
 
 /// What one ended attempt of a job held, from when it was placed (or
@@ -200,6 +211,8 @@ impl Job {
             preempted_ms: 0,
             cost: 0.0,
             attempts: Vec::new(),
+            wrote: Vec::new(),
+            outputs_dir: None,
         }
     }
 

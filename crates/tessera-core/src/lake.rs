@@ -451,6 +451,58 @@ pub trait Lake: Send + Sync {
         name: &str,
         req: GrantRequest,
     ) -> Result<Dataset, LakeError>;
+
+    /// Stages a version (the latest when `None`) for jobs to read: a
+    /// read-only directory on this machine's disk, made once per version.
+    /// Checks that `who` may read it.
+    async fn stage_input(
+        &self,
+        who: &Principal,
+        team: &str,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<StagedInput, LakeError>;
+
+    /// Checks, before a job runs, that `who` may write the job's output to
+    /// `team.name` in `format` (none: whatever the dataset holds).
+    async fn check_output(
+        &self,
+        who: &Principal,
+        team: &str,
+        name: &str,
+        format: Option<UploadFormat>,
+    ) -> Result<(), LakeError>;
+
+    /// Writes the directory `dir` as the next version of `team.name`, made
+    /// by job `job` from `inputs` (creating the dataset if needed). If a
+    /// version made by this job already exists — the write was done
+    /// before a restart — that version is returned and nothing is written.
+    async fn write_output(&self, out: JobOutputWrite) -> Result<Version, LakeError>;
+}
+
+/// A dataset version staged on local disk for jobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StagedInput {
+    pub dataset: Dataset,
+    pub version: u64,
+    /// The staged, read-only directory: a table's Parquet files, or a file
+    /// set's files under their paths.
+    pub path: std::path::PathBuf,
+}
+
+/// What [`Lake::write_output`] writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOutputWrite {
+    pub team: String,
+    pub name: String,
+    pub dir: std::path::PathBuf,
+    /// `from` as the job named it, for the version's detail.
+    pub from: String,
+    pub format: Option<UploadFormat>,
+    pub mode: WriteMode,
+    pub job: u64,
+    /// The versions the job read, `team.name@version`.
+    pub inputs: Vec<String>,
 }
 
 #[cfg(test)]

@@ -44,6 +44,19 @@ pub struct StartReplica {
     /// Run the replica in a container of this image instead of as a process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Dataset versions to show read-only in the working directory: each
+    /// becomes `<workdir>/<name>`, a link to `path` (a directory the
+    /// control plane staged, on a disk this node shares with it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputMount>,
+}
+
+/// A staged dataset version and the name it has in a replica's working
+/// directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputMount {
+    pub name: String,
+    pub path: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,6 +122,10 @@ pub enum FromAgent {
         signal: Option<i32>,
         cause: ExitCause,
         at: u64,
+        /// The replica's working directory, where a job's outputs are
+        /// read from (none: the node has no directory to offer, as pools).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workdir: Option<String>,
     },
     /// The agent is alive; sent periodically.
     Heartbeat {

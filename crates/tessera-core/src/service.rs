@@ -202,6 +202,8 @@ impl ServiceSpec {
             node_selector: self.node_selector.clone(),
             pool: self.pool.clone(),
             preempt: self.preempt,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
         };
         let replica = job.validate(default_team)?;
         let port = match self.port {

@@ -101,6 +101,73 @@ pub struct JobSpec {
     /// false it waits for free capacity. Its team's guaranteed quota is
     /// reclaimed from borrowers for it either way.
     pub preempt: Option<bool>,
+    /// Dataset versions the job reads: each appears read-only in every
+    /// replica's working directory under its `as` name.
+    #[serde(default)]
+    pub inputs: Vec<InputSpec>,
+    /// Directories of replica 0's working directory that become new
+    /// dataset versions when, and only when, the job succeeds.
+    #[serde(default)]
+    pub outputs: Vec<OutputSpec>,
+}
+
+/// `inputs[i]` of a job spec.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// `name`, `team.name`, or either with `@version`.
+    pub dataset: String,
+    /// The version to read [default: the latest when the job is submitted;
+    /// the job's record names the one it got].
+    pub version: Option<i64>,
+    /// The name of the directory in the working directory [default: the
+    /// dataset's name].
+    #[serde(rename = "as")]
+    pub mount: Option<String>,
+}
+
+/// `outputs[i]` of a job spec.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// `name` or `team.name` (a team the submitter may write to); created
+    /// when missing.
+    pub dataset: String,
+    /// A directory relative to replica 0's working directory, e.g. `out/`.
+    pub from: String,
+    /// `files` (a versioned file set: checkpoints, weights), or `csv`,
+    /// `parquet`, `jsonl` (the directory's files of that type become a
+    /// table version) [default: the dataset's kind; `files` for a new one].
+    pub format: Option<String>,
+    /// For tables: `append` to the previous version or `overwrite` it
+    /// [default: overwrite].
+    pub mode: Option<String>,
+}
+
+/// A validated input: which dataset version, under which name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JobInput {
+    /// `team.name`.
+    pub dataset: String,
+    /// Pinned when the job is accepted: the exact version it reads.
+    pub version: Option<u64>,
+    /// The directory name in the working directory.
+    #[serde(rename = "as")]
+    pub mount: String,
+    /// Where the control plane staged it, read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// A validated output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JobOutput {
+    /// `team.name`.
+    pub dataset: String,
+    pub from: String,
+    /// The upload format; none: the dataset's kind decides.
+    pub format: Option<crate::lake::UploadFormat>,
+    pub mode: crate::lake::WriteMode,
 }
 
 /// Validated resources per replica, in plain units.
@@ -226,6 +293,10 @@ pub struct JobTemplate {
     /// May preempt other jobs to start (see [`JobSpec::preempt`]).
     #[serde(default = "yes")]
     pub preempt: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<JobInput>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<JobOutput>,
 }
 
 fn qerr(field: &str) -> impl Fn(QuantityError) -> FieldError + '_ {
@@ -520,6 +591,7 @@ impl JobSpec {
             },
         };
         let node_selector = validate_selector(&self.node_selector, self.pool.as_deref())?;
+        let (inputs, outputs) = validate_data(&self.inputs, &self.outputs, &team)?;
         Ok(JobTemplate {
             name,
             team,
@@ -541,8 +613,139 @@ impl JobSpec {
             max_runtime_ms,
             retries,
             preempt: self.preempt.unwrap_or(true),
+            inputs,
+            outputs,
         })
     }
+}
+
+/// Checks `inputs` and `outputs` (their datasets are checked against the
+/// lake when the job is submitted).
+fn validate_data(
+    inputs: &[InputSpec],
+    outputs: &[OutputSpec],
+    team: &str,
+) -> Result<(Vec<JobInput>, Vec<JobOutput>), FieldError> {
+    use crate::lake::{DatasetRef, UploadFormat, WriteMode};
+    let mut ins = Vec::with_capacity(inputs.len());
+    for (i, spec) in inputs.iter().enumerate() {
+        let field = format!("inputs[{i}].dataset");
+        let r = DatasetRef::parse(&field, &spec.dataset)?;
+        let version = match (spec.version, r.version) {
+            (Some(v), _) if v < 1 => {
+                return Err(FieldError::new(
+                    format!("inputs[{i}].version"),
+                    format!("versions count from 1, got {v}"),
+                ))
+            }
+            (Some(v), Some(w)) if v as u64 != w => {
+                return Err(FieldError::new(
+                    format!("inputs[{i}].version"),
+                    format!("{v} contradicts the @{w} in `dataset`"),
+                ))
+            }
+            (Some(v), _) => Some(v as u64),
+            (None, w) => w,
+        };
+        let mount = spec.mount.clone().unwrap_or_else(|| r.name.clone());
+        let mfield = format!("inputs[{i}].as");
+        let ok = !mount.is_empty()
+            && mount.len() <= 63
+            && mount != "."
+            && mount != ".."
+            && mount
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !ok {
+            return Err(FieldError::new(
+                mfield,
+                format!(
+                    "`{mount}` is not a directory name: use 1-63 letters, digits, `.`, `_`, `-`"
+                ),
+            ));
+        }
+        if ins.iter().any(|x: &JobInput| x.mount == mount) {
+            return Err(FieldError::new(
+                mfield,
+                format!("two inputs are both named `{mount}`; give one another `as`"),
+            ));
+        }
+        ins.push(JobInput {
+            dataset: format!("{}.{}", r.team_or(team), r.name),
+            version,
+            mount,
+            path: None,
+        });
+    }
+    let mut outs = Vec::with_capacity(outputs.len());
+    for (i, spec) in outputs.iter().enumerate() {
+        let field = format!("outputs[{i}].dataset");
+        let r = DatasetRef::parse(&field, &spec.dataset)?;
+        if r.version.is_some() {
+            return Err(FieldError::new(
+                field,
+                "an output becomes the next version; name no `@version`",
+            ));
+        }
+        let dataset = format!("{}.{}", r.team_or(team), r.name);
+        if outs.iter().any(|o: &JobOutput| o.dataset == dataset) {
+            return Err(FieldError::new(
+                field,
+                format!("{dataset} is named by two outputs"),
+            ));
+        }
+        let from = spec.from.trim_end_matches('/');
+        let ffield = format!("outputs[{i}].from");
+        if from.is_empty()
+            || from.starts_with('/')
+            || from.split('/').any(|c| c == ".." || c.is_empty())
+            || from.contains('\0')
+        {
+            return Err(FieldError::new(
+                ffield,
+                format!(
+                    "`{}` must be a directory inside the working directory, e.g. `out/` (relative, no `..`)",
+                    spec.from
+                ),
+            ));
+        }
+        let format = match spec.format.as_deref() {
+            None => None,
+            Some("files") => Some(UploadFormat::Tar),
+            Some(f @ ("csv" | "parquet" | "jsonl")) => {
+                Some(UploadFormat::parse(&format!("outputs[{i}].format"), f)?)
+            }
+            Some(other) => {
+                return Err(FieldError::new(
+                    format!("outputs[{i}].format"),
+                    format!("unknown format `{other}`: use files, csv, parquet or jsonl"),
+                ))
+            }
+        };
+        let mode = match spec.mode.as_deref() {
+            None | Some("overwrite") => WriteMode::Overwrite,
+            Some("append") => WriteMode::Append,
+            Some(other) => {
+                return Err(FieldError::new(
+                    format!("outputs[{i}].mode"),
+                    format!("unknown mode `{other}`: use append or overwrite"),
+                ))
+            }
+        };
+        if spec.mode.is_some() && format == Some(UploadFormat::Tar) {
+            return Err(FieldError::new(
+                format!("outputs[{i}].mode"),
+                "file sets take no mode: each version is the directory as it is",
+            ));
+        }
+        outs.push(JobOutput {
+            dataset,
+            from: from.to_string(),
+            format,
+            mode,
+        });
+    }
+    Ok((ins, outs))
 }
 
 fn yes() -> bool {
@@ -681,6 +884,57 @@ mod tests {
         match JobSpec::parse(y) {
             Err(e) => e,
             Ok(spec) => spec.validate("ml").unwrap_err(),
+        }
+    }
+
+    #[test]
+    fn inputs_and_outputs() {
+        let t = parse_ok(
+            "command: [true]\ninputs:\n  - {dataset: clicks@2, as: train}\n  - {dataset: ads.weights}\noutputs:\n  - {dataset: model, from: out/}\n  - {dataset: ads.metrics, from: m, format: csv, mode: append}",
+        );
+        assert_eq!(t.inputs[0].dataset, "ml.clicks");
+        assert_eq!(t.inputs[0].version, Some(2));
+        assert_eq!(t.inputs[0].mount, "train");
+        assert_eq!(t.inputs[1].dataset, "ads.weights");
+        assert_eq!(t.inputs[1].version, None);
+        assert_eq!(t.inputs[1].mount, "weights");
+        assert_eq!(t.outputs[0].dataset, "ml.model");
+        assert_eq!(t.outputs[0].from, "out");
+        assert_eq!(t.outputs[0].format, None);
+        assert_eq!(t.outputs[1].format, Some(crate::lake::UploadFormat::Csv));
+        assert_eq!(t.outputs[1].mode, crate::lake::WriteMode::Append);
+        for (spec, field) in [
+            ("inputs: [{dataset: 'Bad Name'}]", "inputs[0].dataset"),
+            ("inputs: [{dataset: a, version: 0}]", "inputs[0].version"),
+            ("inputs: [{dataset: a@2, version: 3}]", "inputs[0].version"),
+            ("inputs: [{dataset: a, as: ..}]", "inputs[0].as"),
+            (
+                "inputs: [{dataset: a}, {dataset: b, as: a}]",
+                "inputs[1].as",
+            ),
+            ("outputs: [{dataset: m@2, from: out}]", "outputs[0].dataset"),
+            ("outputs: [{dataset: m, from: ../x}]", "outputs[0].from"),
+            ("outputs: [{dataset: m, from: /abs}]", "outputs[0].from"),
+            (
+                "outputs: [{dataset: m, from: o, format: xml}]",
+                "outputs[0].format",
+            ),
+            (
+                "outputs: [{dataset: m, from: o, mode: merge}]",
+                "outputs[0].mode",
+            ),
+            (
+                "outputs: [{dataset: m, from: o, format: files, mode: append}]",
+                "outputs[0].mode",
+            ),
+            (
+                "outputs: [{dataset: m, from: o}, {dataset: ml.m, from: p}]",
+                "outputs[1].dataset",
+            ),
+            ("inputs: [{dataset: a, path: /x}]", "inputs[0]"),
+        ] {
+            let e = parse_err(&format!("command: [true]\n{spec}"));
+            assert!(e.field.starts_with(field), "{spec}: {e}");
         }
     }
 

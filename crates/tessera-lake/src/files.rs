@@ -174,7 +174,7 @@ pub(crate) async fn commit(
     }
 }
 
-async fn put_file(
+pub(crate) async fn put_file(
     storage: &Storage,
     local: &FsPath,
     dest: &object_store::path::Path,

@@ -26,6 +26,7 @@
 mod catalog;
 mod clean;
 mod files;
+mod jobs;
 mod query;
 mod storage;
 mod table;
@@ -38,7 +39,8 @@ use std::time::Duration;
 use tessera_core::auth::Principal;
 use tessera_core::lake::{
     ByteStream, CleanRequest, CreateDataset, Dataset, DatasetDetail, DatasetKind, GrantRequest,
-    Lake, LakeError, QueryRequest, QueryResult, Upload, UploadFormat, Version,
+    JobOutputWrite, Lake, LakeError, QueryRequest, QueryResult, StagedInput, Upload, UploadFormat,
+    Version,
 };
 use tessera_core::FieldError;
 
@@ -56,6 +58,8 @@ pub struct LakeConfig {
     pub max_rows: u64,
     /// The longest a query may run (and the default).
     pub max_query_time: Duration,
+    /// Where versions are staged for jobs to read (always on local disk).
+    pub staging: PathBuf,
 }
 
 impl LakeConfig {
@@ -64,6 +68,7 @@ impl LakeConfig {
         LakeConfig {
             location: Location::Local(home.join("lake")),
             scratch: home.join("lake-tmp"),
+            staging: home.join("lake-inputs"),
             max_rows: 1_000_000,
             max_query_time: Duration::from_secs(300),
         }
@@ -483,9 +488,106 @@ impl Lake for DataLake {
         catalog::put(&self.storage, &ds).await?;
         self.with_latest(ds).await
     }
+
+    async fn stage_input(
+        &self,
+        who: &Principal,
+        team: &str,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<StagedInput, LakeError> {
+        let ds = self.readable(who, team, name).await?;
+        let ds = self.with_latest(ds).await?;
+        let latest = ds.latest.ok_or_else(|| {
+            LakeError::Invalid(FieldError::new(
+                "dataset",
+                format!("{team}.{name} has no versions yet"),
+            ))
+        })?;
+        let version = version.unwrap_or(latest);
+        if version == 0 || version > latest {
+            return Err(LakeError::Invalid(FieldError::new(
+                "version",
+                format!("{team}.{name} has versions 1 to {latest}, not {version}"),
+            )));
+        }
+        let path = jobs::stage(&self.storage, &self.config.staging, &ds, version).await?;
+        Ok(StagedInput {
+            dataset: ds,
+            version,
+            path,
+        })
+    }
+
+    async fn check_output(
+        &self,
+        who: &Principal,
+        team: &str,
+        name: &str,
+        format: Option<UploadFormat>,
+    ) -> Result<(), LakeError> {
+        tessera_core::lake::validate_name("team", team)?;
+        tessera_core::lake::validate_name("dataset", name)?;
+        check_write_team(who, team)?;
+        if let (Some(ds), Some(f)) = (catalog::get(&self.storage, team, name).await?, format) {
+            let wanted = jobs::kind_for(Some(f));
+            if let Some(k) = ds.kind.filter(|k| *k != wanted) {
+                return Err(LakeError::Invalid(FieldError::new(
+                    "format",
+                    format!(
+                        "{team}.{name} is a {}, and format {} would make it a {}",
+                        kind_name(k),
+                        format_name(f),
+                        kind_name(wanted)
+                    ),
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_output(&self, out: JobOutputWrite) -> Result<Version, LakeError> {
+        tessera_core::lake::validate_name("team", &out.team)?;
+        tessera_core::lake::validate_name("dataset", &out.name)?;
+        let lock = self.lock_for(&out.team, &out.name);
+        let _guard = lock.lock().await;
+        let mut ds = match catalog::get(&self.storage, &out.team, &out.name).await? {
+            Some(ds) => ds,
+            None => {
+                let ds = Dataset {
+                    team: out.team.clone(),
+                    name: out.name.clone(),
+                    kind: None,
+                    labels: Default::default(),
+                    grants: Vec::new(),
+                    description: None,
+                    created_at: now_ms(),
+                    latest: None,
+                };
+                match catalog::create(&self.storage, &ds).await {
+                    Ok(()) => ds,
+                    Err(LakeError::Conflict(_)) => {
+                        catalog::get(&self.storage, &out.team, &out.name)
+                            .await?
+                            .ok_or_else(|| not_found(&out.team, &out.name))?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        if let Some(v) = jobs::written_by(&self.storage, &ds, out.job).await? {
+            return Ok(v);
+        }
+        let kind = match (ds.kind, out.format) {
+            (Some(k), None) => k,
+            (_, f) => jobs::kind_for(f),
+        };
+        self.settle_kind(&mut ds, kind).await?;
+        jobs::write(&self.storage, &self.config.scratch, &ds, &out).await
+    }
 }
 
-fn format_name(f: UploadFormat) -> &'static str {
+pub(crate) fn format_name(f: UploadFormat) -> &'static str {
     match f {
         UploadFormat::Csv => "csv",
         UploadFormat::Parquet => "parquet",

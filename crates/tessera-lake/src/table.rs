@@ -224,6 +224,36 @@ pub(crate) async fn versions(
     Ok(out)
 }
 
+/// The data files (paths relative to the table's directory) that make up
+/// Tessera version `version`.
+pub(crate) async fn live_files(
+    storage: &Storage,
+    team: &str,
+    name: &str,
+    version: u64,
+) -> Result<Vec<String>, LakeError> {
+    let mut live = std::collections::BTreeSet::new();
+    let mut found = false;
+    for c in read_log(storage, team, name).await? {
+        if c.delta_version + 1 > version {
+            break;
+        }
+        found = c.delta_version + 1 == version;
+        for p in &c.removed {
+            live.remove(p);
+        }
+        for (p, _, _) in &c.added {
+            live.insert(p.clone());
+        }
+    }
+    if !found {
+        return Err(LakeError::NotFound(format!(
+            "{team}.{name} has no version {version}"
+        )));
+    }
+    Ok(live.into_iter().collect())
+}
+
 /// The latest Tessera version, if any.
 pub(crate) async fn latest(
     storage: &Storage,
@@ -346,7 +376,7 @@ pub(crate) async fn ingest(
         .ok_or_else(|| internal("the spool path", "not UTF-8"))?;
     let df = match upload.format {
         UploadFormat::Csv => {
-            let header = check_csv_header(file, expected.as_deref())?;
+            let header = check_csv_header(&first_file(file, "csv")?, expected.as_deref())?;
             let mut opts = CsvReadOptions::new()
                 .has_header(true)
                 .schema_infer_max_records(100_000)
@@ -472,6 +502,23 @@ fn file_type(t: &DataType) -> DataType {
         DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
         other => other.clone(),
     }
+}
+
+/// `path` itself, or, for a directory of files, its first `.ext` file.
+fn first_file(path: &FsPath, ext: &str) -> Result<std::path::PathBuf, LakeError> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let mut files: Vec<_> = std::fs::read_dir(path)
+        .map_err(|e| internal("reading the upload", e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .next()
+        .ok_or_else(|| LakeError::BadData(format!("no .{ext} file to read")))
 }
 
 /// Checks a CSV's header: non-empty, unique names and — for a table that

@@ -451,3 +451,134 @@ async fn file_sets_are_versioned_by_content() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_read_staged_versions_and_write_outputs_once() {
+    use std::os::unix::fs::PermissionsExt;
+    use tessera_core::lake::JobOutputWrite;
+    let (dir, lake) = open();
+    let ads = member("ads");
+    lake.upload(
+        &ads,
+        "ads",
+        "clicks",
+        csv("a.csv", WriteMode::Append),
+        body(CLICKS),
+    )
+    .await
+    .unwrap();
+    lake.upload(
+        &ads,
+        "ads",
+        "clicks",
+        csv("b.csv", WriteMode::Overwrite),
+        body("user_id,country,amount\n9,it,1.0\n"),
+    )
+    .await
+    .unwrap();
+    // Version 1 staged: its one data file, read-only; version 2 has another.
+    let s1 = lake
+        .stage_input(&ads, "ads", "clicks", Some(1))
+        .await
+        .unwrap();
+    assert_eq!(s1.version, 1);
+    let files: Vec<_> = std::fs::read_dir(&s1.path).unwrap().flatten().collect();
+    assert_eq!(files.len(), 1);
+    let mode = files[0].metadata().unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o444);
+    assert_eq!(
+        std::fs::metadata(&s1.path).unwrap().permissions().mode() & 0o777,
+        0o555
+    );
+    let latest = lake.stage_input(&ads, "ads", "clicks", None).await.unwrap();
+    assert_eq!(latest.version, 2);
+    assert_ne!(latest.path, s1.path);
+    // Staging again reuses the directory.
+    let again = lake
+        .stage_input(&ads, "ads", "clicks", Some(1))
+        .await
+        .unwrap();
+    assert_eq!(again.path, s1.path);
+    // Another team may not read it; a version that does not exist is named.
+    let e = lake
+        .stage_input(&member("ml"), "ads", "clicks", None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LakeError::Forbidden(_)), "{e}");
+    let e = lake
+        .stage_input(&ads, "ads", "clicks", Some(3))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, LakeError::Invalid(f) if f.field == "version"),
+        "{e}"
+    );
+
+    // A job's directory becomes a file-set version, once.
+    let out = dir.path().join("work/out");
+    std::fs::create_dir_all(out.join("sub")).unwrap();
+    std::fs::write(out.join("model.bin"), b"weights").unwrap();
+    std::fs::write(out.join("sub/vocab.txt"), b"a b c").unwrap();
+    let write = JobOutputWrite {
+        team: "ads".into(),
+        name: "model".into(),
+        dir: out.clone(),
+        from: "out".into(),
+        format: None,
+        mode: WriteMode::Overwrite,
+        job: 42,
+        inputs: vec!["ads.clicks@1".into()],
+    };
+    let v = lake.write_output(write.clone()).await.unwrap();
+    assert_eq!((v.version, v.files, v.job), (1, 2, Some(42)));
+    assert_eq!(v.inputs, vec!["ads.clicks@1".to_string()]);
+    // Written again by the same job (a restart mid-way): the same version.
+    let again = lake.write_output(write.clone()).await.unwrap();
+    assert_eq!(again.version, 1);
+    let staged = lake.stage_input(&ads, "ads", "model", None).await.unwrap();
+    assert_eq!(
+        std::fs::read(staged.path.join("sub/vocab.txt")).unwrap(),
+        b"a b c"
+    );
+    // A table output from a directory of CSV files.
+    let t = dir.path().join("work/t");
+    std::fs::create_dir_all(&t).unwrap();
+    std::fs::write(t.join("a.csv"), "k,v\n1,x\n").unwrap();
+    std::fs::write(t.join("b.csv"), "k,v\n2,y\n3,z\n").unwrap();
+    let v = lake
+        .write_output(JobOutputWrite {
+            name: "kv".into(),
+            dir: t,
+            format: Some(UploadFormat::Csv),
+            job: 43,
+            ..write.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.rows, Some(3));
+    // A missing directory writes nothing.
+    let e = lake
+        .write_output(JobOutputWrite {
+            name: "nothing".into(),
+            dir: dir.path().join("work/none"),
+            job: 44,
+            ..write.clone()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LakeError::BadData(_)), "{e}");
+    // Checked before a job runs: the kind, and the team's right to write.
+    let e = lake
+        .check_output(&ads, "ads", "clicks", Some(UploadFormat::Tar))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, LakeError::Invalid(f) if f.field == "format"),
+        "{e}"
+    );
+    let e = lake
+        .check_output(&member("ml"), "ads", "model", None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LakeError::Forbidden(_)), "{e}");
+}

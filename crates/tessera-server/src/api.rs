@@ -646,19 +646,26 @@ pub(crate) async fn create_job(
     caller: &Caller,
     spec: JobSpec,
 ) -> Result<Job, ApiError> {
-    let template = spec.validate(&caller.0.team)?;
+    let mut template = spec.validate(&caller.0.team)?;
     caller.require_write(&template.team)?;
+    if !shared
+        .state
+        .lock()
+        .expect("state lock")
+        .teams
+        .contains_key(&template.team)
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_team",
+            format!("team `{}` does not exist", template.team),
+        )
+        .with_field("team"));
+    }
+    crate::job_data::bind(shared, &caller.0, &mut template).await?;
     let now = now_ms();
     {
         let state = shared.state.lock().expect("state lock");
-        if !state.teams.contains_key(&template.team) {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "unknown_team",
-                format!("team `{}` does not exist", template.team),
-            )
-            .with_field("team"));
-        }
         // A GPU that is unhealthy now may recover: it still counts here.
         let mut nodes = state.live_node_views();
         for g in nodes.iter_mut().flat_map(|n| n.gpus.iter_mut()) {
@@ -871,6 +878,18 @@ pub(crate) fn cancel_in_state(
             JobState::Cancelled,
             None,
             by,
+            now,
+            writes,
+            shared,
+        );
+    } else if crate::job_data::writing(&job) {
+        // Its processes are done; only the output writer is at work.
+        crate::control::finish(
+            state,
+            id,
+            JobState::Cancelled,
+            Some(0),
+            format!("{by}, while its outputs were being written (an output it had finished writing stays a version)"),
             now,
             writes,
             shared,

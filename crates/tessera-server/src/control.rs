@@ -280,8 +280,10 @@ fn start_message(job: &Job, p: &ReplicaPlacement) -> StartReplica {
             .env
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
+            .chain(crate::job_data::input_env(job))
             .collect(),
         workdir: job.spec.workdir.clone(),
+        inputs: crate::job_data::mounts(job),
         gpus: p.gpus.clone(),
         cpu_milli: job.spec.resources.cpu_milli,
         memory_bytes: job.spec.resources.memory_bytes,
@@ -368,6 +370,7 @@ fn back_to_queue(j: &mut Job, now: u64, cost: f64) -> u64 {
     j.placement.clear();
     j.replicas.clear();
     j.preempting = None;
+    j.outputs_dir = None;
     ran
 }
 
@@ -675,6 +678,7 @@ fn handle_agent_event(
             signal,
             cause,
             at,
+            workdir,
         } => {
             let current = state.jobs.get(&key.job_id).is_some_and(|job| {
                 job.attempt == key.attempt && job.state.is_active() && placed_on(job, &key, from)
@@ -713,11 +717,17 @@ fn handle_agent_event(
                 ExitCause::SpawnFailed(_) => Some(127),
                 _ => None,
             });
+            let outputs_dir = (key.replica == 0 && !job.spec.outputs.is_empty())
+                .then_some(workdir)
+                .flatten();
             state.update_job(key.job_id, writes, |j| {
                 if let Some(r) = j.replicas.iter_mut().find(|r| r.replica == key.replica) {
                     r.state = ReplicaState::Exited;
                     r.exit_code = job_exit;
                     r.signal = signal;
+                }
+                if outputs_dir.is_some() {
+                    j.outputs_dir = outputs_dir;
                 }
                 if first_failure && !j.cancel_requested {
                     j.reason = Some(what.clone());
@@ -774,6 +784,9 @@ fn handle_agent_event(
                         job.exit_code,
                         job.reason.clone().unwrap_or(what),
                     )
+                } else if crate::job_data::writing(job) {
+                    crate::job_data::start_writing(shared, state, key.job_id, writes, now);
+                    return;
                 } else {
                     let msg = if job.spec.replicas > 1 {
                         format!("all {} replicas exited with code 0", job.spec.replicas)
@@ -962,6 +975,7 @@ pub fn recover_interrupted(shared: &Shared, state: &mut ClusterState, now: u64) 
         .active
         .iter()
         .copied()
+        .filter(|id| !crate::job_data::writing(&state.jobs[id]))
         .filter(|id| {
             !state.jobs[id]
                 .placement

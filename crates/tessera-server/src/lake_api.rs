@@ -43,12 +43,13 @@ pub fn routes() -> Router<Arc<Shared>> {
         )
         .route("/v1/datasets/{dataset}/clean", post(clean))
         .route("/v1/datasets/{dataset}/grants", post(grant))
+        .route("/v1/datasets/{dataset}/files", get(files))
         .route("/v1/query", post(query))
 }
 
 #[derive(OpenApi)]
 #[openapi(
-    paths(list, create, show, upload, clean, grant, query),
+    paths(list, create, show, upload, clean, grant, query, files),
     components(schemas(
         Dataset,
         DatasetDetail,
@@ -294,5 +295,101 @@ pub async fn query(
         h.insert(COLUMNS_HEADER, v);
     }
     h.insert(MAX_ROWS_HEADER, HeaderValue::from(result.max_rows));
+    Ok(resp)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesParams {
+    /// The version [default: the one in the path, else the latest].
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
+/// Bytes written to it go, in chunks, to an async receiver.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    const CHUNK: usize = 256 << 10;
+
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(Self::CHUNK),
+        ));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::other("the client went away"))
+    }
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= Self::CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+#[utoipa::path(get, path = "/v1/datasets/{dataset}/files",
+    params(("dataset" = String, Path, description = "[team.]name[@version]"),
+        ("version" = Option<u64>, Query)),
+    responses((status = 200, content_type = "application/x-tar",
+            description = "A tar stream of the version's files: a file set's files under their paths, or a table's Parquet data files"),
+        (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn files(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    Path(dataset): Path<String>,
+    q: Result<Query<FilesParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::invalid("version", e.body_text()))?;
+    let r = DatasetRef::parse("dataset", &dataset).map_err(invalid)?;
+    let team = r.team_or(&caller.0.team).to_string();
+    let staged = lake(&shared)?
+        .stage_input(&caller.0, &team, &r.name, q.version.or(r.version))
+        .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let dir = staged.path.clone();
+    tokio::task::spawn_blocking(move || {
+        let writer = ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(ChannelWriter::CHUNK),
+        };
+        let mut b = tar::Builder::new(writer);
+        // Plain modes and times: the staged copy is read-only, the
+        // download need not be.
+        b.mode(tar::HeaderMode::Deterministic);
+        let result = b
+            .append_dir_all(".", &dir)
+            .and_then(|()| b.into_inner())
+            .and_then(|mut w| std::io::Write::flush(&mut w));
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let mut resp = body.into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-tar"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&staged.version.to_string()) {
+        resp.headers_mut().insert("x-tessera-version", v);
+    }
     Ok(resp)
 }

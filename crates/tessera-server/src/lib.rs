@@ -12,6 +12,7 @@ pub mod auth;
 pub mod control;
 pub mod error;
 pub mod fleet;
+pub mod job_data;
 pub mod lake_api;
 pub mod logs;
 pub mod metrics;
@@ -90,6 +91,9 @@ pub struct Shared {
     /// The data lake, when this server has one (`lake_api`).
     pub lake: Option<Arc<dyn tessera_core::lake::Lake>>,
     reports_rx: Mutex<Option<mpsc::UnboundedReceiver<control::AgentReport>>>,
+    /// Jobs whose outputs are to be written, to the output writer.
+    pub outputs: mpsc::UnboundedSender<tessera_core::JobId>,
+    outputs_rx: Mutex<Option<mpsc::UnboundedReceiver<tessera_core::JobId>>>,
     /// The dashboard's history (`/ui`).
     pub ui: ui::UiState,
 }
@@ -109,7 +113,10 @@ impl Shared {
     ) -> Shared {
         let next = state.max_job_id() + 1;
         let (reports, reports_rx) = mpsc::unbounded_channel();
+        let (outputs, outputs_rx) = mpsc::unbounded_channel();
         Shared {
+            outputs,
+            outputs_rx: Mutex::new(Some(outputs_rx)),
             heartbeat_ms: tessera_agent::HEARTBEAT.as_millis() as u64,
             node_lease_ms: DEFAULT_NODE_LEASE.as_millis() as u64,
             reports,
@@ -157,6 +164,10 @@ impl Shared {
             tokio::spawn(control::agent_events_loop(self.clone(), rx));
         }
         tokio::spawn(control::scheduling_loop(self.clone()));
+        if let Some(rx) = self.outputs_rx.lock().expect("outputs lock").take() {
+            job_data::resume(self);
+            tokio::spawn(job_data::outputs_loop(self.clone(), rx));
+        }
         tokio::spawn(fleet::lease_loop(self.clone()));
         services::recover(self);
         if let Some(gw) = &self.gateway {

@@ -1019,6 +1019,7 @@ impl PoolTask {
                 signal,
                 cause: cause.clone(),
                 at,
+                workdir: None,
             });
         }
     }
@@ -1074,6 +1075,7 @@ pub fn pool_job(pool: &PoolConfig, job: &Job, here: &[u32]) -> PoolJob {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    env.extend(crate::job_data::input_env(job));
     env.push(("TESSERA_JOB_ID".into(), job.id.to_string()));
     env.push(("TESSERA_ATTEMPT".into(), job.attempt.to_string()));
     env.push(("TESSERA_NUM_REPLICAS".into(), spec.replicas.to_string()));

@@ -176,6 +176,7 @@ impl World {
                 signal: None,
                 cause,
                 at: 2,
+                workdir: None,
             })
             .unwrap();
     }

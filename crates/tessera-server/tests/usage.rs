@@ -166,6 +166,7 @@ impl World {
                 signal: None,
                 cause: ExitCause::Exited,
                 at: now,
+                workdir: None,
             })
             .unwrap();
     }

@@ -659,6 +659,24 @@ pub fn job(s: &Session, v: &JobPage, replica: u32) -> String {
     if let Some(w) = &j.spec.workdir {
         dd(&mut o, "workdir", w);
     }
+    for i in &j.spec.inputs {
+        let v = i.version.map(|v| format!("@{v}")).unwrap_or_default();
+        dd(
+            &mut o,
+            "reads",
+            &format!("{}{v} as {}/", i.dataset, i.mount),
+        );
+    }
+    for out in &j.spec.outputs {
+        dd(
+            &mut o,
+            "output",
+            &format!("{}/ → {}", out.from, out.dataset),
+        );
+    }
+    if !j.wrote.is_empty() {
+        dd(&mut o, "wrote", &j.wrote.join(", "));
+    }
     if !j.spec.env.is_empty() {
         o.push_str("<dt>env</dt><dd><table class=\"kv\">");
         for (k, val) in &j.spec.env {

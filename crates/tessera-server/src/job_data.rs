@@ -1,0 +1,308 @@
+//! Jobs that read and write datasets.
+//!
+//! At submission ([`bind`]) each input is resolved through the [`Lake`]
+//! trait — the caller must be allowed to read it — pinned to an exact
+//! version and staged read-only on local disk; a dataset's labels (its
+//! residency, e.g. `region=eu`) join the job's node selector, so the
+//! scheduler places the job only where the data may go. Each output is
+//! checked for write access and kind. Nothing is accepted on any error.
+//!
+//! While a job runs its inputs appear in every replica's working directory
+//! under their `as` names ([`mounts`], [`input_env`]). When every replica
+//! has exited 0, the job stays `running` while the output writer
+//! ([`outputs_loop`]) turns each output directory of replica 0 into a new
+//! version; the job succeeds once all are written and names them in
+//! `wrote`, and fails, naming the output, when one cannot be written. The
+//! writer is resumed after a restart ([`resume`]); the lake finds versions
+//! a job already wrote by its id, so nothing is written twice.
+
+use std::sync::Arc;
+
+use tessera_core::auth::Principal;
+use tessera_core::job::ReplicaState;
+use tessera_core::lake::{JobOutputWrite, Lake, LakeError};
+use tessera_core::protocol::InputMount;
+use tessera_core::{Event, Job, JobId, JobState, JobTemplate};
+use tessera_store::Write;
+use tracing::warn;
+
+use crate::error::ApiError;
+use crate::state::ClusterState;
+use crate::Shared;
+
+fn split(dataset: &str) -> (&str, &str) {
+    dataset.split_once('.').unwrap_or(("", dataset))
+}
+
+/// A lake error about `inputs[i]` or `outputs[i]`, naming that field.
+fn about(prefix: &str, e: LakeError) -> ApiError {
+    let (field, message) = match &e {
+        LakeError::Invalid(fe) if fe.field == "version" => {
+            (format!("{prefix}.version"), fe.message.clone())
+        }
+        LakeError::Invalid(fe) if fe.field == "format" => {
+            (format!("{prefix}.format"), fe.message.clone())
+        }
+        LakeError::Invalid(fe) => (format!("{prefix}.dataset"), fe.message.clone()),
+        other => (format!("{prefix}.dataset"), other.to_string()),
+    };
+    let mut err = ApiError::from(e).with_field(field.clone());
+    if !matches!(err.status.as_u16(), 500..=599) {
+        err.message = format!("{field}: {message}");
+    }
+    err
+}
+
+/// Resolves, checks and stages a job's datasets, and adds their residency
+/// to its node selector. A job without inputs or outputs is left alone.
+pub(crate) async fn bind(
+    shared: &Shared,
+    who: &Principal,
+    t: &mut JobTemplate,
+) -> Result<(), ApiError> {
+    if t.inputs.is_empty() && t.outputs.is_empty() {
+        return Ok(());
+    }
+    let Some(lake) = shared.lake.clone() else {
+        let field = if t.inputs.is_empty() {
+            "outputs"
+        } else {
+            "inputs"
+        };
+        return Err(ApiError::invalid(
+            field,
+            "this server runs without a data lake, so jobs cannot read or write datasets",
+        ));
+    };
+    for i in 0..t.inputs.len() {
+        let prefix = format!("inputs[{i}]");
+        let (team, name) = split(&t.inputs[i].dataset);
+        let staged = lake
+            .stage_input(who, team, name, t.inputs[i].version)
+            .await
+            .map_err(|e| about(&prefix, e))?;
+        for (k, v) in &staged.dataset.labels {
+            match t.resources.node_selector.get(k) {
+                Some(w) if w != v => {
+                    return Err(ApiError::invalid(
+                        &format!("{prefix}.dataset"),
+                        format!(
+                            "{} may only be read where {k}={v}, but the job asks for {k}={w}",
+                            t.inputs[i].dataset
+                        ),
+                    ))
+                }
+                _ => {
+                    t.resources.node_selector.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        t.inputs[i].version = Some(staged.version);
+        t.inputs[i].path = Some(staged.path.display().to_string());
+    }
+    for (i, out) in t.outputs.iter().enumerate() {
+        let (team, name) = split(&out.dataset);
+        lake.check_output(who, team, name, out.format)
+            .await
+            .map_err(|e| about(&format!("outputs[{i}]"), e))?;
+    }
+    Ok(())
+}
+
+/// The inputs a replica of `job` sees in its working directory.
+pub fn mounts(job: &Job) -> Vec<InputMount> {
+    job.spec
+        .inputs
+        .iter()
+        .filter_map(|i| {
+            Some(InputMount {
+                name: i.mount.clone(),
+                path: i.path.clone()?,
+            })
+        })
+        .collect()
+}
+
+/// `TESSERA_INPUT_<AS>` = the staged directory of each input, for programs
+/// (and pools) that want a path rather than the link in the working
+/// directory.
+pub fn input_env(job: &Job) -> Vec<(String, String)> {
+    job.spec
+        .inputs
+        .iter()
+        .filter_map(|i| {
+            let var: String = i
+                .mount
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            Some((format!("TESSERA_INPUT_{var}"), i.path.clone()?))
+        })
+        .collect()
+}
+
+/// Whether `job` is waiting for its outputs to be written: every replica
+/// of its attempt exited 0 and it has outputs.
+pub fn writing(job: &Job) -> bool {
+    !job.spec.outputs.is_empty()
+        && job.state.is_active()
+        && !job.cancel_requested
+        && job.preempting.is_none()
+        && !job.replicas.is_empty()
+        && job
+            .replicas
+            .iter()
+            .all(|r| r.state == ReplicaState::Exited && r.exit_code == Some(0))
+}
+
+/// Marks `id` as writing its outputs and hands it to the writer. Called
+/// under the state lock when its last replica exited 0.
+pub fn start_writing(
+    shared: &Shared,
+    state: &mut ClusterState,
+    id: JobId,
+    writes: &mut Vec<Write>,
+    now: u64,
+) {
+    let names: Vec<String> = state.jobs[&id]
+        .spec
+        .outputs
+        .iter()
+        .map(|o| o.dataset.clone())
+        .collect();
+    let msg = format!(
+        "all replicas exited with code 0; writing outputs: {}",
+        names.join(", ")
+    );
+    state.update_job(id, writes, |j| {
+        j.reason = Some("writing outputs".into());
+        Some(Event::new(id, now, "writing_outputs", msg))
+    });
+    let _ = shared.outputs.send(id);
+}
+
+/// Hands every job that was writing its outputs when the last run stopped
+/// back to the writer.
+pub fn resume(shared: &Shared) {
+    let state = shared.state.lock().expect("state lock");
+    for id in state.active.iter() {
+        if state.jobs.get(id).is_some_and(writing) {
+            let _ = shared.outputs.send(*id);
+        }
+    }
+}
+
+/// Writes the outputs of the jobs handed to it, one job at a time.
+pub(crate) async fn outputs_loop(
+    shared: Arc<Shared>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<JobId>,
+) {
+    while let Some(id) = rx.recv().await {
+        let Some(lake) = shared.lake.clone() else {
+            continue;
+        };
+        let job = {
+            let state = shared.state.lock().expect("state lock");
+            match state.jobs.get(&id) {
+                Some(j) if writing(j) => j.clone(),
+                _ => continue,
+            }
+        };
+        let outcome = write_all(lake.as_ref(), &job).await;
+        let now = crate::now_ms();
+        let staged = {
+            let mut writes = Vec::new();
+            let mut state = shared.state.lock().expect("state lock");
+            // The job may have been handled otherwise meanwhile.
+            if !state
+                .jobs
+                .get(&id)
+                .is_some_and(|j| j.attempt == job.attempt && writing(j))
+            {
+                continue;
+            }
+            match outcome {
+                Ok(wrote) => {
+                    let reason = format!("exited with code 0; wrote {}", wrote.join(", "));
+                    state.update_job(id, &mut writes, |j| {
+                        j.wrote = wrote;
+                        None
+                    });
+                    crate::control::finish(
+                        &mut state,
+                        id,
+                        JobState::Succeeded,
+                        Some(0),
+                        reason,
+                        now,
+                        &mut writes,
+                        &shared,
+                    );
+                }
+                Err(why) => {
+                    warn!(job = id, error = %why, "a job's output could not be written");
+                    crate::control::finish(
+                        &mut state,
+                        id,
+                        JobState::Failed,
+                        Some(0),
+                        why,
+                        now,
+                        &mut writes,
+                        &shared,
+                    );
+                }
+            }
+            shared.stage(writes)
+        };
+        staged.durable().await;
+        shared.changed();
+    }
+}
+
+/// Writes each output of `job`; the versions written, or why not.
+async fn write_all(lake: &dyn Lake, job: &Job) -> Result<Vec<String>, String> {
+    let Some(dir) = job.outputs_dir.clone().or_else(|| job.spec.workdir.clone()) else {
+        return Err(
+            "its outputs cannot be read: the node it ran on reported no working directory (give the job a `workdir` on a disk shared with the control plane)"
+                .into(),
+        );
+    };
+    let inputs: Vec<String> = job
+        .spec
+        .inputs
+        .iter()
+        .map(|i| format!("{}@{}", i.dataset, i.version.unwrap_or(0)))
+        .collect();
+    let mut wrote = Vec::new();
+    for (i, out) in job.spec.outputs.iter().enumerate() {
+        let (team, name) = split(&out.dataset);
+        let write = JobOutputWrite {
+            team: team.to_string(),
+            name: name.to_string(),
+            dir: std::path::Path::new(&dir).join(&out.from),
+            from: out.from.clone(),
+            format: out.format,
+            mode: out.mode,
+            job: job.id,
+            inputs: inputs.clone(),
+        };
+        match lake.write_output(write).await {
+            Ok(v) => wrote.push(format!("{}@{}", out.dataset, v.version)),
+            Err(e) => {
+                let mut why = format!("outputs[{i}] ({}): {e}", out.dataset);
+                if !wrote.is_empty() {
+                    why.push_str(&format!(" (already written: {})", wrote.join(", ")));
+                }
+                return Err(why);
+            }
+        }
+    }
+    Ok(wrote)
+}
