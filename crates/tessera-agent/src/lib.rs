@@ -15,6 +15,7 @@
 
 pub mod cgroup;
 pub mod container;
+mod fetch;
 pub mod gpu;
 pub mod remote;
 pub mod tls;

@@ -208,6 +208,8 @@ struct Link {
     lease: Option<Duration>,
     heartbeat: Duration,
     grace_ms: u64,
+    /// Fetches inputs this machine cannot see on its own disk.
+    fetcher: std::sync::Arc<crate::fetch::Fetcher>,
 }
 
 impl Link {
@@ -302,6 +304,17 @@ pub async fn run(mut config: AgentConfig, remote: RemoteConfig) -> anyhow::Resul
     let home = config.home.clone();
     let default_grace = config.kill_grace.as_millis() as u64;
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let mut http = reqwest::Client::builder();
+    if let Some(tls) = &tls {
+        http = http.use_preconfigured_tls((**tls).clone());
+    }
+    let fetcher = std::sync::Arc::new(crate::fetch::Fetcher {
+        http: http.build().context("setting up the HTTP client")?,
+        server: remote.server.clone(),
+        credential: cred.credential.clone(),
+        home: home.clone(),
+        events: ev_tx.clone(),
+    });
     let mut agent = Agent::new(config, ev_tx).context("starting the agent")?;
     let adopted = agent.adopt_orphans();
     if !adopted.is_empty() {
@@ -334,6 +347,7 @@ pub async fn run(mut config: AgentConfig, remote: RemoteConfig) -> anyhow::Resul
         lease: None,
         heartbeat: crate::HEARTBEAT,
         grace_ms: default_grace,
+        fetcher,
     };
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -507,8 +521,17 @@ async fn serve(
                             if let ToAgent::Start(s) = &cmd {
                                 link.running.insert(s.key);
                             }
-                            if !matches!(cmd, ToAgent::Welcome { .. }) {
-                                let _ = cmd_tx.send(cmd);
+                            match cmd {
+                                ToAgent::Welcome { .. } => {}
+                                // Inputs this disk does not hold are fetched
+                                // first; the replica starts once they are here.
+                                ToAgent::Start(s) if crate::fetch::needs_fetch(&s) => {
+                                    let (fetcher, agent) = (link.fetcher.clone(), cmd_tx.clone());
+                                    tokio::spawn(async move { fetcher.start(s, agent).await });
+                                }
+                                cmd => {
+                                    let _ = cmd_tx.send(cmd);
+                                }
                             }
                         }
                         Err(e) => warn!(error = %e, "unreadable message from the server"),

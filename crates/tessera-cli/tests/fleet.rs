@@ -848,3 +848,57 @@ fn agent_process_restarted_adopts_its_replica() {
         "{mine:?}"
     );
 }
+
+/// An agent on a machine that does not share the server's disk still sees
+/// a job's inputs in its working directory: it fetches each version over
+/// HTTP with its node credential. Outputs need a shared disk, and a job
+/// whose outputs the server cannot read fails saying so.
+#[test]
+fn a_remote_agent_fetches_inputs_it_cannot_see() {
+    let fleet = Fleet::start(&["a1"]);
+    let src = fleet.dir.path().join("weights");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("tok.txt"), "hello tokens\n").unwrap();
+    std::fs::write(src.join("sub/layer.bin"), [3u8; 5000]).unwrap();
+    fleet.cli(&["data", "upload", "weights", src.to_str().unwrap()]);
+    let spec = serde_json::json!({
+        "name": "reads",
+        "script": "test \"$(cat w/tok.txt)\" = 'hello tokens' && test $(wc -c < w/sub/layer.bin) = 5000 && cp w/tok.txt /shared/seen-$TESSERA_JOB_ID",
+        "resources": {"cpu": "0.1", "memory": "16Mi"},
+        "inputs": [{"dataset": "weights", "as": "w"}],
+    });
+    let path = fleet.dir.path().join("reads.json");
+    std::fs::write(&path, spec.to_string()).unwrap();
+    let id = fleet.cli(&["submit", path.to_str().unwrap()])["id"]
+        .as_u64()
+        .unwrap();
+    let job = fleet.wait_terminal(id, Duration::from_secs(60));
+    assert_eq!(job["job"]["state"], "succeeded", "{job:#}");
+    assert_eq!(
+        std::fs::read_to_string(fleet.shared().join(format!("seen-{id}"))).unwrap(),
+        "hello tokens\n"
+    );
+    // The copy is kept on the agent's disk, by version.
+    assert!(fleet
+        .home("a1")
+        .join("inputs/admin/weights/1/sub/layer.bin")
+        .is_file());
+
+    let spec = serde_json::json!({
+        "name": "writes",
+        "script": "mkdir -p out && echo x > out/a",
+        "resources": {"cpu": "0.1", "memory": "16Mi"},
+        "outputs": [{"dataset": "result", "from": "out"}],
+    });
+    std::fs::write(&path, spec.to_string()).unwrap();
+    let id = fleet.cli(&["submit", path.to_str().unwrap()])["id"]
+        .as_u64()
+        .unwrap();
+    let job = fleet.wait_terminal(id, Duration::from_secs(60));
+    assert_eq!(job["job"]["state"], "failed", "{job:#}");
+    let reason = job["job"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("not on a disk the control plane can see"),
+        "{reason}"
+    );
+}

@@ -68,6 +68,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/join-tokens", post(crate::fleet::create_join_token))
         .route("/v1/agents/join", post(crate::fleet::join))
         .route("/v1/agents/connect", get(crate::fleet::connect))
+        .route(
+            "/v1/agents/inputs/{job}/{index}",
+            get(crate::job_data::agent_input),
+        )
         .route("/tasks", post(seed_create_task))
         .merge(crate::lake_api::routes())
         .merge(crate::ui::routes())

@@ -235,7 +235,7 @@ pub async fn join(
 // ---------- the agent connection ----------
 
 /// The node a node credential belongs to.
-fn node_of(shared: &Shared, headers: &HeaderMap) -> Result<String, ApiError> {
+pub(crate) fn node_of(shared: &Shared, headers: &HeaderMap) -> Result<String, ApiError> {
     let secret = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -274,6 +274,11 @@ async fn write_all(lake: &dyn Lake, job: &Job) -> Result<Vec<String>, String> {
                 .into(),
         );
     };
+    if !std::path::Path::new(&dir).is_dir() {
+        return Err(format!(
+            "its outputs cannot be read: replica 0's working directory {dir} is not on a disk the control plane can see (run the job where that disk is shared, or give it a `workdir` on a shared disk)"
+        ));
+    }
     let inputs: Vec<String> = job
         .spec
         .inputs
@@ -305,4 +310,47 @@ async fn write_all(lake: &dyn Lake, job: &Job) -> Result<Vec<String>, String> {
         }
     }
     Ok(wrote)
+}
+
+/// `GET /v1/agents/inputs/{job}/{index}`: input `index` of `job` as a tar
+/// stream, for an agent (by its node credential) that runs the job but
+/// cannot see the control plane's disk.
+pub async fn agent_input(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Path((job, index)): axum::extract::Path<(u64, usize)>,
+) -> Result<axum::response::Response, ApiError> {
+    let node = crate::fleet::node_of(&shared, &headers)?;
+    let (input, team) =
+        {
+            let state = shared.state.lock().expect("state lock");
+            let j = state
+                .jobs
+                .get(&job)
+                .ok_or_else(|| ApiError::not_found(format!("no job {job}")))?;
+            if !j.state.is_active() || !j.placement.iter().any(|p| p.node == node) {
+                return Err(ApiError::forbidden(format!(
+                    "job {job} does not run on node {node}"
+                )));
+            }
+            let input =
+                j.spec.inputs.get(index).cloned().ok_or_else(|| {
+                    ApiError::not_found(format!("job {job} has no input {index}"))
+                })?;
+            (input, j.spec.team.clone())
+        };
+    let lake = shared
+        .lake
+        .clone()
+        .ok_or_else(|| ApiError::not_found("this server runs without a data lake"))?;
+    // Read as the job's team: what it was allowed at submission, unless a
+    // grant was taken back since.
+    let who = Principal {
+        token_id: format!("node:{node}"),
+        team,
+        role: tessera_core::auth::Role::Member,
+    };
+    let (t, name) = split(&input.dataset);
+    let staged = lake.stage_input(&who, t, name, input.version).await?;
+    Ok(crate::lake_api::tar_response(staged.path, staged.version))
 }

@@ -361,8 +361,13 @@ pub async fn files(
     let staged = lake(&shared)?
         .stage_input(&caller.0, &team, &r.name, q.version.or(r.version))
         .await?;
+    Ok(tar_response(staged.path, staged.version))
+}
+
+/// A tar stream of the files under `dir` (a staged version), as it is
+/// read; `x-tessera-version` names the version.
+pub(crate) fn tar_response(dir: std::path::PathBuf, version: u64) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let dir = staged.path.clone();
     tokio::task::spawn_blocking(move || {
         let writer = ChannelWriter {
             tx: tx.clone(),
@@ -388,8 +393,8 @@ pub async fn files(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/x-tar"),
     );
-    if let Ok(v) = HeaderValue::from_str(&staged.version.to_string()) {
+    if let Ok(v) = HeaderValue::from_str(&version.to_string()) {
         resp.headers_mut().insert("x-tessera-version", v);
     }
-    Ok(resp)
+    resp
 }
