@@ -177,6 +177,7 @@ fn start(job: u64, argv: &[&str]) -> StartReplica {
         max_runtime_ms: None,
         image: Some(IMAGE.into()),
         inputs: Vec::new(),
+        outputs: Vec::new(),
     }
 }
 

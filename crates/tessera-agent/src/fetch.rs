@@ -1,4 +1,5 @@
-//! Inputs for a remote agent that does not share the control plane's disk.
+//! Inputs and outputs for a remote agent that does not share the control
+//! plane's disk.
 //!
 //! A job's inputs are staged on the control plane's disk, and a
 //! [`StartReplica`] names them by that path. A remote agent that cannot see
@@ -9,6 +10,11 @@
 //! directory and renamed into place, read-only — and starts the replica
 //! with the local copy. Versions never change, so a copy is reused by every
 //! later job that reads the same version.
+//!
+//! Outputs go the other way: when replica 0 of a job with outputs exits 0,
+//! its output directories are sent as one tar stream to
+//! `PUT /v1/agents/outputs/{job}/{attempt}` before its exit is reported, so
+//! the control plane writes the versions from its own copy.
 
 use std::path::{Path, PathBuf};
 
@@ -127,6 +133,118 @@ impl Fetcher {
             // Fetched by another replica meanwhile: keep theirs.
             let _ = std::fs::remove_dir_all(&tmp);
             anyhow::ensure!(dest.is_dir(), "cannot put the input at {}", dest.display());
+        }
+        Ok(())
+    }
+}
+
+/// Whether `ev` is the exit of a replica whose outputs are to be uploaded:
+/// it exited 0 and says where it ran.
+pub(crate) fn uploads(ev: &FromAgent) -> bool {
+    matches!(
+        ev,
+        FromAgent::Exited {
+            code: Some(0),
+            cause: ExitCause::Exited,
+            workdir: Some(_),
+            ..
+        }
+    )
+}
+
+impl Fetcher {
+    /// Sends the output directories `outs` of the replica whose exit is
+    /// `ev` to the server as one tar stream, then reports the exit. The
+    /// server then reads the outputs from its own copy; if the upload keeps
+    /// failing, the exit is reported as it is, and the server says it
+    /// cannot read the outputs.
+    pub async fn upload_outputs(&self, ev: FromAgent, outs: Vec<String>) {
+        let FromAgent::Exited {
+            key,
+            code,
+            signal,
+            cause,
+            at,
+            workdir: Some(dir),
+        } = ev
+        else {
+            let _ = self.events.send(ev);
+            return;
+        };
+        let tar_path = self.home.join("agent").join(format!("outputs-{key}.tar"));
+        let packed = {
+            let (tar_path, dir, outs) = (tar_path.clone(), PathBuf::from(&dir), outs.clone());
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                let mut b = tar::Builder::new(std::fs::File::create(&tar_path)?);
+                b.mode(tar::HeaderMode::Deterministic);
+                for o in &outs {
+                    let p = dir.join(o);
+                    if p.is_dir() {
+                        b.append_dir_all(o, &p)?;
+                    }
+                }
+                b.into_inner()?.sync_all()
+            })
+            .await
+        };
+        let mut sent = false;
+        match packed {
+            Ok(Ok(())) => {
+                let url = format!(
+                    "{}/v1/agents/outputs/{}/{}",
+                    self.server.trim_end_matches('/'),
+                    key.job_id,
+                    key.attempt
+                );
+                let mut wait = std::time::Duration::from_millis(500);
+                for _ in 0..5 {
+                    match self.put_file(&url, &tar_path).await {
+                        Ok(()) => {
+                            sent = true;
+                            break;
+                        }
+                        Err(e) => {
+                            warn!(replica = %key, error = %e, "cannot upload the outputs; retrying");
+                            tokio::time::sleep(wait).await;
+                            wait *= 2;
+                        }
+                    }
+                }
+            }
+            Ok(Err(e)) => warn!(replica = %key, error = %e, "cannot pack the outputs"),
+            Err(e) => warn!(replica = %key, error = %e, "cannot pack the outputs"),
+        }
+        let _ = std::fs::remove_file(&tar_path);
+        if sent {
+            info!(replica = %key, "uploaded the outputs");
+        }
+        let _ = self.events.send(FromAgent::Exited {
+            key,
+            code,
+            signal,
+            cause,
+            at,
+            // Uploaded: the server reads its own copy.
+            workdir: (!sent).then_some(dir),
+        });
+    }
+
+    async fn put_file(&self, url: &str, path: &Path) -> anyhow::Result<()> {
+        let file = tokio::fs::File::open(path).await?;
+        let len = file.metadata().await?.len();
+        let resp = self
+            .http
+            .put(url)
+            .bearer_auth(&self.credential)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(reqwest::Body::from(file))
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", crate::tls::error_chain(&e)))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            anyhow::bail!("{status}: {body}");
         }
         Ok(())
     }

@@ -208,8 +208,12 @@ struct Link {
     lease: Option<Duration>,
     heartbeat: Duration,
     grace_ms: u64,
-    /// Fetches inputs this machine cannot see on its own disk.
+    /// Fetches inputs this machine cannot see on its own disk, and uploads
+    /// outputs.
     fetcher: std::sync::Arc<crate::fetch::Fetcher>,
+    /// Replicas whose output directories go to the server before their
+    /// exit is reported: their `from` directories.
+    outputs: HashMap<ReplicaKey, Vec<String>>,
 }
 
 impl Link {
@@ -348,6 +352,7 @@ pub async fn run(mut config: AgentConfig, remote: RemoteConfig) -> anyhow::Resul
         heartbeat: crate::HEARTBEAT,
         grace_ms: default_grace,
         fetcher,
+        outputs: HashMap::new(),
     };
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -520,6 +525,9 @@ async fn serve(
                         Ok(cmd) => {
                             if let ToAgent::Start(s) = &cmd {
                                 link.running.insert(s.key);
+                                if !s.outputs.is_empty() {
+                                    link.outputs.insert(s.key, s.outputs.clone());
+                                }
                             }
                             match cmd {
                                 ToAgent::Welcome { .. } => {}
@@ -542,6 +550,17 @@ async fn serve(
             }
             ev = ev_rx.recv() => {
                 let Some(ev) = ev else { return };
+                // A replica with outputs that exited 0: its outputs are
+                // uploaded first, then its exit comes back here to be sent.
+                if let FromAgent::Exited { key, .. } = &ev {
+                    if let Some(outs) = link.outputs.remove(key) {
+                        if crate::fetch::uploads(&ev) {
+                            let fetcher = link.fetcher.clone();
+                            tokio::spawn(async move { fetcher.upload_outputs(ev, outs).await });
+                            continue;
+                        }
+                    }
+                }
                 let ev = link.observe(ev);
                 // A replica's whole log reaches the server before its end does.
                 if let FromAgent::Exited { key, .. } = &ev {

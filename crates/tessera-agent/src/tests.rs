@@ -54,6 +54,7 @@ fn start(job: u64, argv: &[&str]) -> StartReplica {
         max_runtime_ms: None,
         image: None,
         inputs: Vec::new(),
+        outputs: Vec::new(),
     }
 }
 

@@ -849,12 +849,12 @@ fn agent_process_restarted_adopts_its_replica() {
     );
 }
 
-/// An agent on a machine that does not share the server's disk still sees
-/// a job's inputs in its working directory: it fetches each version over
-/// HTTP with its node credential. Outputs need a shared disk, and a job
-/// whose outputs the server cannot read fails saying so.
+/// An agent on a machine that does not share the server's disk: it fetches
+/// a job's inputs over HTTP with its node credential (they appear in the
+/// working directory as on any node), and uploads replica 0's outputs
+/// before it reports the exit, so they become versions all the same.
 #[test]
-fn a_remote_agent_fetches_inputs_it_cannot_see() {
+fn a_remote_agent_fetches_inputs_and_uploads_outputs() {
     let fleet = Fleet::start(&["a1"]);
     let src = fleet.dir.path().join("weights");
     std::fs::create_dir_all(src.join("sub")).unwrap();
@@ -862,43 +862,41 @@ fn a_remote_agent_fetches_inputs_it_cannot_see() {
     std::fs::write(src.join("sub/layer.bin"), [3u8; 5000]).unwrap();
     fleet.cli(&["data", "upload", "weights", src.to_str().unwrap()]);
     let spec = serde_json::json!({
-        "name": "reads",
-        "script": "test \"$(cat w/tok.txt)\" = 'hello tokens' && test $(wc -c < w/sub/layer.bin) = 5000 && cp w/tok.txt /shared/seen-$TESSERA_JOB_ID",
+        "name": "trains",
+        "script": "test \"$(cat w/tok.txt)\" = 'hello tokens' && test $(wc -c < w/sub/layer.bin) = 5000 && mkdir -p out/deep && cp w/tok.txt out/deep/tok.txt && echo done > out/model",
         "resources": {"cpu": "0.1", "memory": "16Mi"},
         "inputs": [{"dataset": "weights", "as": "w"}],
+        "outputs": [{"dataset": "trained", "from": "out"}],
     });
-    let path = fleet.dir.path().join("reads.json");
+    let path = fleet.dir.path().join("trains.json");
     std::fs::write(&path, spec.to_string()).unwrap();
     let id = fleet.cli(&["submit", path.to_str().unwrap()])["id"]
         .as_u64()
         .unwrap();
     let job = fleet.wait_terminal(id, Duration::from_secs(60));
     assert_eq!(job["job"]["state"], "succeeded", "{job:#}");
-    assert_eq!(
-        std::fs::read_to_string(fleet.shared().join(format!("seen-{id}"))).unwrap(),
-        "hello tokens\n"
-    );
-    // The copy is kept on the agent's disk, by version.
+    assert_eq!(job["job"]["wrote"], serde_json::json!(["admin.trained@1"]));
+    // The input's copy is kept on the agent's disk, by version.
     assert!(fleet
         .home("a1")
         .join("inputs/admin/weights/1/sub/layer.bin")
         .is_file());
-
-    let spec = serde_json::json!({
-        "name": "writes",
-        "script": "mkdir -p out && echo x > out/a",
-        "resources": {"cpu": "0.1", "memory": "16Mi"},
-        "outputs": [{"dataset": "result", "from": "out"}],
-    });
-    std::fs::write(&path, spec.to_string()).unwrap();
-    let id = fleet.cli(&["submit", path.to_str().unwrap()])["id"]
-        .as_u64()
-        .unwrap();
-    let job = fleet.wait_terminal(id, Duration::from_secs(60));
-    assert_eq!(job["job"]["state"], "failed", "{job:#}");
-    let reason = job["job"]["reason"].as_str().unwrap();
-    assert!(
-        reason.contains("not on a disk the control plane can see"),
-        "{reason}"
+    // The version holds what the job left in out/, and names its lineage.
+    let dl = fleet.dir.path().join("dl");
+    fleet.cli(&["data", "download", "trained", "--out", dl.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read_to_string(dl.join("deep/tok.txt")).unwrap(),
+        "hello tokens\n"
     );
+    assert_eq!(std::fs::read_to_string(dl.join("model")).unwrap(), "done\n");
+    let show = fleet.cli(&["data", "show", "trained"]);
+    assert_eq!(
+        show["versions"][0]["inputs"],
+        serde_json::json!(["admin.weights@1"])
+    );
+    // The server's copy of the upload is gone once written.
+    let left = std::fs::read_dir(fleet.home("server").join("job-outputs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0);
 }

@@ -49,6 +49,12 @@ pub struct StartReplica {
     /// control plane staged, on a disk this node shares with it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<InputMount>,
+    /// Replica 0 of a job with outputs: the directories (relative to the
+    /// working directory) the control plane writes as versions once the
+    /// job succeeds. A remote agent uploads them before it reports the
+    /// replica's exit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
 }
 
 /// A staged dataset version and the name it has in a replica's working

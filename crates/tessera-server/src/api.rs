@@ -72,6 +72,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/v1/agents/inputs/{job}/{index}",
             get(crate::job_data::agent_input),
         )
+        .route(
+            "/v1/agents/outputs/{job}/{attempt}",
+            axum::routing::put(crate::job_data::agent_outputs)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/tasks", post(seed_create_task))
         .merge(crate::lake_api::routes())
         .merge(crate::ui::routes())

@@ -284,6 +284,11 @@ fn start_message(job: &Job, p: &ReplicaPlacement) -> StartReplica {
             .collect(),
         workdir: job.spec.workdir.clone(),
         inputs: crate::job_data::mounts(job),
+        outputs: if p.replica == 0 {
+            job.spec.outputs.iter().map(|o| o.from.clone()).collect()
+        } else {
+            Vec::new()
+        },
         gpus: p.gpus.clone(),
         cpu_milli: job.spec.resources.cpu_milli,
         memory_bytes: job.spec.resources.memory_bytes,

@@ -263,6 +263,11 @@ pub(crate) async fn outputs_loop(
         };
         staged.durable().await;
         shared.changed();
+        // An uploaded copy has served its purpose.
+        let uploaded = uploaded_dir(&shared, id, job.attempt);
+        if job.outputs_dir.as_deref().map(std::path::Path::new) == Some(uploaded.as_path()) {
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(uploaded)).await;
+        }
     }
 }
 
@@ -353,4 +358,98 @@ pub async fn agent_input(
     let (t, name) = split(&input.dataset);
     let staged = lake.stage_input(&who, t, name, input.version).await?;
     Ok(crate::lake_api::tar_response(staged.path, staged.version))
+}
+
+/// Where the outputs an agent uploaded for one attempt are kept until they
+/// are written.
+fn uploaded_dir(shared: &Shared, job: JobId, attempt: u32) -> std::path::PathBuf {
+    shared
+        .home
+        .join("job-outputs")
+        .join(format!("{job}.{attempt}"))
+}
+
+/// `PUT /v1/agents/outputs/{job}/{attempt}`: the output directories of
+/// replica 0 as a tar stream, from the agent (by its node credential) that
+/// ran it. Unpacked whole before the job's record points at it; a retried
+/// upload replaces an earlier one.
+pub async fn agent_outputs(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Path((job, attempt)): axum::extract::Path<(u64, u32)>,
+    body: axum::body::Body,
+) -> Result<axum::http::StatusCode, ApiError> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let node = crate::fleet::node_of(&shared, &headers)?;
+    let placed = |shared: &Shared| -> Result<(), ApiError> {
+        let state = shared.state.lock().expect("state lock");
+        let j = state
+            .jobs
+            .get(&job)
+            .ok_or_else(|| ApiError::not_found(format!("no job {job}")))?;
+        let here = j.placement.iter().any(|p| p.replica == 0 && p.node == node);
+        if !j.state.is_active() || j.attempt != attempt || !here || j.spec.outputs.is_empty() {
+            return Err(ApiError::forbidden(format!(
+                "attempt {attempt} of job {job} has no outputs from node {node}"
+            )));
+        }
+        Ok(())
+    };
+    placed(&shared)?;
+    let dest = uploaded_dir(&shared, job, attempt);
+    let parent = dest.parent().expect("a parent").to_path_buf();
+    std::fs::create_dir_all(&parent).map_err(|e| ApiError::internal(e.to_string()))?;
+    let tmp = parent.join(format!(".{job}.{attempt}.{}", crate::now_ms()));
+    let tar_path = tmp.with_extension("tar");
+    let received = async {
+        let mut f = tokio::io::BufWriter::new(tokio::fs::File::create(&tar_path).await?);
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            f.write_all(&chunk.map_err(std::io::Error::other)?).await?;
+        }
+        f.flush().await?;
+        let (tar_path, tmp) = (tar_path.clone(), tmp.clone());
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::create_dir_all(&tmp)?;
+            let mut ar = tar::Archive::new(std::fs::File::open(&tar_path)?);
+            for entry in ar.entries()? {
+                // `unpack_in` refuses paths that leave the directory.
+                entry?.unpack_in(&tmp)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+    .await;
+    let _ = std::fs::remove_file(&tar_path);
+    if let Err(e) = received {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "bad_upload",
+            format!("the outputs could not be received: {e}"),
+        ));
+    }
+    let _ = std::fs::remove_dir_all(&dest);
+    std::fs::rename(&tmp, &dest).map_err(|e| ApiError::internal(e.to_string()))?;
+    let staged = {
+        let mut state = shared.state.lock().expect("state lock");
+        let mut writes = Vec::new();
+        let ok = state
+            .jobs
+            .get(&job)
+            .is_some_and(|j| j.state.is_active() && j.attempt == attempt);
+        if ok {
+            let dir = dest.display().to_string();
+            state.update_job(job, &mut writes, |j| {
+                j.outputs_dir = Some(dir);
+                None
+            });
+        }
+        shared.stage(writes)
+    };
+    staged.durable().await;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }
