@@ -317,3 +317,44 @@ fn residency_labels_decide_where_a_reading_job_may_run() {
     assert_eq!(job["state"], "succeeded", "{job:#}");
     assert_eq!(job["spec"]["resources"]["node_selector"]["region"], "eu");
 }
+
+#[test]
+fn outputs_cut_off_by_a_crash_are_written_once_after_the_restart() {
+    let mut up = Up::start();
+    // The job kills the server (-9) a moment after it exits, while its
+    // 64 MiB output is being written (from its own session, which outlives
+    // the replica's process group).
+    let server = up.child.id();
+    let id = submit_ok(
+        &up,
+        &format!(
+            "script: 'mkdir -p out && head -c 67108864 /dev/urandom > out/big.bin && setsid -f sh -c \"sleep 0.3; kill -9 {server}\" >/dev/null 2>&1'\noutputs: [{{dataset: big, from: out}}]\n"
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while up.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the job did not kill the server: {:#}",
+            up.cli_json(&["job", &id.to_string()])
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    up.kill9_and_restart(&[]);
+    let job = wait_end(&up, id);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["wrote"], serde_json::json!(["admin.big@1"]));
+    let events = up.cli_json(&["job", &id.to_string()])["events"].clone();
+    let resumed = events.as_array().unwrap().iter().any(|e| {
+        e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("restarted while the outputs")
+    });
+    assert!(resumed, "the write was not cut off: {events:#}");
+    let show = up.cli_json(&["data", "show", "big"]);
+    let versions = show["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 1, "{show:#}");
+    assert_eq!(versions[0]["job"], id);
+    assert_eq!(versions[0]["bytes"], 67108864);
+}

@@ -190,12 +190,29 @@ pub fn start_writing(
 /// Hands every job that was writing its outputs when the last run stopped
 /// back to the writer.
 pub fn resume(shared: &Shared) {
-    let state = shared.state.lock().expect("state lock");
-    for id in state.active.iter() {
-        if state.jobs.get(id).is_some_and(writing) {
-            let _ = shared.outputs.send(*id);
-        }
+    let mut state = shared.state.lock().expect("state lock");
+    let ids: Vec<JobId> = state
+        .active
+        .iter()
+        .copied()
+        .filter(|id| state.jobs.get(id).is_some_and(writing))
+        .collect();
+    let mut writes = Vec::new();
+    let now = crate::now_ms();
+    for id in ids {
+        state.add_event(
+            Event::new(
+                id,
+                now,
+                "writing_outputs",
+                "the server restarted while the outputs were being written; writing them again (a version already written is kept, not written twice)",
+            ),
+            &mut writes,
+        );
+        let _ = shared.outputs.send(id);
     }
+    // Only an event: the writer does not wait for it.
+    let _ = shared.stage(writes);
 }
 
 /// Writes the outputs of the jobs handed to it, one job at a time.

@@ -60,7 +60,33 @@ impl Up {
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
         std::fs::write(dir.path().join("server.py"), SERVER_PY).unwrap();
-        let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+        let (child, addr, token) = Up::spawn(dir.path(), extra);
+        Up {
+            child,
+            addr,
+            dir,
+            token,
+        }
+    }
+
+    /// `kill -9` of the server, then `tessera up` again on the same home.
+    pub fn kill9_and_restart(&mut self, extra: &[&str]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.home().join("config"));
+        let (child, addr, token) = Up::spawn(self.dir.path(), extra);
+        self.child = child;
+        self.addr = addr;
+        self.token = token;
+    }
+
+    fn spawn(dir: &std::path::Path, extra: &[&str]) -> (Child, String, String) {
+        let home = dir.join("home");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("up.log"))
+            .unwrap();
         let child = Command::new(BIN)
             .args([
                 "up",
@@ -91,12 +117,7 @@ impl Up {
             .unwrap()
             .trim()
             .to_string();
-        Up {
-            child,
-            addr: url.trim_start_matches("http://").to_string(),
-            dir,
-            token,
-        }
+        (child, url.trim_start_matches("http://").to_string(), token)
     }
 
     pub fn home(&self) -> PathBuf {
