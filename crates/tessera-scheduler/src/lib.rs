@@ -797,7 +797,7 @@ fn reclaim(
         if pool.is_empty() {
             continue;
         }
-        pool.sort_by_key(|i| {
+        pool.sort_unstable_by_key(|i| {
             let r = &snapshot.running[*i];
             (r.job.priority, std::cmp::Reverse(r.started_at), r.job.id)
         });
@@ -904,7 +904,7 @@ fn preempt(
         .map(|(i, r)| (orderer.running_key(r), i))
         .collect();
     // Worst first.
-    victims.sort_by_key(|v| std::cmp::Reverse(v.0));
+    victims.sort_unstable_by_key(|v| std::cmp::Reverse(v.0));
     let mut reasons: HashMap<JobId, String> = HashMap::default();
     // A shape that could not make room cannot for a later job either: later
     // jobs are worse-ordered, so fewer running jobs may yield to them.
