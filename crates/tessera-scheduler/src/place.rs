@@ -222,12 +222,28 @@ pub struct Cluster<'a> {
     /// each node's), its first node and the models lowercased, once needed
     /// (nodes mostly share one list, lowercased once).
     group_models: Vec<(usize, OnceCell<Vec<String>>)>,
+    /// Per node, its group of alike GPU model lists and of alike label sets.
+    model_group: Vec<usize>,
+    label_group: Vec<usize>,
     packing: Packing,
     workload: Vec<WorkClass>,
-    classes: Classes,
+    /// Classes of alike nodes, built once scanning every node for
+    /// placements has cost about as much as building them would
+    /// ([`SCANS_BEFORE_CLASSES`]); until then a placement scans the nodes.
+    classes: Option<Classes>,
+    /// Nodes scanned for placements while there were no classes.
+    scanned: usize,
     /// Scratch copies of `free` for trials, reused between them.
     scratch: RefCell<Vec<Free>>,
 }
+
+/// Full scans of the nodes for placements after which a cluster builds its
+/// classes of alike nodes. Building costs about as much per node as this
+/// many scans (a scan mostly rejects a node on a first comparison; building
+/// hashes, compares and files every node), so a pass that places little
+/// never pays for classes, and one that places much pays at most about
+/// twice what it would have with classes from the start.
+const SCANS_BEFORE_CLASSES: usize = 8;
 
 /// What makes two nodes interchangeable for placement: the same capacity,
 /// GPU models, price, state and free capacity. Nodes of one class score
@@ -362,6 +378,18 @@ impl<'a> Cluster<'a> {
         Cluster::with_workload(nodes, packing, jobs.map(|j| (&j.resources, j.replicas, 1)))
     }
 
+    /// With classes of alike nodes from the start.
+    #[cfg(test)]
+    fn with_classes(mut self) -> Cluster<'a> {
+        self.classes = Some(Classes::build(
+            self.nodes,
+            &self.free,
+            self.model_group.clone(),
+            self.label_group.clone(),
+        ));
+        self
+    }
+
     /// Free capacity as the nodes report it. `jobs` are the requests seen
     /// (resources, replicas, how many jobs ask for it) that fragmentation
     /// scoring expects to arrive.
@@ -432,14 +460,16 @@ impl<'a> Cluster<'a> {
             let next = label_groups.len();
             label_group.push(*label_groups.entry(&n.labels).or_insert(next));
         }
-        let classes = Classes::build(nodes, &free, model_group, label_group);
         Cluster {
             nodes,
             free,
             group_models,
+            model_group,
+            label_group,
             packing,
             workload,
-            classes,
+            classes: None,
+            scanned: 0,
             scratch: RefCell::new(Vec::new()),
         }
     }
@@ -458,7 +488,7 @@ impl<'a> Cluster<'a> {
         if d.models.is_empty() {
             return true;
         }
-        let (first, lower) = &self.group_models[self.classes.model_group[node]];
+        let (first, lower) = &self.group_models[self.model_group[node]];
         let lower = lower.get_or_init(|| {
             self.nodes[*first]
                 .gpus
@@ -625,11 +655,23 @@ impl<'a> Cluster<'a> {
         let mut out: Vec<Assignment> = Vec::with_capacity(d.replicas as usize);
         let mut before: Vec<(usize, Free)> = Vec::new();
         for replica in 0..d.replicas {
+            if self.classes.is_none() {
+                if self.scanned >= SCANS_BEFORE_CLASSES * self.nodes.len() {
+                    self.classes = Some(Classes::build(
+                        self.nodes,
+                        &self.free,
+                        self.model_group.clone(),
+                        self.label_group.clone(),
+                    ));
+                } else {
+                    self.scanned += self.nodes.len();
+                }
+            }
             let Some((node, slots)) = self.best_node(d, excluding) else {
                 // A gang is all or nothing: give back what earlier replicas took.
                 for (node, f) in before.into_iter().rev() {
                     self.free[node] = f;
-                    self.classes.refresh(self.nodes, &self.free, node);
+                    self.refresh(node);
                 }
                 return None;
             };
@@ -637,15 +679,24 @@ impl<'a> Cluster<'a> {
             let mut f = std::mem::take(&mut self.free[node]);
             out.push(self.take(&mut f, node, d, &slots, replica));
             self.free[node] = f;
-            self.classes.refresh(self.nodes, &self.free, node);
+            self.refresh(node);
         }
         Some(out)
     }
 
+    /// Files node `node` in the class its free capacity now belongs to
+    /// (when there are classes).
+    fn refresh(&mut self, node: usize) {
+        if let Some(c) = &mut self.classes {
+            c.refresh(self.nodes, &self.free, node);
+        }
+    }
+
     /// The best node for one replica, scoring each class of alike nodes once
     /// (its lowest-numbered node stands for it) and nodes a reservation
-    /// holds capacity on one by one. Ties go to the lowest node index, as a
-    /// scan of every node would choose.
+    /// holds capacity on one by one, or, before there are classes, every
+    /// node. Ties go to the lowest node index, as a scan of every node would
+    /// choose.
     fn best_node(
         &self,
         d: &Demand,
@@ -675,7 +726,16 @@ impl<'a> Cluster<'a> {
                 *best = Some((score, node, gpus));
             }
         };
-        for members in &self.classes.members {
+        let Some(classes) = &self.classes else {
+            for node in 0..self.nodes.len() {
+                let held = excluding
+                    .filter(|_| held_nodes.binary_search(&node).is_ok())
+                    .map(|r| &r.held[node]);
+                consider(node, held, &mut best);
+            }
+            return best.map(|(_, node, gpus)| (node, gpus));
+        };
+        for members in &classes.members {
             if let Some(&node) = members
                 .iter()
                 .find(|n| held_nodes.binary_search(n).is_err())
@@ -1034,7 +1094,7 @@ impl<'a> Cluster<'a> {
         touched.sort_unstable();
         touched.dedup();
         for node in touched.into_iter().filter(|n| *n < self.nodes.len()) {
-            self.classes.refresh(self.nodes, &self.free, node);
+            self.refresh(node);
         }
         Some(chosen)
     }
@@ -1048,12 +1108,17 @@ impl<'a> Cluster<'a> {
             .sum()
     }
 
-    /// Each class of alike nodes once: its lowest-numbered node and its size.
-    pub fn classes(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        self.classes
-            .members
-            .iter()
-            .filter_map(|m| m.first().map(|n| (*n, m.len())))
+    /// Each class of alike nodes once: its lowest-numbered node and its size
+    /// (before there are classes, each node on its own).
+    pub fn classes(&self) -> Box<dyn Iterator<Item = (usize, usize)> + '_> {
+        match &self.classes {
+            Some(c) => Box::new(
+                c.members
+                    .iter()
+                    .filter_map(|m| m.first().map(|n| (*n, m.len()))),
+            ),
+            None => Box::new((0..self.nodes.len()).map(|n| (n, 1))),
+        }
     }
 
     /// Which resources no schedulable node has enough of, free, for one replica.
@@ -1195,7 +1260,8 @@ mod tests {
                     PendingJob::new(i as u64, "t", 0, 0, r, *replicas)
                 })
                 .collect();
-            let mut fast = Cluster::new(&nodes, &queue, &[], packing);
+            let mut fast = Cluster::new(&nodes, &queue, &[], packing).with_classes();
+            let mut scan = Cluster::new(&nodes, &queue, &[], packing);
             let slow = Cluster::new(&nodes, &queue, &[], packing);
             let mut slow_free = slow.free.clone();
             for j in &queue {
@@ -1203,9 +1269,11 @@ mod tests {
                 // Counting slots answers whether a placement exists.
                 let fits = slow.fits_all(&slow_free, &d);
                 let a = fast.place(&d, None);
+                let c = scan.place(&d, None);
                 let b = slow.place_on(&mut slow_free, &d, None);
                 prop_assert_eq!(fits, b.is_some());
-                prop_assert_eq!(a, b);
+                prop_assert_eq!(&a, &b);
+                prop_assert_eq!(c, b);
             }
         }
     }
