@@ -802,7 +802,7 @@ fn reclaim(
             (r.job.priority, std::cmp::Reverse(r.started_at), r.job.id)
         });
         let demand = Demand::of(job);
-        let Some(chosen) = cluster.make_room(&demand, &pool, &snapshot.running) else {
+        let Some(chosen) = cluster.make_room(&demand, pool, &snapshot.running) else {
             continue;
         };
         let mut names = Vec::new();
@@ -936,12 +936,14 @@ fn preempt(
                             || vt == team
                             || mine_after < share(vt as usize, [0; 3]))))
         };
-        let pool: Vec<usize> = victims
+        // The victims this job may take, worst first, read only as far as
+        // making room needs.
+        let mut pool = victims
             .iter()
             .filter(|(k, i)| eligible(k, *i))
             .map(|(_, i)| *i)
-            .collect();
-        if pool.is_empty() {
+            .peekable();
+        if pool.peek().is_none() {
             // Victims only get better-ordered from here on.
             if victims.iter().all(|(k, i)| used[*i] || !k.ranks_after(key)) {
                 break;
@@ -949,7 +951,7 @@ fn preempt(
             continue;
         }
         let demand = Demand::of(job);
-        let made = cluster.make_room(&demand, &pool, &snapshot.running);
+        let made = cluster.make_room(&demand, pool, &snapshot.running);
         if made.is_none() {
             no_room.insert((shape, team));
         }

@@ -200,10 +200,21 @@ pub struct Reservation {
     /// When the job could start at the latest, from run-time bounds
     /// (`u64::MAX` when some needed job has none).
     pub start_at: u64,
-    /// Per node: CPU, memory and per-slot GPU thousandths held.
+    /// Per node in `held_nodes`: CPU, memory and per-slot GPU thousandths
+    /// held.
     held: Vec<(u64, u64, Vec<u32>)>,
     /// Nodes where something is held, in index order.
     held_nodes: Vec<usize>,
+}
+
+impl Reservation {
+    /// What is held on `node`, if anything.
+    fn held_on(&self, node: usize) -> Option<&(u64, u64, Vec<u32>)> {
+        self.held_nodes
+            .binary_search(&node)
+            .ok()
+            .map(|k| &self.held[k])
+    }
 }
 
 /// A kind of GPU request seen in the workload, for fragmentation scoring.
@@ -218,13 +229,9 @@ struct WorkClass {
 pub struct Cluster<'a> {
     nodes: &'a [NodeView],
     free: Vec<Free>,
-    /// Per group of alike GPU model lists (`Classes::model_group` gives
-    /// each node's), its first node and the models lowercased, once needed
-    /// (nodes mostly share one list, lowercased once).
-    group_models: Vec<(usize, OnceCell<Vec<String>>)>,
-    /// Per node, its group of alike GPU model lists and of alike label sets.
-    model_group: Vec<usize>,
-    label_group: Vec<usize>,
+    /// Nodes grouped by GPU models and by labels, once needed (by a job
+    /// that names GPU models, or for classes).
+    groups: OnceCell<Groups>,
     packing: Packing,
     workload: Vec<WorkClass>,
     /// Classes of alike nodes, built once scanning every node for
@@ -235,6 +242,82 @@ pub struct Cluster<'a> {
     scanned: usize,
     /// Scratch copies of `free` for trials, reused between them.
     scratch: RefCell<Vec<Free>>,
+}
+
+/// Nodes grouped by what they share besides capacity.
+struct Groups {
+    /// Per node, its group of alike GPU model lists and of alike label sets.
+    model_group: Vec<usize>,
+    label_group: Vec<usize>,
+    /// Per group of alike GPU model lists, its first node and the models
+    /// lowercased, once needed (nodes mostly share one list, lowercased once).
+    group_models: Vec<(usize, OnceCell<Vec<String>>)>,
+}
+
+impl Groups {
+    fn of(nodes: &[NodeView]) -> Groups {
+        // Nodes whose GPU model lists are equal ignoring ASCII case share a
+        // group (found by a hash of the lowercased names, without building
+        // them); each group's lowercased names are made when first needed.
+        let mut groups: HashMap<u64, Vec<usize>> = HashMap::default();
+        let mut group_models: Vec<(usize, OnceCell<Vec<String>>)> = Vec::new();
+        let mut model_group = Vec::with_capacity(nodes.len());
+        let same_models = |a: &NodeView, b: &NodeView| {
+            a.gpus.len() == b.gpus.len()
+                && a.gpus
+                    .iter()
+                    .zip(&b.gpus)
+                    .all(|(x, y)| x.model.eq_ignore_ascii_case(&y.model))
+        };
+        for (i, n) in nodes.iter().enumerate() {
+            let same_as_previous = i > 0 && {
+                let p = &nodes[i - 1];
+                p.gpus.len() == n.gpus.len()
+                    && p.gpus.iter().zip(&n.gpus).all(|(a, b)| a.model == b.model)
+            };
+            if same_as_previous {
+                model_group.push(model_group[i - 1]);
+                continue;
+            }
+            let mut h = FxHasher::default();
+            n.gpus.len().hash(&mut h);
+            for g in &n.gpus {
+                g.model.len().hash(&mut h);
+                for b in g.model.bytes() {
+                    b.to_ascii_lowercase().hash(&mut h);
+                }
+            }
+            let candidates = groups.entry(h.finish()).or_default();
+            let g = match candidates
+                .iter()
+                .copied()
+                .find(|g| same_models(&nodes[group_models[*g].0], n))
+            {
+                Some(g) => g,
+                None => {
+                    group_models.push((i, OnceCell::new()));
+                    candidates.push(group_models.len() - 1);
+                    group_models.len() - 1
+                }
+            };
+            model_group.push(g);
+        }
+        let mut label_groups: HashMap<&BTreeMap<String, String>, usize> = HashMap::default();
+        let mut label_group = Vec::with_capacity(nodes.len());
+        for (i, n) in nodes.iter().enumerate() {
+            if i > 0 && nodes[i - 1].labels == n.labels {
+                label_group.push(label_group[i - 1]);
+                continue;
+            }
+            let next = label_groups.len();
+            label_group.push(*label_groups.entry(&n.labels).or_insert(next));
+        }
+        Groups {
+            model_group,
+            label_group,
+            group_models,
+        }
+    }
 }
 
 /// Full scans of the nodes for placements after which a cluster builds its
@@ -381,11 +464,13 @@ impl<'a> Cluster<'a> {
     /// With classes of alike nodes from the start.
     #[cfg(test)]
     fn with_classes(mut self) -> Cluster<'a> {
+        let g = self.groups();
+        let (model_group, label_group) = (g.model_group.clone(), g.label_group.clone());
         self.classes = Some(Classes::build(
             self.nodes,
             &self.free,
-            self.model_group.clone(),
-            self.label_group.clone(),
+            model_group,
+            label_group,
         ));
         self
     }
@@ -404,74 +489,20 @@ impl<'a> Cluster<'a> {
             Vec::new()
         };
         let free: Vec<Free> = nodes.iter().map(Free::of).collect();
-        // Nodes whose GPU model lists are equal ignoring ASCII case share a
-        // group (found by a hash of the lowercased names, without building
-        // them); each group's lowercased names are made when first needed.
-        let mut groups: HashMap<u64, Vec<usize>> = HashMap::default();
-        let mut group_models: Vec<(usize, OnceCell<Vec<String>>)> = Vec::new();
-        let mut model_group = Vec::with_capacity(nodes.len());
-        let same_models = |a: &NodeView, b: &NodeView| {
-            a.gpus.len() == b.gpus.len()
-                && a.gpus
-                    .iter()
-                    .zip(&b.gpus)
-                    .all(|(x, y)| x.model.eq_ignore_ascii_case(&y.model))
-        };
-        for (i, n) in nodes.iter().enumerate() {
-            let same_as_previous = i > 0 && {
-                let p = &nodes[i - 1];
-                p.gpus.len() == n.gpus.len()
-                    && p.gpus.iter().zip(&n.gpus).all(|(a, b)| a.model == b.model)
-            };
-            if same_as_previous {
-                model_group.push(model_group[i - 1]);
-                continue;
-            }
-            let mut h = FxHasher::default();
-            n.gpus.len().hash(&mut h);
-            for g in &n.gpus {
-                g.model.len().hash(&mut h);
-                for b in g.model.bytes() {
-                    b.to_ascii_lowercase().hash(&mut h);
-                }
-            }
-            let candidates = groups.entry(h.finish()).or_default();
-            let g = match candidates
-                .iter()
-                .copied()
-                .find(|g| same_models(&nodes[group_models[*g].0], n))
-            {
-                Some(g) => g,
-                None => {
-                    group_models.push((i, OnceCell::new()));
-                    candidates.push(group_models.len() - 1);
-                    group_models.len() - 1
-                }
-            };
-            model_group.push(g);
-        }
-        let mut label_groups: HashMap<&BTreeMap<String, String>, usize> = HashMap::default();
-        let mut label_group = Vec::with_capacity(nodes.len());
-        for (i, n) in nodes.iter().enumerate() {
-            if i > 0 && nodes[i - 1].labels == n.labels {
-                label_group.push(label_group[i - 1]);
-                continue;
-            }
-            let next = label_groups.len();
-            label_group.push(*label_groups.entry(&n.labels).or_insert(next));
-        }
         Cluster {
             nodes,
             free,
-            group_models,
-            model_group,
-            label_group,
+            groups: OnceCell::new(),
             packing,
             workload,
             classes: None,
             scanned: 0,
             scratch: RefCell::new(Vec::new()),
         }
+    }
+
+    fn groups(&self) -> &Groups {
+        self.groups.get_or_init(|| Groups::of(self.nodes))
     }
 
     /// Whether `node` may run `d` at all: schedulable, with the labels
@@ -488,7 +519,8 @@ impl<'a> Cluster<'a> {
         if d.models.is_empty() {
             return true;
         }
-        let (first, lower) = &self.group_models[self.model_group[node]];
+        let groups = self.groups();
+        let (first, lower) = &groups.group_models[groups.model_group[node]];
         let lower = lower.get_or_init(|| {
             self.nodes[*first]
                 .gpus
@@ -657,11 +689,13 @@ impl<'a> Cluster<'a> {
         for replica in 0..d.replicas {
             if self.classes.is_none() {
                 if self.scanned >= SCANS_BEFORE_CLASSES * self.nodes.len() {
+                    let g = self.groups();
+                    let (model_group, label_group) = (g.model_group.clone(), g.label_group.clone());
                     self.classes = Some(Classes::build(
                         self.nodes,
                         &self.free,
-                        self.model_group.clone(),
-                        self.label_group.clone(),
+                        model_group,
+                        label_group,
                     ));
                 } else {
                     self.scanned += self.nodes.len();
@@ -728,10 +762,7 @@ impl<'a> Cluster<'a> {
         };
         let Some(classes) = &self.classes else {
             for node in 0..self.nodes.len() {
-                let held = excluding
-                    .filter(|_| held_nodes.binary_search(&node).is_ok())
-                    .map(|r| &r.held[node]);
-                consider(node, held, &mut best);
+                consider(node, excluding.and_then(|r| r.held_on(node)), &mut best);
             }
             return best.map(|(_, node, gpus)| (node, gpus));
         };
@@ -744,8 +775,8 @@ impl<'a> Cluster<'a> {
             }
         }
         if let Some(r) = excluding {
-            for &node in held_nodes {
-                consider(node, Some(&r.held[node]), &mut best);
+            for (&node, held) in held_nodes.iter().zip(&r.held) {
+                consider(node, Some(held), &mut best);
             }
         }
         best.map(|(_, node, gpus)| (node, gpus))
@@ -761,7 +792,7 @@ impl<'a> Cluster<'a> {
         for replica in 0..d.replicas {
             let mut best: Option<(usize, Score, Vec<usize>)> = None;
             for (node, f) in free.iter().enumerate() {
-                let held = excluding.map(|r| &r.held[node]);
+                let held = excluding.and_then(|r| r.held_on(node));
                 if !self.fits(node, f, d, held) {
                     continue;
                 }
@@ -900,16 +931,19 @@ impl<'a> Cluster<'a> {
         // alike replicas fits exactly when the nodes' slots for it add up),
         // so the first end at which it fits is the first release after
         // which the slots suffice; the scratch copy holds the capacity then.
-        self.fewest_releases(d, order, running)?;
+        self.fewest_releases(d, order, running, |_| {})?;
         let mut trial = self.scratch.borrow_mut();
         let assignments = self.place_on(&mut trial, d, None)?;
-        let mut held: Vec<(u64, u64, Vec<u32>)> = self
-            .nodes
+        let mut held_nodes: Vec<usize> = assignments.iter().map(|a| a.node).collect();
+        held_nodes.sort_unstable();
+        held_nodes.dedup();
+        let mut held: Vec<(u64, u64, Vec<u32>)> = held_nodes
             .iter()
-            .map(|n| (0, 0, vec![0; n.gpus.len()]))
+            .map(|n| (0, 0, vec![0; self.nodes[*n].gpus.len()]))
             .collect();
         for a in &assignments {
-            let h = &mut held[a.node];
+            let k = held_nodes.binary_search(&a.node).expect("listed above");
+            let h = &mut held[k];
             h.0 += d.cpu;
             h.1 += d.mem;
             for g in &a.gpus {
@@ -918,9 +952,6 @@ impl<'a> Cluster<'a> {
                 }
             }
         }
-        let mut held_nodes: Vec<usize> = assignments.iter().map(|a| a.node).collect();
-        held_nodes.sort_unstable();
-        held_nodes.dedup();
         Some(Reservation {
             job_id: job.id,
             start_at: end,
@@ -989,6 +1020,7 @@ impl<'a> Cluster<'a> {
         d: &Demand,
         order: impl IntoIterator<Item = usize>,
         running: &[RunningJob],
+        mut taken: impl FnMut(usize),
     ) -> Option<usize> {
         let mut trial = self.scratch.borrow_mut();
         trial.clone_from(&self.free);
@@ -1001,6 +1033,7 @@ impl<'a> Cluster<'a> {
         let mut total: u128 = slots.iter().map(|s| u128::from(*s)).sum();
         let want = u128::from(d.replicas);
         for (k, i) in order.into_iter().enumerate() {
+            taken(i);
             let r = &running[i];
             self.release_running(&mut trial, r);
             for a in &r.assignments {
@@ -1020,14 +1053,15 @@ impl<'a> Cluster<'a> {
     /// Frees the fewest victims (taken in the given order, worst first)
     /// that let the job fit, then takes the job's capacity so later calls
     /// do not count it twice. Returns the victims (indices into `running`).
+    /// The pool is read only as far as needed.
     pub fn make_room(
         &mut self,
         d: &Demand,
-        pool: &[usize],
+        pool: impl IntoIterator<Item = usize>,
         running: &[RunningJob],
     ) -> Option<Vec<usize>> {
-        let k = self.fewest_releases(d, pool.iter().copied(), running)?;
-        let mut chosen: Vec<usize> = pool[..k].to_vec();
+        let mut chosen: Vec<usize> = Vec::new();
+        self.fewest_releases(d, pool, running, |i| chosen.push(i))?;
         // Spare the victims that turned out not to be needed, first to last:
         // a victim is spared when the job still fits with the others
         // released. The scratch copy holds the capacity with every victim
