@@ -325,9 +325,6 @@ struct Index<'a> {
     amounts: Vec<[u64; 3]>,
     shape_job: Vec<u32>,
     shape_count: Vec<u64>,
-    /// Per queued job, its run-time bound (only under backfill, where
-    /// reservations use it).
-    bound_of: Vec<Option<u64>>,
 }
 
 /// A shape not numbered yet (see [`Index::lazy_shapes`]).
@@ -360,11 +357,6 @@ impl<'a> Index<'a> {
             .map(|j| intern(j.team.as_str()))
             .collect();
         let queued_teams = team_of.iter().max().map_or(0, |t| *t as usize + 1);
-        let bound_of = if policy.backfill {
-            snapshot.queue.iter().map(|j| bound(j, policy)).collect()
-        } else {
-            Vec::new()
-        };
         let running_team = snapshot
             .running
             .iter()
@@ -399,7 +391,6 @@ impl<'a> Index<'a> {
             amounts: Vec::new(),
             shape_job: Vec::new(),
             shape_count: Vec::new(),
-            bound_of,
         };
         if !ix.lazy_shapes() {
             ix.number_all_shapes();
@@ -407,12 +398,12 @@ impl<'a> Index<'a> {
         ix
     }
 
-    /// Under strict FIFO with best-fit packing, most of a long queue waits
-    /// behind the first job that cannot start and its shape is never looked
-    /// at: shapes are numbered when first needed.
+    /// Under best-fit packing no scoring reads the queue's mix of requests,
+    /// and a walk that stops early (strict FIFO behind the first job that
+    /// cannot start, or once nothing more can fit) never looks at the
+    /// shapes of the jobs after it: shapes are numbered when first needed.
     fn lazy_shapes(&self) -> bool {
-        let p = &self.snapshot.policy;
-        p.strict && p.packing == Packing::BestFit
+        self.snapshot.policy.packing == Packing::BestFit
     }
 
     /// Queued job `qi`'s shape, numbered on first sight.
@@ -523,6 +514,18 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
     let mut tried_reservation = false;
     let mut waiting_jobs: Vec<u32> = Vec::with_capacity(snapshot.queue.len());
     let mut usage = ix.usage(snapshot);
+    // When nothing after the walk looks at the jobs left waiting, the walk
+    // ends once no queued job could fit anywhere: each job left would fail,
+    // whatever the order, and a failure changes nothing but the plan's
+    // reasons (a reservation or a cached failure only stops later jobs).
+    let smallest = if keep_waiting {
+        None
+    } else {
+        Some(place::Smallest::of(&snapshot.queue))
+    };
+    if smallest.as_ref().is_some_and(|s| !cluster.might_hold(s)) {
+        return plan;
+    }
 
     // The walk reads queued jobs themselves only to place them: the job id
     // comes with its key, the rest from the index (a queue of a million
@@ -581,9 +584,9 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
             continue;
         }
         // Whether this job would be gone before the reserved one could start.
-        let in_time = reservation
-            .as_ref()
-            .is_some_and(|r| ix.bound_of[qi].is_some_and(|b| now.saturating_add(b) <= r.start_at));
+        let in_time = reservation.as_ref().is_some_and(|r| {
+            bound(&snapshot.queue[qi], policy).is_some_and(|b| now.saturating_add(b) <= r.start_at)
+        });
         if shape == NO_SHAPE {
             shape = ix.shape(qi);
         }
@@ -628,6 +631,9 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
                     job_id: job.id,
                     assignments,
                 });
+                if smallest.as_ref().is_some_and(|s| !cluster.might_hold(s)) {
+                    break;
+                }
             }
             None => {
                 let mut reason = if reasons {

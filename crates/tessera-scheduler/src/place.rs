@@ -193,6 +193,39 @@ impl Demand {
     }
 }
 
+/// The least any one replica of a queue asks for, each resource on its own
+/// (a GPU request as the thousandths it needs of one device: 1000 for
+/// whole devices): a replica fits no node that lacks this much.
+#[derive(Debug, Clone, Copy)]
+pub struct Smallest {
+    cpu: u64,
+    mem: u64,
+    gpu_milli: u32,
+}
+
+impl Smallest {
+    /// Over `jobs`; `None` fits nowhere when there are none.
+    pub fn of(jobs: &[PendingJob]) -> Smallest {
+        let mut s = Smallest {
+            cpu: u64::MAX,
+            mem: u64::MAX,
+            gpu_milli: u32::MAX,
+        };
+        for j in jobs {
+            let r = &j.resources;
+            s.cpu = s.cpu.min(r.cpu_milli);
+            s.mem = s.mem.min(r.memory_bytes);
+            let g = if r.gpu > 0 {
+                WHOLE
+            } else {
+                r.gpu_milli.min(WHOLE)
+            };
+            s.gpu_milli = s.gpu_milli.min(g);
+        }
+        s
+    }
+}
+
 /// Capacity held for a waiting job under backfill.
 #[derive(Debug, Clone)]
 pub struct Reservation {
@@ -1131,6 +1164,18 @@ impl<'a> Cluster<'a> {
             self.refresh(node);
         }
         Some(chosen)
+    }
+
+    /// Whether some schedulable node has free at least what `s` says every
+    /// replica needs (labels, models and reservations aside): when none
+    /// has, no replica of those jobs fits anywhere.
+    pub fn might_hold(&self, s: &Smallest) -> bool {
+        self.free.iter().zip(self.nodes).any(|(f, n)| {
+            n.schedulable
+                && f.cpu >= s.cpu
+                && f.mem >= s.mem
+                && (s.gpu_milli == 0 || f.gpu.iter().any(|m| *m >= s.gpu_milli))
+        })
     }
 
     /// Nodes where one replica of `r` fits now.
