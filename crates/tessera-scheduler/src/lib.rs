@@ -328,7 +328,7 @@ struct Index<'a> {
 }
 
 /// A shape not numbered yet (see [`Index::lazy_shapes`]).
-const NO_SHAPE: u32 = u32::MAX;
+pub(crate) const NO_SHAPE: u32 = u32::MAX;
 
 impl<'a> Index<'a> {
     fn new(snapshot: &'a Snapshot) -> Index<'a> {
@@ -351,12 +351,20 @@ impl<'a> Index<'a> {
                 names.len() as u32 - 1
             })
         };
-        let team_of: Vec<u32> = snapshot
-            .queue
-            .iter()
-            .map(|j| intern(j.team.as_str()))
-            .collect();
-        let queued_teams = team_of.iter().max().map_or(0, |t| *t as usize + 1);
+        let (team_of, queued_teams) = if by_team {
+            let team_of: Vec<u32> = snapshot
+                .queue
+                .iter()
+                .map(|j| intern(j.team.as_str()))
+                .collect();
+            let queued = team_of.iter().max().map_or(0, |t| *t as usize + 1);
+            (team_of, queued)
+        } else if n > 0 {
+            intern("");
+            (vec![0; n], 1)
+        } else {
+            (Vec::new(), 0)
+        };
         let running_team = snapshot
             .running
             .iter()
