@@ -119,6 +119,7 @@ pub fn key_for(policy: &Policy, job: &PendingJob) -> Key {
     key_with(policy, job, 0)
 }
 
+#[inline]
 fn key_with(policy: &Policy, job: &PendingJob, running_for_ms: u64) -> Key {
     let primary = match &policy.within {
         Within::Fifo => 0,
