@@ -872,6 +872,47 @@ fn bound(job: &PendingJob, policy: &Policy) -> Option<u64> {
     })
 }
 
+/// Running jobs that may be preempted, worst-ordered first, sorted only as
+/// far as they are read (most waiting jobs read a few).
+struct Victims {
+    /// The jobs (key, index into `running`), and how many lead sorted.
+    v: std::cell::RefCell<(Vec<(Key, usize)>, usize)>,
+}
+
+impl Victims {
+    fn new(v: Vec<(Key, usize)>) -> Victims {
+        Victims {
+            v: std::cell::RefCell::new((v, 0)),
+        }
+    }
+
+    /// The `i`-th worst-ordered (keys are unique, so the order is that of a
+    /// full sort).
+    fn get(&self, i: usize) -> Option<(Key, usize)> {
+        let mut b = self.v.borrow_mut();
+        let (v, sorted) = &mut *b;
+        if i >= v.len() {
+            return None;
+        }
+        if i >= *sorted {
+            // Sort the next stretch, twice as long as what is sorted.
+            let upto = (i + 1).max(*sorted * 2).max(32).min(v.len());
+            let rest = &mut v[*sorted..];
+            let k = upto - *sorted;
+            if k < rest.len() {
+                rest.select_nth_unstable_by_key(k - 1, |e| std::cmp::Reverse(e.0));
+            }
+            rest[..k].sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
+            *sorted = upto;
+        }
+        Some(v[i])
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (Key, usize)> + '_ {
+        (0..).map_while(|i| self.get(i))
+    }
+}
+
 /// Chooses victims for waiting jobs, best-ordered waiting job first. A
 /// victim must come later in the order than the job it makes room for, be
 /// preemptible and have run long enough; each is used once.
@@ -908,17 +949,18 @@ fn preempt(
         }
         s / weight(team)
     };
-    let mut victims: Vec<(Key, usize)> = snapshot
-        .running
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| {
-            r.preemptible && now.saturating_sub(r.started_at) >= policy.min_run_before_preempt_ms
-        })
-        .map(|(i, r)| (orderer.running_key(r), i))
-        .collect();
-    // Worst first.
-    victims.sort_unstable_by_key(|v| std::cmp::Reverse(v.0));
+    let victims = Victims::new(
+        snapshot
+            .running
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                r.preemptible
+                    && now.saturating_sub(r.started_at) >= policy.min_run_before_preempt_ms
+            })
+            .map(|(i, r)| (orderer.running_key(r), i))
+            .collect(),
+    );
     let mut reasons: HashMap<JobId, String> = HashMap::default();
     // A shape that could not make room cannot for a later job either: later
     // jobs are worse-ordered, so fewer running jobs may yield to them.
@@ -950,18 +992,24 @@ fn preempt(
                             || vt == team
                             || mine_after < share(vt as usize, [0; 3]))))
         };
+        // The worst-ordered victim not taken yet: when it does not rank after
+        // this job, no victim does, nor for any job after it (victims only
+        // get better-ordered from here on).
+        if victims
+            .iter()
+            .find(|(_, i)| !used[*i])
+            .is_none_or(|(k, _)| !k.ranks_after(key))
+        {
+            break;
+        }
         // The victims this job may take, worst first, read only as far as
         // making room needs.
         let mut pool = victims
             .iter()
             .filter(|(k, i)| eligible(k, *i))
-            .map(|(_, i)| *i)
+            .map(|(_, i)| i)
             .peekable();
         if pool.peek().is_none() {
-            // Victims only get better-ordered from here on.
-            if victims.iter().all(|(k, i)| used[*i] || !k.ranks_after(key)) {
-                break;
-            }
             continue;
         }
         let demand = Demand::of(job);
