@@ -526,7 +526,9 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
     // ends once no queued job could fit anywhere: each job left would fail,
     // whatever the order, and a failure changes nothing but the plan's
     // reasons (a reservation or a cached failure only stops later jobs).
-    let smallest = if keep_waiting {
+    // (Under strict FIFO the walk ends at the first job that cannot start
+    // anyway.)
+    let smallest = if keep_waiting || policy.strict {
         None
     } else {
         Some(place::Smallest::of(&snapshot.queue))

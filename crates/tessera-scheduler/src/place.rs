@@ -204,7 +204,8 @@ pub struct Smallest {
 }
 
 impl Smallest {
-    /// Over `jobs`; `None` fits nowhere when there are none.
+    /// Over `jobs` (with none, every amount is at its largest and no node
+    /// holds it).
     pub fn of(jobs: &[PendingJob]) -> Smallest {
         let mut s = Smallest {
             cpu: u64::MAX,
