@@ -1047,7 +1047,7 @@ impl<'a> Cluster<'a> {
     /// which holds the capacity after the last release on return, and keeps
     /// the sum of the nodes' slots for a replica current (only the nodes a
     /// released job held change): the job fits exactly when the slots add
-    /// up to its replicas ([`Cluster::fits_all`]), and only more so with
+    /// up to its replicas (as `fits_all` counts them), and only more so with
     /// each release.
     fn fewest_releases(
         &self,
