@@ -11,15 +11,22 @@
 #   OPENB=0 to skip (b); BASELINE=/path/to/an/older/tessera to replay each
 #   Philly policy with that binary too, right after this build's run, so
 #   the two wall times come from the same conditions and the results can
-#   be compared: philly-P.base.json beside philly-P.json)
+#   be compared: philly-P.base.json beside philly-P.json; BIN=/path/to/a/binary
+#   to replay with it instead of building tessera: the tessera-sim example
+#   `sim` takes the same arguments and is a much smaller build:
+#   cargo build --release -p tessera-sim --example sim)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-target/bench-sim}"
 traces="${TRACES:-$PWD/../shared/traces}"
 policies="${POLICIES:-fifo fifo-backfill sjf-oracle srtf-oracle las tiresias drf tessera}"
 mkdir -p "$out"
-cargo build --release --locked -p tessera-cli >&2
-bin="${CARGO_TARGET_DIR:-$PWD/target}/release/tessera"
+if [ -n "${BIN:-}" ]; then
+    bin="$BIN"
+else
+    cargo build --release --locked -p tessera-cli >&2
+    bin="${CARGO_TARGET_DIR:-$PWD/target}/release/tessera"
+fi
 { git rev-parse HEAD && git status --short; } >"$out/commit.txt" 2>&1 || true
 
 echo "== (a) Philly, 64 nodes x 8 GPUs"

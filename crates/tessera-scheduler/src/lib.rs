@@ -325,13 +325,10 @@ struct Index<'a> {
     amounts: Vec<[u64; 3]>,
     shape_job: Vec<u32>,
     shape_count: Vec<u64>,
-    /// Per queued job, its run-time bound (only under backfill, where
-    /// reservations use it).
-    bound_of: Vec<Option<u64>>,
 }
 
 /// A shape not numbered yet (see [`Index::lazy_shapes`]).
-const NO_SHAPE: u32 = u32::MAX;
+pub(crate) const NO_SHAPE: u32 = u32::MAX;
 
 impl<'a> Index<'a> {
     fn new(snapshot: &'a Snapshot) -> Index<'a> {
@@ -354,16 +351,19 @@ impl<'a> Index<'a> {
                 names.len() as u32 - 1
             })
         };
-        let team_of: Vec<u32> = snapshot
-            .queue
-            .iter()
-            .map(|j| intern(j.team.as_str()))
-            .collect();
-        let queued_teams = team_of.iter().max().map_or(0, |t| *t as usize + 1);
-        let bound_of = if policy.backfill {
-            snapshot.queue.iter().map(|j| bound(j, policy)).collect()
+        let (team_of, queued_teams) = if by_team {
+            let team_of: Vec<u32> = snapshot
+                .queue
+                .iter()
+                .map(|j| intern(j.team.as_str()))
+                .collect();
+            let queued = team_of.iter().max().map_or(0, |t| *t as usize + 1);
+            (team_of, queued)
+        } else if n > 0 {
+            intern("");
+            (vec![0; n], 1)
         } else {
-            Vec::new()
+            (Vec::new(), 0)
         };
         let running_team = snapshot
             .running
@@ -399,7 +399,6 @@ impl<'a> Index<'a> {
             amounts: Vec::new(),
             shape_job: Vec::new(),
             shape_count: Vec::new(),
-            bound_of,
         };
         if !ix.lazy_shapes() {
             ix.number_all_shapes();
@@ -407,12 +406,12 @@ impl<'a> Index<'a> {
         ix
     }
 
-    /// Under strict FIFO with best-fit packing, most of a long queue waits
-    /// behind the first job that cannot start and its shape is never looked
-    /// at: shapes are numbered when first needed.
+    /// Under best-fit packing no scoring reads the queue's mix of requests,
+    /// and a walk that stops early (strict FIFO behind the first job that
+    /// cannot start, or once nothing more can fit) never looks at the
+    /// shapes of the jobs after it: shapes are numbered when first needed.
     fn lazy_shapes(&self) -> bool {
-        let p = &self.snapshot.policy;
-        p.strict && p.packing == Packing::BestFit
+        self.snapshot.policy.packing == Packing::BestFit
     }
 
     /// Queued job `qi`'s shape, numbered on first sight.
@@ -523,6 +522,20 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
     let mut tried_reservation = false;
     let mut waiting_jobs: Vec<u32> = Vec::with_capacity(snapshot.queue.len());
     let mut usage = ix.usage(snapshot);
+    // When nothing after the walk looks at the jobs left waiting, the walk
+    // ends once no queued job could fit anywhere: each job left would fail,
+    // whatever the order, and a failure changes nothing but the plan's
+    // reasons (a reservation or a cached failure only stops later jobs).
+    // (Under strict FIFO the walk ends at the first job that cannot start
+    // anyway.)
+    let smallest = if keep_waiting || policy.strict {
+        None
+    } else {
+        Some(place::Smallest::of(&snapshot.queue))
+    };
+    if smallest.as_ref().is_some_and(|s| !cluster.might_hold(s)) {
+        return plan;
+    }
 
     // The walk reads queued jobs themselves only to place them: the job id
     // comes with its key, the rest from the index (a queue of a million
@@ -581,9 +594,9 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
             continue;
         }
         // Whether this job would be gone before the reserved one could start.
-        let in_time = reservation
-            .as_ref()
-            .is_some_and(|r| ix.bound_of[qi].is_some_and(|b| now.saturating_add(b) <= r.start_at));
+        let in_time = reservation.as_ref().is_some_and(|r| {
+            bound(&snapshot.queue[qi], policy).is_some_and(|b| now.saturating_add(b) <= r.start_at)
+        });
         if shape == NO_SHAPE {
             shape = ix.shape(qi);
         }
@@ -628,6 +641,9 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
                     job_id: job.id,
                     assignments,
                 });
+                if smallest.as_ref().is_some_and(|s| !cluster.might_hold(s)) {
+                    break;
+                }
             }
             None => {
                 let mut reason = if reasons {
@@ -797,12 +813,12 @@ fn reclaim(
         if pool.is_empty() {
             continue;
         }
-        pool.sort_by_key(|i| {
+        pool.sort_unstable_by_key(|i| {
             let r = &snapshot.running[*i];
             (r.job.priority, std::cmp::Reverse(r.started_at), r.job.id)
         });
         let demand = Demand::of(job);
-        let Some(chosen) = cluster.make_room(&demand, &pool, &snapshot.running) else {
+        let Some(chosen) = cluster.make_room(&demand, pool, &snapshot.running) else {
             continue;
         };
         let mut names = Vec::new();
@@ -858,6 +874,47 @@ fn bound(job: &PendingJob, policy: &Policy) -> Option<u64> {
     })
 }
 
+/// Running jobs that may be preempted, worst-ordered first, sorted only as
+/// far as they are read (most waiting jobs read a few).
+struct Victims {
+    /// The jobs (key, index into `running`), and how many lead sorted.
+    v: std::cell::RefCell<(Vec<(Key, usize)>, usize)>,
+}
+
+impl Victims {
+    fn new(v: Vec<(Key, usize)>) -> Victims {
+        Victims {
+            v: std::cell::RefCell::new((v, 0)),
+        }
+    }
+
+    /// The `i`-th worst-ordered (keys are unique, so the order is that of a
+    /// full sort).
+    fn get(&self, i: usize) -> Option<(Key, usize)> {
+        let mut b = self.v.borrow_mut();
+        let (v, sorted) = &mut *b;
+        if i >= v.len() {
+            return None;
+        }
+        if i >= *sorted {
+            // Sort the next stretch, twice as long as what is sorted.
+            let upto = (i + 1).max(*sorted * 2).max(32).min(v.len());
+            let rest = &mut v[*sorted..];
+            let k = upto - *sorted;
+            if k < rest.len() {
+                rest.select_nth_unstable_by_key(k - 1, |e| std::cmp::Reverse(e.0));
+            }
+            rest[..k].sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
+            *sorted = upto;
+        }
+        Some(v[i])
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (Key, usize)> + '_ {
+        (0..).map_while(|i| self.get(i))
+    }
+}
+
 /// Chooses victims for waiting jobs, best-ordered waiting job first. A
 /// victim must come later in the order than the job it makes room for, be
 /// preemptible and have run long enough; each is used once.
@@ -894,17 +951,18 @@ fn preempt(
         }
         s / weight(team)
     };
-    let mut victims: Vec<(Key, usize)> = snapshot
-        .running
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| {
-            r.preemptible && now.saturating_sub(r.started_at) >= policy.min_run_before_preempt_ms
-        })
-        .map(|(i, r)| (orderer.running_key(r), i))
-        .collect();
-    // Worst first.
-    victims.sort_by_key(|v| std::cmp::Reverse(v.0));
+    let victims = Victims::new(
+        snapshot
+            .running
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                r.preemptible
+                    && now.saturating_sub(r.started_at) >= policy.min_run_before_preempt_ms
+            })
+            .map(|(i, r)| (orderer.running_key(r), i))
+            .collect(),
+    );
     let mut reasons: HashMap<JobId, String> = HashMap::default();
     // A shape that could not make room cannot for a later job either: later
     // jobs are worse-ordered, so fewer running jobs may yield to them.
@@ -936,20 +994,28 @@ fn preempt(
                             || vt == team
                             || mine_after < share(vt as usize, [0; 3]))))
         };
-        let pool: Vec<usize> = victims
+        // The worst-ordered victim not taken yet: when it does not rank after
+        // this job, no victim does, nor for any job after it (victims only
+        // get better-ordered from here on).
+        if victims
+            .iter()
+            .find(|(_, i)| !used[*i])
+            .is_none_or(|(k, _)| !k.ranks_after(key))
+        {
+            break;
+        }
+        // The victims this job may take, worst first, read only as far as
+        // making room needs.
+        let mut pool = victims
             .iter()
             .filter(|(k, i)| eligible(k, *i))
-            .map(|(_, i)| *i)
-            .collect();
-        if pool.is_empty() {
-            // Victims only get better-ordered from here on.
-            if victims.iter().all(|(k, i)| used[*i] || !k.ranks_after(key)) {
-                break;
-            }
+            .map(|(_, i)| i)
+            .peekable();
+        if pool.peek().is_none() {
             continue;
         }
         let demand = Demand::of(job);
-        let made = cluster.make_room(&demand, &pool, &snapshot.running);
+        let made = cluster.make_room(&demand, pool, &snapshot.running);
         if made.is_none() {
             no_room.insert((shape, team));
         }

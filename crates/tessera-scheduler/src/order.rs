@@ -60,6 +60,12 @@ enum Mode {
         order: Vec<Entry>,
         next: usize,
     },
+    /// The queue is in order already: entries are made as the walk asks
+    /// for them (a walk that stops early never makes the rest).
+    InQueueOrder {
+        team_of: Vec<u32>,
+        next: usize,
+    },
     Fair {
         /// Per team, its queued jobs best first, and a cursor.
         teams: Vec<(Vec<Entry>, usize)>,
@@ -113,6 +119,7 @@ pub fn key_for(policy: &Policy, job: &PendingJob) -> Key {
     key_with(policy, job, 0)
 }
 
+#[inline]
 fn key_with(policy: &Policy, job: &PendingJob, running_for_ms: u64) -> Key {
     let primary = match &policy.within {
         Within::Fifo => 0,
@@ -156,6 +163,22 @@ fn demand(job: &PendingJob) -> [f64; 3] {
         job.resources.memory_bytes as f64 * n,
         job.resources.gpu_demand_milli() as f64 * n,
     ]
+}
+
+/// Whether the queue is in key order already (keys are unique: they end
+/// with the job id).
+fn in_order(snapshot: &Snapshot) -> bool {
+    let mut keys = snapshot.queue.iter().map(|j| key_of(snapshot, j, 0));
+    let Some(mut prev) = keys.next() else {
+        return true;
+    };
+    for k in keys {
+        if k <= prev {
+            return false;
+        }
+        prev = k;
+    }
+    true
 }
 
 /// Sorts entries by key. The queue usually arrives in submit order and keys
@@ -269,6 +292,11 @@ impl<'a> Orderer<'a> {
                 total,
                 last: None,
             }
+        } else if in_order(snapshot) {
+            Mode::InQueueOrder {
+                team_of: team_of.to_vec(),
+                next: 0,
+            }
         } else {
             let mut order: Vec<Entry> = entries.collect();
             sort_entries(&mut order);
@@ -293,6 +321,18 @@ impl<'a> Orderer<'a> {
                 let e = *order.get(*next)?;
                 *next += 1;
                 Some(e)
+            }
+            Mode::InQueueOrder { team_of, next } => {
+                let qi = *next;
+                let job = self.snapshot.queue.get(qi)?;
+                *next += 1;
+                Some(Entry {
+                    key: key_of(self.snapshot, job, 0),
+                    qi: qi as u32,
+                    team: team_of[qi],
+                    // Numbered by the walk when it needs it.
+                    shape: crate::NO_SHAPE,
+                })
             }
             Mode::Fair {
                 teams,

@@ -298,9 +298,30 @@ impl<'a> World<'a> {
             q.len()
         };
         q.insert(at, job);
-        for (i, j) in q.iter().enumerate().skip(at) {
-            self.st[j.id as usize].queue_pos = i;
+        if !self.in_submit_order {
+            // Kept in submit order, a job's place is found by bisection
+            // (`position`); otherwise it is recorded.
+            let id = q[at].id as usize;
+            self.st[id].queue_pos = at;
         }
+    }
+
+    /// Where job `id` is in the queue, if it is queued.
+    fn position(&self, id: JobId) -> Option<usize> {
+        let i = id as usize;
+        if !self.in_submit_order {
+            let pos = self.st.get(i)?.queue_pos;
+            return (pos != NOT_RUNNING).then_some(pos);
+        }
+        let submitted = self.jobs.get(i)?.submit_ms;
+        let q = &self.snap.queue;
+        let pos = q.partition_point(|j| (j.submitted_at, j.id) < (submitted, id));
+        (q.get(pos).is_some_and(|j| j.id == id)).then_some(pos)
+    }
+
+    /// Queued job `id` (which must be queued).
+    fn queued(&self, id: usize) -> &PendingJob {
+        &self.snap.queue[self.position(id as JobId).expect("queued")]
     }
 
     /// Takes the jobs of `ids` out of the queue in one sweep that keeps the
@@ -309,15 +330,9 @@ impl<'a> World<'a> {
     fn dequeue_in_order(&mut self, ids: &[JobId]) -> Result<Vec<PendingJob>> {
         let mut at: Vec<usize> = Vec::with_capacity(ids.len());
         for id in ids {
-            let pos = self
-                .st
-                .get(*id as usize)
-                .map(|s| s.queue_pos)
-                .unwrap_or(NOT_RUNNING);
-            ensure!(
-                pos != NOT_RUNNING,
-                "the plan places job {id}, which is not queued"
-            );
+            let Some(pos) = self.position(*id) else {
+                bail!("the plan places job {id}, which is not queued");
+            };
             at.push(pos);
         }
         at.sort_unstable();
@@ -334,17 +349,13 @@ impl<'a> World<'a> {
             // move of the jobs behind it (last first, so the positions of
             // the others hold), instead of moving the kept jobs one by one.
             let mut gone: Vec<PendingJob> = at.iter().rev().map(|p| q.remove(*p)).collect();
-            for (i, j) in q.iter().enumerate().skip(first) {
-                self.st[j.id as usize].queue_pos = i;
-            }
-            return ids
+            return Ok(ids
                 .iter()
                 .map(|id| {
-                    self.st[*id as usize].queue_pos = NOT_RUNNING;
                     let k = gone.iter().position(|j| j.id == *id).expect("taken above");
-                    Ok(gone.swap_remove(k))
+                    gone.swap_remove(k)
                 })
-                .collect();
+                .collect());
         }
         // Kept jobs move down over the taken ones, which end up at the back.
         let mut write = first;
@@ -354,17 +365,14 @@ impl<'a> World<'a> {
                 continue;
             }
             q.swap(read, write);
-            self.st[q[write].id as usize].queue_pos = write;
             write += 1;
         }
         let mut gone: HashMap<JobId, PendingJob> =
             q.split_off(write).into_iter().map(|j| (j.id, j)).collect();
-        ids.iter()
-            .map(|id| {
-                self.st[*id as usize].queue_pos = NOT_RUNNING;
-                Ok(gone.remove(id).expect("taken above"))
-            })
-            .collect()
+        Ok(ids
+            .iter()
+            .map(|id| gone.remove(id).expect("taken above"))
+            .collect())
     }
 
     /// Takes a job out of the queue in O(1).
@@ -478,7 +486,7 @@ fn backfill_arrivals_decide_alone(
     now: u64,
 ) -> bool {
     let policy = &w.snap.policy;
-    let queued = |id: usize| &w.snap.queue[w.st[id].queue_pos];
+    let queued = |id: usize| w.queued(id);
     let h = queued(head as usize);
     arrived
         .into_iter()
@@ -655,7 +663,7 @@ pub fn simulate_with(
             next += 1;
         }
         if skip_arrivals && settled && !freed && !w.snap.queue.is_empty() {
-            let queued = |id: usize| &w.snap.queue[w.st[id].queue_pos];
+            let queued = |id: usize| w.queued(id);
             let arrived = first_arrival..next;
             let mut may_start = arrived
                 .clone()
@@ -710,9 +718,9 @@ pub fn simulate_with(
             if head != NOT_QUEUED && backfill_arrivals_decide_alone(&w, head, arrived.clone(), now)
             {
                 let mut trial: Vec<PendingJob> = Vec::with_capacity(arrived.len() + 1);
-                trial.push(w.snap.queue[w.st[head as usize].queue_pos].clone());
+                trial.push(w.queued(head as usize).clone());
                 for id in arrived.clone() {
-                    trial.push(w.snap.queue[w.st[id].queue_pos].clone());
+                    trial.push(w.queued(id).clone());
                 }
                 let all = std::mem::replace(&mut w.snap.queue, trial);
                 let t0 = Instant::now();
