@@ -1026,10 +1026,17 @@ pub fn ranks_before(policy: &Policy, a: &PendingJob, b: &PendingJob) -> bool {
 }
 
 /// Each team's weighted dominant share of the schedulable capacity that its
-/// running jobs hold now (what fair share compares), by team name: the
-/// input a caller averages over time into [`TeamView::recent_share`].
-/// Teams not listed weigh 1; teams holding nothing are left out.
-pub fn weighted_shares(snapshot: &Snapshot) -> BTreeMap<String, f64> {
+/// running jobs for which `counts` holds have now (what fair share
+/// compares), by team name: the input a caller averages over time into
+/// [`TeamView::recent_share`]. The server counts only jobs that have
+/// started, so that the average follows what accounting will bill (a
+/// pool's job placed but still being launched by its engine holds
+/// capacity, but uses none yet). Teams not listed weigh 1; teams holding
+/// nothing are left out.
+pub fn weighted_shares(
+    snapshot: &Snapshot,
+    counts: impl Fn(&RunningJob) -> bool,
+) -> BTreeMap<String, f64> {
     let mut total = [0.0f64; 3];
     for n in snapshot.nodes.iter().filter(|n| n.schedulable) {
         total[0] += n.cpu_milli as f64;
@@ -1037,7 +1044,7 @@ pub fn weighted_shares(snapshot: &Snapshot) -> BTreeMap<String, f64> {
         total[2] += n.gpus.iter().filter(|g| g.healthy).count() as f64 * 1000.0;
     }
     let mut usage: BTreeMap<&str, [f64; 3]> = BTreeMap::new();
-    for r in &snapshot.running {
+    for r in snapshot.running.iter().filter(|r| counts(r)) {
         let d = job_amounts(&r.job);
         let u = usage.entry(r.job.team.as_str()).or_default();
         for k in 0..3 {

@@ -502,7 +502,7 @@ fn steady_share(nodes: Vec<NodeView>, weights: (f64, f64), history: bool) -> f64
         }
         start(&mut s, &plan, t);
         let next = ends.iter().map(|e| e.0).min().expect("something runs");
-        recent.observe(next, &weighted_shares(&s));
+        recent.observe(next, &weighted_shares(&s, |_| true));
         for r in &s.running {
             let i = usize::from(r.job.team == "heavy");
             let from = t.max(warmup);

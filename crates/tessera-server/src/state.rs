@@ -216,14 +216,21 @@ impl ClusterState {
     /// The scheduler's input: every queued job, every running one, team
     /// weights and recent shares, and the policy. Resets the change
     /// tracking; under fair share, adds the time since the last pass to the
-    /// recent shares (counting what runs now as held since then).
+    /// recent shares (counting what has started and runs now as held since
+    /// then).
     pub fn take_snapshot(&mut self, policy: &Policy, now: u64) -> Snapshot {
         self.capacity_changed = false;
         self.fresh.clear();
         let mut snapshot = self.snapshot(policy);
         if policy.fair_share {
-            self.recent_shares
-                .observe(now, &tessera_scheduler::weighted_shares(&snapshot));
+            // Only started jobs: the average follows what accounting bills.
+            let started = |r: &RunningJob| {
+                self.jobs
+                    .get(&r.job.id)
+                    .is_some_and(|j| j.started_at.is_some())
+            };
+            let shares = tessera_scheduler::weighted_shares(&snapshot, started);
+            self.recent_shares.observe(now, &shares);
             for t in snapshot.teams.iter_mut() {
                 t.recent_share = self.recent_shares.get(&t.name);
             }
