@@ -3,7 +3,7 @@
 //! `.ci/slurm-up.sh`), two teams weighing 1 and 2 that keep their queues
 //! full of short one-CPU jobs free to run on either, and each team's share
 //! of CPU-time over a steady window, read from `tessera usage`, matches its
-//! weight. Without a Slurm the test prints `SKIPPED` and passes, unless
+//! weight (within 7 points over a 90 s window). Without a Slurm the test prints `SKIPPED` and passes, unless
 //! `TESSERA_REQUIRE_SLURM=1` (set by `.ci/run`). The same measurement, longer:
 //! `bench/fairshare-mixed.sh`.
 
@@ -118,8 +118,10 @@ fn two_teams_share_a_mixed_slurm_and_nodes_fleet_by_their_weights() {
         cpu_hours(&by_pool, "pool", "hpc") > 0.0,
         "the Slurm pool ran work: {by_pool}"
     );
+    // A 90 s window of 2 s jobs on a shared machine: ± 7 points still tells
+    // 1:2 (0.667) from the 50/50 that whole-job rounding fell into before.
     assert!(
-        (share - 2.0 / 3.0).abs() < 0.05,
-        "heavy team's share {share:.3}, want 0.667 ± 0.05: {by_team}"
+        (share - 2.0 / 3.0).abs() < 0.07,
+        "heavy team's share {share:.3}, want 0.667 ± 0.07: {by_team}"
     );
 }
