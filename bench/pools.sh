@@ -12,8 +12,11 @@
 # Each time runs from the first submission to the moment the waiting loop
 # (every 500 ms, the same in all three) sees the last job ended. Needs a
 # Slurm answering `sinfo` (bash .ci/slurm-up.sh) with no other work queued.
+# Tessera's `squeue` calls are counted (through a one-line wrapper put first
+# on the PATH of `tessera up`) and reported per second of each pool run.
 # Usage: bash bench/pools.sh [N] [OUT_DIR]     (default N = 200)
 #   TESSERA_BIN=path  use this binary instead of building the release one
+#   SKIP_BACKLOG=1    leave out the backlog=2 run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-200}"
@@ -62,12 +65,20 @@ slurm_submit_s=$(echo "$t_submitted - $t0" | bc -l)
 printf 'slurm direct: %d jobs done in %.1f s (%.2f jobs/s; submitting took %.1f s; %s not COMPLETED)\n' \
     "$n" "$slurm_s" "$(echo "$n / $slurm_s" | bc -l)" "$slurm_submit_s" "$failed"
 
+# Counts the server's squeue calls: one line per call in $scratch/squeue.calls.
+mkdir -p "$scratch/shim"
+real_squeue=$(command -v squeue)
+printf '#!/bin/sh\necho >> %s/squeue.calls\nexec %s "$@"\n' "$scratch" "$real_squeue" >"$scratch/shim/squeue"
+chmod +x "$scratch/shim/squeue"
+squeue_calls() { if [ -f "$scratch/squeue.calls" ]; then wc -l <"$scratch/squeue.calls"; else echo 0; fi; }
+
 # Starts `tessera up` on a fresh home with extra flags; sets TESSERA_HOME.
 start_up() {
     export TESSERA_HOME="$scratch/home-$1"
     shift
     mkdir -p "$TESSERA_HOME"
-    "$bin" up --listen 127.0.0.1:0 --no-cgroups "$@" >"$TESSERA_HOME.log" 2>&1 &
+    : >"$scratch/squeue.calls"
+    PATH="$scratch/shim:$PATH" "$bin" up --listen 127.0.0.1:0 --no-cgroups "$@" >"$TESSERA_HOME.log" 2>&1 &
     up_pid=$!
     for _ in $(seq 200); do
         [ -s "$TESSERA_HOME/config" ] && return 0
@@ -104,20 +115,26 @@ through_tessera() {
 start_up slurm
 "$bin" pool add slurm bench >/dev/null
 read -r pool_s pool_bad < <(through_tessera --pool bench)
+pool_squeue=$(squeue_calls)
+"$bin" jobs --all -o json >"$out/pools-slurm-jobs.json"
 "$bin" pools
 stop_up
-printf 'tessera slurm pool: %d jobs done in %.1f s (%.2f jobs/s; %s not succeeded); %.3f× Slurm direct (%+.1f%%)\n' \
+printf 'tessera slurm pool: %d jobs done in %.1f s (%.2f jobs/s; %s not succeeded); %.3f× Slurm direct (%+.1f%%); %d squeue calls (%.1f/s)\n' \
     "$n" "$pool_s" "$(echo "$n / $pool_s" | bc -l)" "$pool_bad" \
-    "$(echo "$pool_s / $slurm_s" | bc -l)" "$(echo "($pool_s / $slurm_s - 1) * 100" | bc -l)"
+    "$(echo "$pool_s / $slurm_s" | bc -l)" "$(echo "($pool_s / $slurm_s - 1) * 100" | bc -l)" \
+    "$pool_squeue" "$(echo "$pool_squeue / $pool_s" | bc -l)"
 
 # ---- 2b. the same, the pool handing Slurm up to twice its capacity (backlog=2)
-start_up backlog
-"$bin" pool add slurm bench --option backlog=2 >/dev/null
-read -r backlog_s backlog_bad < <(through_tessera --pool bench)
-stop_up
-printf 'tessera slurm pool, backlog=2: %d jobs done in %.1f s (%.2f jobs/s; %s not succeeded); %.3f× Slurm direct (%+.1f%%)\n' \
-    "$n" "$backlog_s" "$(echo "$n / $backlog_s" | bc -l)" "$backlog_bad" \
-    "$(echo "$backlog_s / $slurm_s" | bc -l)" "$(echo "($backlog_s / $slurm_s - 1) * 100" | bc -l)"
+backlog_s=null
+if [ -z "${SKIP_BACKLOG:-}" ]; then
+    start_up backlog
+    "$bin" pool add slurm bench --option backlog=2 >/dev/null
+    read -r backlog_s backlog_bad < <(through_tessera --pool bench)
+    stop_up
+    printf 'tessera slurm pool, backlog=2: %d jobs done in %.1f s (%.2f jobs/s; %s not succeeded); %.3f× Slurm direct (%+.1f%%)\n' \
+        "$n" "$backlog_s" "$(echo "$n / $backlog_s" | bc -l)" "$backlog_bad" \
+        "$(echo "$backlog_s / $slurm_s" | bc -l)" "$(echo "($backlog_s / $slurm_s - 1) * 100" | bc -l)"
+fi
 
 # ---- 3. through Tessera's own nodes pool (the local agent), as many CPUs as the Slurm node
 start_up nodes --cpu "$cpus"
@@ -127,7 +144,8 @@ printf 'tessera own nodes: %d jobs done in %.1f s (%.2f jobs/s; %s not succeeded
     "$n" "$nodes_s" "$(echo "$n / $nodes_s" | bc -l)" "$nodes_bad" "$(echo "$nodes_s / $slurm_s" | bc -l)"
 
 jq -n --argjson n "$n" --argjson slurm "$slurm_s" --argjson pool "$pool_s" --argjson backlog "$backlog_s" \
-    --argjson nodes "$nodes_s" \
+    --argjson nodes "$nodes_s" --argjson squeue "$pool_squeue" \
     '{jobs: $n, slurm_direct_s: $slurm, tessera_slurm_pool_s: $pool, tessera_slurm_pool_backlog2_s: $backlog,
-      tessera_nodes_s: $nodes, pool_over_slurm: ($pool / $slurm), backlog2_over_slurm: ($backlog / $slurm),
-      nodes_over_slurm: ($nodes / $slurm)}' | tee "$out/pools.json"
+      tessera_nodes_s: $nodes, pool_over_slurm: ($pool / $slurm),
+      backlog2_over_slurm: (if $backlog == null then null else $backlog / $slurm end),
+      nodes_over_slurm: ($nodes / $slurm), pool_squeue_calls: $squeue, pool_squeue_per_s: ($squeue / $pool)}' | tee "$out/pools.json"

@@ -263,6 +263,7 @@ pub fn synthetic_snapshot_for(
             name: format!("team-{t}"),
             weight: 1.0,
             quota: Some(quota(share, share * 2)),
+            recent_share: 0.0,
         })
         .collect();
     Snapshot {

@@ -200,6 +200,16 @@ pub trait PoolDriver: Send + Sync + 'static {
     /// does not know come back as [`RemoteState::NotFound`].
     async fn status(&self, ids: &[RemoteId]) -> Result<HashMap<RemoteId, RemoteState>, PoolError>;
 
+    /// Jobs among `ids` known to have ended without asking the engine (a
+    /// marker the job left on a file system Tessera sees), for a pool loop
+    /// that looks far more often than it may call the engine. Cheap and
+    /// never blocking for long; what it does not know, [`PoolDriver::status`]
+    /// tells. By default nothing.
+    fn ended_locally(&self, ids: &[RemoteId]) -> HashMap<RemoteId, RemoteState> {
+        let _ = ids;
+        HashMap::new()
+    }
+
     /// Stops a job (all its replicas). Cancelling an ended job is not an error.
     async fn cancel(&self, id: &RemoteId) -> Result<(), PoolError>;
 

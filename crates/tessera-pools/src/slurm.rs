@@ -163,6 +163,12 @@ impl SlurmDriver {
         self.config.output_dir.join(format!("slurm-{id}.out"))
     }
 
+    /// Where each job's batch script leaves its command's exit status,
+    /// in a file named by the Slurm job id, when the command ends.
+    pub fn ended_dir(&self) -> PathBuf {
+        self.config.output_dir.join("ended")
+    }
+
     async fn run(
         &self,
         program: &str,
@@ -243,9 +249,11 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-/// The batch script for a job: exports its environment, then runs its
-/// command (once per task under `srun` for a gang).
-pub fn batch_script(job: &PoolJob) -> String {
+/// The batch script for a job: exports its environment, runs its command
+/// (once per task under `srun` for a gang), then writes the command's exit
+/// status to `<ended_dir>/<slurm job id>` (see [`SlurmDriver::ended_locally`])
+/// and exits with it.
+pub fn batch_script(job: &PoolJob, ended_dir: &Path) -> String {
     let mut s = String::from("#!/bin/sh\n");
     s.push_str(&format!(
         "# Tessera job {}, attempt {} ({}, team {})\n",
@@ -260,13 +268,22 @@ pub fn batch_script(job: &PoolJob) -> String {
     let argv: Vec<String> = job.argv.iter().map(|a| shell_quote(a)).collect();
     if job.replicas > 1 {
         s.push_str(&format!(
-            "exec srun --ntasks={} --kill-on-bad-exit=1 /bin/sh -c 'TESSERA_REPLICA=$SLURM_PROCID; export TESSERA_REPLICA; exec \"$@\"' tessera-replica {}\n",
+            "srun --ntasks={} --kill-on-bad-exit=1 /bin/sh -c 'TESSERA_REPLICA=$SLURM_PROCID; export TESSERA_REPLICA; exec \"$@\"' tessera-replica {}\n",
             job.replicas,
             argv.join(" ")
         ));
     } else {
-        s.push_str(&format!("exec {}\n", argv.join(" ")));
+        s.push_str(&format!("{}\n", argv.join(" ")));
     }
+    // The marker is written in one write and read only when it parses, so a
+    // half-written one is never taken for an exit status; a job that Slurm
+    // kills (cancel, time limit) leaves none.
+    s.push_str("rc=$?\n");
+    s.push_str(&format!(
+        "printf '%s\\n' \"$rc\" > {}/\"$SLURM_JOB_ID\" 2>/dev/null\n",
+        shell_quote(&ended_dir.display().to_string())
+    ));
+    s.push_str("exit \"$rc\"\n");
     s
 }
 
@@ -558,7 +575,7 @@ impl PoolDriver for SlurmDriver {
             None => self.config.output_dir.join("work").join(&job.key),
         };
         let args = sbatch_args(&self.config, job, &workdir)?;
-        std::fs::create_dir_all(&self.config.output_dir)
+        std::fs::create_dir_all(self.ended_dir())
             .and_then(|_| std::fs::create_dir_all(&workdir))
             .map_err(|e| {
                 PoolError::Unavailable(format!(
@@ -566,7 +583,7 @@ impl PoolDriver for SlurmDriver {
                     workdir.display()
                 ))
             })?;
-        let script = batch_script(job);
+        let script = batch_script(job, &self.ended_dir());
         let out = self.run("sbatch", args, Some(script.as_bytes())).await?;
         if out.code != Some(0) {
             let words = first_words(&out);
@@ -625,9 +642,46 @@ impl PoolDriver for SlurmDriver {
         for (id, s) in &answer {
             if s.is_terminal() {
                 ended.insert(id.clone());
+                // Its exit marker, if the script left one, is not needed now.
+                let _ = std::fs::remove_file(self.ended_dir().join(&id.0));
             }
         }
         Ok(answer)
+    }
+
+    /// Jobs whose command has ended with status 0, from the markers their
+    /// batch scripts leave in [`SlurmDriver::ended_dir`]: one directory
+    /// listing, no call to Slurm, so the pool can look every few
+    /// milliseconds and start the next job as soon as a slot frees — before
+    /// Slurm itself has finished the job off. Any other status is left to
+    /// [`PoolDriver::status`], where Slurm says what happened (a time limit,
+    /// memory, a cancel). A marker read is removed.
+    fn ended_locally(&self, ids: &[RemoteId]) -> HashMap<RemoteId, RemoteState> {
+        let mut out = HashMap::new();
+        let dir = self.ended_dir();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return out;
+        };
+        let names: HashSet<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        if names.is_empty() {
+            return out;
+        }
+        let mut ended = self.ended.lock().expect("ended lock");
+        for id in ids.iter().filter(|id| names.contains(&id.0)) {
+            let path = dir.join(&id.0);
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            // Only a whole line counts: the script may be writing it now.
+            if text.ends_with('\n') && text.trim() == "0" {
+                let _ = std::fs::remove_file(&path);
+                ended.insert(id.clone());
+                out.insert(id.clone(), RemoteState::Succeeded);
+            }
+        }
+        out
     }
 
     async fn cancel(&self, id: &RemoteId) -> Result<(), PoolError> {

@@ -212,6 +212,25 @@ pub struct TeamView {
     pub weight: f64,
     /// `None`: no guarantee and no limit (everything it uses is borrowed).
     pub quota: Option<Quota>,
+    /// The team's weighted dominant share averaged over the recent past
+    /// (the caller keeps the average; see [`weighted_shares`]). Under fair
+    /// share, among teams whose current shares lie within one job of each
+    /// other, the one that has recently had less goes first, so that over
+    /// time shares follow the weights even where whole jobs cannot split
+    /// the cluster in their ratio. 0 for all teams: no history.
+    pub recent_share: f64,
+}
+
+impl TeamView {
+    /// A team with a weight, no quota and no history.
+    pub fn new(name: impl Into<String>, weight: f64) -> TeamView {
+        TeamView {
+            name: name.into(),
+            weight,
+            quota: None,
+            recent_share: 0.0,
+        }
+    }
 }
 
 /// Everything the scheduler looks at.
@@ -320,6 +339,9 @@ struct Index<'a> {
     /// listed; 1 when not listed).
     quota: Vec<Option<&'a Quota>>,
     weight: Vec<f64>,
+    /// Per team, its recent weighted share (the first listed; 0 when not
+    /// listed).
+    recent: Vec<f64>,
     /// Per shape, a job's total demand ([`job_amounts`]), its first job and
     /// how many jobs ask for it.
     amounts: Vec<[u64; 3]>,
@@ -377,12 +399,14 @@ impl<'a> Index<'a> {
             .collect();
         let mut quota = vec![None; names.len()];
         let mut weight: Vec<Option<f64>> = vec![None; names.len()];
+        let mut recent: Vec<Option<f64>> = vec![None; names.len()];
         if by_team {
             for (t, id) in snapshot.teams.iter().zip(&listed) {
                 if let Some(q) = &t.quota {
                     quota[*id as usize] = Some(q);
                 }
                 weight[*id as usize].get_or_insert(t.weight);
+                recent[*id as usize].get_or_insert(t.recent_share);
             }
         }
         let mut ix = Index {
@@ -396,6 +420,7 @@ impl<'a> Index<'a> {
             running_team,
             quota,
             weight: weight.into_iter().map(|w| w.unwrap_or(1.0)).collect(),
+            recent: recent.into_iter().map(|r| r.unwrap_or(0.0)).collect(),
             amounts: Vec::new(),
             shape_job: Vec::new(),
             shape_count: Vec::new(),
@@ -500,6 +525,7 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
         &ix.running_team,
         ix.queued_teams,
         &ix.weight,
+        &ix.recent,
     );
     let mut plan = Plan {
         waiting: Vec::with_capacity(if reasons { snapshot.queue.len() } else { 0 }),
@@ -1063,6 +1089,103 @@ fn preempt(
 /// the order in which a pass considers them.
 pub fn ranks_before(policy: &Policy, a: &PendingJob, b: &PendingJob) -> bool {
     order::key_for(policy, a) < order::key_for(policy, b)
+}
+
+/// Each team's weighted dominant share of the schedulable capacity that its
+/// running jobs for which `counts` holds have now (what fair share
+/// compares), by team name: the input a caller averages over time into
+/// [`TeamView::recent_share`]. The server counts only jobs that have
+/// started, so that the average follows what accounting will bill (a
+/// pool's job placed but still being launched by its engine holds
+/// capacity, but uses none yet). Teams not listed weigh 1; teams holding
+/// nothing are left out.
+pub fn weighted_shares(
+    snapshot: &Snapshot,
+    counts: impl Fn(&RunningJob) -> bool,
+) -> BTreeMap<String, f64> {
+    let mut total = [0.0f64; 3];
+    for n in snapshot.nodes.iter().filter(|n| n.schedulable) {
+        total[0] += n.cpu_milli as f64;
+        total[1] += n.memory_bytes as f64;
+        total[2] += n.gpus.iter().filter(|g| g.healthy).count() as f64 * 1000.0;
+    }
+    let mut usage: BTreeMap<&str, [f64; 3]> = BTreeMap::new();
+    for r in snapshot.running.iter().filter(|r| counts(r)) {
+        let d = job_amounts(&r.job);
+        let u = usage.entry(r.job.team.as_str()).or_default();
+        for k in 0..3 {
+            u[k] += d[k] as f64;
+        }
+    }
+    usage
+        .into_iter()
+        .map(|(team, u)| {
+            let weight = snapshot
+                .teams
+                .iter()
+                .find(|t| t.name == team)
+                .map_or(1.0, |t| t.weight);
+            (team.to_string(), order::dominant(&u, &total, weight))
+        })
+        .collect()
+}
+
+/// Each team's weighted dominant share averaged over the recent past: an
+/// exponential moving average of [`weighted_shares`], kept by the caller
+/// across passes and handed back as [`TeamView::recent_share`]. Pure: the
+/// caller passes the time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecentShares {
+    /// The average's time constant: a share held this long counts 63 %.
+    pub time_constant_ms: u64,
+    at: Option<u64>,
+    values: BTreeMap<String, f64>,
+}
+
+impl RecentShares {
+    /// The server's time constant: five minutes.
+    pub const DEFAULT_TIME_CONSTANT_MS: u64 = 300_000;
+
+    pub fn new(time_constant_ms: u64) -> RecentShares {
+        RecentShares {
+            time_constant_ms: time_constant_ms.max(1),
+            at: None,
+            values: BTreeMap::new(),
+        }
+    }
+
+    /// Adds the interval since the last call, during which each team held
+    /// `shares` (teams not named held nothing).
+    pub fn observe(&mut self, now: u64, shares: &BTreeMap<String, f64>) {
+        let dt = match self.at {
+            Some(at) if now > at => now - at,
+            Some(_) => return,
+            None => {
+                self.at = Some(now);
+                return;
+            }
+        };
+        self.at = Some(now);
+        let keep = (-(dt as f64) / self.time_constant_ms as f64).exp();
+        for v in self.values.values_mut() {
+            *v *= keep;
+        }
+        for (team, s) in shares {
+            *self.values.entry(team.clone()).or_default() += (1.0 - keep) * s;
+        }
+        self.values.retain(|_, v| *v > 1e-9);
+    }
+
+    /// A team's recent weighted share (0 for a team not seen lately).
+    pub fn get(&self, team: &str) -> f64 {
+        self.values.get(team).copied().unwrap_or(0.0)
+    }
+}
+
+impl Default for RecentShares {
+    fn default() -> Self {
+        RecentShares::new(RecentShares::DEFAULT_TIME_CONSTANT_MS)
+    }
 }
 
 /// Why a job that fits no node *that exists* can never run, or `None` when

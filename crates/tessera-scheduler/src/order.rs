@@ -2,6 +2,16 @@
 //! (under fair share) the team with the smallest weighted dominant share,
 //! then the policy's order within. Fair share is dynamic: a team's share
 //! grows with each job placed in the pass.
+//!
+//! Whole jobs cannot split a cluster in every ratio (four one-CPU slots
+//! cannot go 1:2), so the instantaneous shares can only come within one
+//! job of the weights. Two things keep that rounding from always falling
+//! the same way: a team's recent share ([`crate::TeamView::recent_share`])
+//! moves its turn by up to one job's worth — earlier when it has recently
+//! had less than the others, weighted, later when more — so that over time
+//! the shares follow the weights; and between teams whose turns tie, the
+//! one whose share after its next job would be smaller goes first (the
+//! split nearer the weights), not simply the one that queued first.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -72,17 +82,58 @@ enum Mode {
         heap: BinaryHeap<TeamTurn>,
         usage: Vec<[f64; 3]>,
         weight: Vec<f64>,
+        /// Per team, how far its recent share lies above the queued teams'
+        /// mean, scaled by [`HISTORY_GAIN`] (clamped to one job per turn).
+        history: Vec<f64>,
         total: [f64; 3],
         last: Option<usize>,
     },
 }
 
-/// A team's turn; the heap pops the best (highest class, smallest share).
+/// How strongly a team's recent share, relative to the other queued
+/// teams', moves its turn (before the move is clamped to one job's worth).
+/// High, so that a small lasting imbalance already decides the rounding;
+/// the clamp keeps any one pass within one job of the current shares.
+pub(crate) const HISTORY_GAIN: f64 = 10.0;
+
+/// A team's turn; the heap pops the best (highest class, smallest share,
+/// then the smallest share after the job).
 #[derive(Debug, PartialEq)]
 struct TeamTurn {
     class: i64,
+    /// The current weighted dominant share, moved by history.
     share: f64,
+    /// The weighted dominant share once its next job is placed.
+    after: f64,
     team: usize,
+}
+
+/// A team's turn for its next job (`demand`), holding `usage`.
+pub(crate) fn team_turn_shares(
+    usage: &[f64; 3],
+    demand: &[f64; 3],
+    total: &[f64; 3],
+    weight: f64,
+    history: f64,
+) -> (f64, f64) {
+    let now = dominant(usage, total, weight);
+    let job = dominant(demand, total, weight);
+    let mut after_usage = *usage;
+    for k in 0..3 {
+        after_usage[k] += demand[k];
+    }
+    let after = dominant(&after_usage, total, weight);
+    (now + history.clamp(-job, job), after)
+}
+
+/// Per team, its history term: [`HISTORY_GAIN`] × (its recent share − the
+/// mean recent share of the teams listed). All zero when no team has any.
+pub(crate) fn history_terms(recent: &[f64]) -> Vec<f64> {
+    if recent.is_empty() || recent.iter().all(|r| *r == 0.0) {
+        return vec![0.0; recent.len()];
+    }
+    let mean = recent.iter().sum::<f64>() / recent.len() as f64;
+    recent.iter().map(|r| HISTORY_GAIN * (r - mean)).collect()
 }
 
 impl Eq for TeamTurn {}
@@ -94,6 +145,7 @@ impl Ord for TeamTurn {
             .class
             .cmp(&self.class)
             .then(other.share.total_cmp(&self.share))
+            .then(other.after.total_cmp(&self.after))
             .then(other.team.cmp(&self.team))
     }
 }
@@ -146,7 +198,7 @@ fn key_with(policy: &Policy, job: &PendingJob, running_for_ms: u64) -> Key {
     }
 }
 
-fn dominant(usage: &[f64; 3], total: &[f64; 3], weight: f64) -> f64 {
+pub(crate) fn dominant(usage: &[f64; 3], total: &[f64; 3], weight: f64) -> f64 {
     let mut s: f64 = 0.0;
     for r in 0..3 {
         if total[r] > 0.0 {
@@ -235,7 +287,9 @@ impl<'a> Orderer<'a> {
     /// `team_of` gives each queued job's team, numbered by first appearance
     /// in the queue (`0..teams`), `shape_of` its request shape,
     /// `running_team` each running job's team (teams with nothing queued
-    /// come after), `weight` each team's fair-share weight.
+    /// come after), `weight` each team's fair-share weight, `recent` its
+    /// recent weighted share.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         snapshot: &'a Snapshot,
         now: u64,
@@ -244,6 +298,7 @@ impl<'a> Orderer<'a> {
         running_team: &[u32],
         teams: usize,
         weight: &[f64],
+        recent: &[f64],
     ) -> Orderer<'a> {
         let entries = snapshot.queue.iter().enumerate().map(|(i, j)| Entry {
             key: key_of(snapshot, j, 0),
@@ -276,11 +331,16 @@ impl<'a> Orderer<'a> {
                 total[1] += n.memory_bytes as f64;
                 total[2] += n.gpus.iter().filter(|g| g.healthy).count() as f64 * 1000.0;
             }
+            let history = history_terms(&recent[..teams]);
             let mut heap = BinaryHeap::new();
             for (t, (list, _)) in lists.iter().enumerate() {
+                let job = &snapshot.queue[list[0].qi as usize];
+                let (share, after) =
+                    team_turn_shares(&usage[t], &demand(job), &total, weight[t], history[t]);
                 heap.push(TeamTurn {
                     class: list[0].key.class,
-                    share: dominant(&usage[t], &total, weight[t]),
+                    share,
+                    after,
                     team: t,
                 });
             }
@@ -289,6 +349,7 @@ impl<'a> Orderer<'a> {
                 heap,
                 usage,
                 weight,
+                history,
                 total,
                 last: None,
             }
@@ -339,15 +400,20 @@ impl<'a> Orderer<'a> {
                 heap,
                 usage,
                 weight,
+                history,
                 total,
                 last,
             } => {
                 if let Some(t) = last.take() {
                     let (list, cursor) = &mut teams[t];
                     if let Some(&e) = list.get(*cursor) {
+                        let job = &self.snapshot.queue[e.qi as usize];
+                        let (share, after) =
+                            team_turn_shares(&usage[t], &demand(job), total, weight[t], history[t]);
                         let turn = TeamTurn {
                             class: e.key.class,
-                            share: dominant(&usage[t], total, weight[t]),
+                            share,
+                            after,
                             team: t,
                         };
                         // Pushing the turn and popping the best would give

@@ -62,7 +62,7 @@ pub async fn run_cycle(shared: &Shared, periodic: bool) {
             state.fresh.clear();
             return;
         }
-        state.take_snapshot(&shared.policy)
+        state.take_snapshot(&shared.policy, now)
     };
     let started = Instant::now();
     let plan = tessera_scheduler::schedule(&snapshot, now);

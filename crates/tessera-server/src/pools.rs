@@ -15,8 +15,12 @@
 //!
 //! The status of all of a pool's jobs is read in one call, every 100 ms
 //! while a job is waiting to start or was handed over in the last 30 s,
-//! and every second otherwise; capacity every 5 s. A pool whose engine does not answer is marked unhealthy and
-//! gets no new work (its node leaves [`ClusterState::connected`]); its jobs
+//! and every second otherwise; capacity every 5 s. In between, every
+//! 10 ms, the driver says which jobs it knows have ended without calling
+//! the engine ([`PoolDriver::ended_locally`]; Slurm: the exit markers its
+//! batch scripts leave), so that a slot freed by a short job is refilled
+//! at once rather than at the next status call. A pool whose engine does
+//! not answer is marked unhealthy and gets no new work (its node leaves [`ClusterState::connected`]); its jobs
 //! keep their state until the engine answers again. Output is copied into
 //! the job's log file (`$TESSERA_HOME/logs/<job>/<attempt>/<replica>.log`,
 //! all of a gang's output under its first replica), so `tessera logs`
@@ -70,6 +74,10 @@ const POLL_SLOW: Duration = Duration::from_millis(1000);
 /// A job handed to the engine this recently is polled fast: short jobs end
 /// soon, and their end frees capacity for the next.
 const YOUNG: Duration = Duration::from_secs(30);
+/// How often the driver is asked which jobs it knows have ended without
+/// calling the engine (Slurm: the exit markers batch scripts leave; one
+/// directory listing), while the pool has jobs in the engine.
+const LOCAL_EVERY: Duration = Duration::from_millis(10);
 
 /// A pool as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -396,8 +404,13 @@ impl PoolTask {
         self.submit_pending().await;
         let mut next_capacity = Instant::now() + CAPACITY_EVERY;
         let mut next_poll = Instant::now();
+        let mut next_local = Instant::now() + LOCAL_EVERY;
         loop {
-            let wake = next_poll.min(next_capacity);
+            let wake = if self.jobs.values().any(|t| t.remote.is_some()) {
+                next_poll.min(next_capacity).min(next_local)
+            } else {
+                next_poll.min(next_capacity)
+            };
             tokio::select! {
                 msg = rx.recv() => {
                     let Some(first) = msg else { break };
@@ -410,6 +423,14 @@ impl PoolTask {
                     next_poll = next_poll.min(Instant::now() + POLL_FAST);
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {
+                    if Instant::now() >= next_local {
+                        next_local = Instant::now() + LOCAL_EVERY;
+                        if self.poll_local().await {
+                            // A slot freed: what the scheduler places there
+                            // arrives as a message and is submitted then.
+                            self.submit_pending().await;
+                        }
+                    }
                     if Instant::now() >= next_capacity {
                         self.refresh_capacity().await;
                         next_capacity = Instant::now() + CAPACITY_EVERY;
@@ -733,6 +754,32 @@ impl PoolTask {
                 return;
             }
         };
+        self.apply(states).await;
+        self.count();
+    }
+
+    /// Ends the jobs the driver knows have ended without asking the engine
+    /// (see [`PoolDriver::ended_locally`]). Whether any did.
+    async fn poll_local(&mut self) -> bool {
+        let ids: Vec<RemoteId> = self
+            .jobs
+            .values()
+            .filter_map(|t| t.remote.clone())
+            .collect();
+        if ids.is_empty() {
+            return false;
+        }
+        let states = self.driver.ended_locally(&ids);
+        if states.is_empty() {
+            return false;
+        }
+        self.apply(states).await;
+        self.count();
+        true
+    }
+
+    /// Reports what changed in the states the engine gave.
+    async fn apply(&mut self, states: std::collections::HashMap<RemoteId, RemoteState>) {
         let keys: Vec<(JobId, u32)> = self.jobs.keys().copied().collect();
         for key in keys {
             let Some(remote) = self.jobs[&key].remote.clone() else {
@@ -760,7 +807,6 @@ impl PoolTask {
                 }
             }
         }
-        self.count();
     }
 
     fn count(&self) {

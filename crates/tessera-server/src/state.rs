@@ -40,6 +40,11 @@ pub struct ClusterState {
     pub usage: HashMap<String, tessera_core::node::NodeUsage>,
     /// Pools by name (stored in the `meta` table); each is node `pool-<name>`.
     pub pools: BTreeMap<String, crate::pools::PoolConfig>,
+    /// Each team's weighted share of the cluster averaged over the last
+    /// minutes, updated at every scheduling pass (in memory only: after a
+    /// restart it starts again from nothing). Fair share lets it decide
+    /// which way whole jobs round (see `TeamView::recent_share`).
+    pub recent_shares: tessera_scheduler::RecentShares,
 }
 
 /// What is allocated on one node.
@@ -209,11 +214,43 @@ impl ClusterState {
     }
 
     /// The scheduler's input: every queued job, every running one, team
-    /// weights and the policy. Resets the change tracking.
-    pub fn take_snapshot(&mut self, policy: &Policy) -> Snapshot {
+    /// weights and recent shares, and the policy. Resets the change
+    /// tracking; under fair share, adds the time since the last pass to the
+    /// recent shares (counting what has started and runs now as held since
+    /// then).
+    pub fn take_snapshot(&mut self, policy: &Policy, now: u64) -> Snapshot {
         self.capacity_changed = false;
         self.fresh.clear();
-        self.snapshot(policy)
+        let mut snapshot = self.snapshot(policy);
+        if policy.fair_share {
+            // Only started jobs: the average follows what accounting bills.
+            let started = |r: &RunningJob| {
+                self.jobs
+                    .get(&r.job.id)
+                    .is_some_and(|j| j.started_at.is_some())
+            };
+            let shares = tessera_scheduler::weighted_shares(&snapshot, started);
+            self.recent_shares.observe(now, &shares);
+            for t in snapshot.teams.iter_mut() {
+                t.recent_share = self.recent_shares.get(&t.name);
+            }
+            // Teams that are not listed weigh 1; they have a history too.
+            let unlisted: BTreeSet<&str> = snapshot
+                .queue
+                .iter()
+                .map(|j| j.team.as_str())
+                .filter(|t| !self.teams.contains_key(*t))
+                .collect();
+            let extra: Vec<TeamView> = unlisted
+                .into_iter()
+                .map(|t| TeamView {
+                    recent_share: self.recent_shares.get(t),
+                    ..TeamView::new(t, 1.0)
+                })
+                .collect();
+            snapshot.teams.extend(extra);
+        }
+        snapshot
     }
 
     pub fn snapshot(&self, policy: &Policy) -> Snapshot {
@@ -267,6 +304,7 @@ impl ClusterState {
                         guaranteed: amounts(q.guaranteed),
                         limit: amounts(q.limit),
                     }),
+                    recent_share: 0.0,
                 })
                 .collect(),
             policy: policy.clone(),

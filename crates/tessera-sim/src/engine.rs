@@ -574,6 +574,7 @@ pub fn simulate_with(
                     name: t.to_string(),
                     weight: 1.0,
                     quota: None,
+                    recent_share: 0.0,
                 })
                 .collect(),
             policy,

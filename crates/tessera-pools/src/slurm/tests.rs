@@ -269,9 +269,64 @@ async fn submit_maps_resources_and_quotes_the_script() {
         "{script}"
     );
     assert!(
-        script.contains("exec 'python3' '-c' 'print('\\''it'\\'''\\''s'\\'')'\n"),
+        script.contains("\n'python3' '-c' 'print('\\''it'\\'''\\''s'\\'')'\nrc=$?\n"),
         "{script}"
     );
+    assert!(
+        script.ends_with("/ended'/\"$SLURM_JOB_ID\" 2>/dev/null\nexit \"$rc\"\n"),
+        "{script}"
+    );
+}
+
+/// The batch script, run as Slurm would run it, leaves its command's exit
+/// status where `ended_locally` finds it: status 0 ends the job there and
+/// then (the marker is taken away), any other status is left to `status`.
+#[tokio::test]
+async fn exit_markers_end_succeeded_jobs_without_asking_slurm() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = SlurmDriver::new(
+        SlurmConfig {
+            partition: None,
+            output_dir: dir.path().to_path_buf(),
+        },
+        Box::new(Canned {
+            answers: vec![],
+            calls: Calls::default(),
+        }),
+    );
+    std::fs::create_dir_all(d.ended_dir()).unwrap();
+    for (slurm_id, argv) in [
+        ("501", vec!["true"]),
+        ("502", vec!["sh", "-c", "echo out; exit 3"]),
+    ] {
+        let mut j = job(1);
+        j.argv = argv.into_iter().map(String::from).collect();
+        let script = batch_script(&j, &d.ended_dir());
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&script)
+            .env("SLURM_JOB_ID", slurm_id)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(if slurm_id == "501" { 0 } else { 3 }),
+            "the script exits with its command's status"
+        );
+    }
+    let ids = [id("501"), id("502"), id("503")];
+    let ended = d.ended_locally(&ids);
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[&id("501")], RemoteState::Succeeded);
+    assert!(
+        !d.ended_dir().join("501").exists(),
+        "a marker read is removed"
+    );
+    assert!(d.ended_dir().join("502").exists(), "left to `status`");
+    assert!(d.ended_locally(&ids).is_empty(), "each end is told once");
+    // A marker being written (no newline yet) is not read.
+    std::fs::write(d.ended_dir().join("503"), "0").unwrap();
+    assert!(d.ended_locally(&ids).is_empty());
 }
 
 #[tokio::test]
@@ -287,7 +342,7 @@ async fn a_gang_is_one_job_of_n_tasks_each_told_its_replica() {
         assert!(args.contains(&want.to_string()), "{want} in {args:?}");
     }
     let script = stdin.as_deref().unwrap();
-    assert!(script.contains("exec srun --ntasks=3"), "{script}");
+    assert!(script.contains("\nsrun --ntasks=3"), "{script}");
     assert!(script.contains("TESSERA_REPLICA=$SLURM_PROCID"), "{script}");
 }
 

@@ -54,16 +54,19 @@ enum Mode {
         heap: BinaryHeap<TeamTurn>,
         usage: Vec<[f64; 3]>,
         weight: Vec<f64>,
+        history: Vec<f64>,
         total: [f64; 3],
         last: Option<usize>,
     },
 }
 
-/// A team's turn; the heap pops the best (highest class, smallest share).
+/// A team's turn; the heap pops the best (highest class, smallest share
+/// moved by history, smallest share after the job).
 #[derive(Debug, PartialEq)]
 struct TeamTurn {
     class: i64,
     share: f64,
+    after: f64,
     team: usize,
 }
 
@@ -76,6 +79,7 @@ impl Ord for TeamTurn {
             .class
             .cmp(&self.class)
             .then(other.share.total_cmp(&self.share))
+            .then(other.after.total_cmp(&self.after))
             .then(other.team.cmp(&self.team))
     }
 }
@@ -173,6 +177,18 @@ impl<'a> Orderer<'a> {
                         .unwrap_or(1.0)
                 })
                 .collect();
+            let recent: Vec<f64> = names
+                .iter()
+                .map(|n| {
+                    snapshot
+                        .teams
+                        .iter()
+                        .find(|t| t.name == *n)
+                        .map(|t| t.recent_share)
+                        .unwrap_or(0.0)
+                })
+                .collect();
+            let history = crate::order::history_terms(&recent);
             let mut usage = vec![[0.0; 3]; teams.len()];
             for r in &snapshot.running {
                 if let Some(t) = index.get(r.job.team.as_str()) {
@@ -190,9 +206,17 @@ impl<'a> Orderer<'a> {
             }
             let mut heap = BinaryHeap::new();
             for (t, (list, _)) in teams.iter().enumerate() {
+                let (share, after) = crate::order::team_turn_shares(
+                    &usage[t],
+                    &demand(&snapshot.queue[list[0]]),
+                    &total,
+                    weight[t],
+                    history[t],
+                );
                 heap.push(TeamTurn {
                     class: keys[list[0]].class,
-                    share: dominant(&usage[t], &total, weight[t]),
+                    share,
+                    after,
                     team: t,
                 });
             }
@@ -202,6 +226,7 @@ impl<'a> Orderer<'a> {
                 heap,
                 usage,
                 weight,
+                history,
                 total,
                 last: None,
             }
@@ -231,6 +256,7 @@ impl<'a> Orderer<'a> {
                 heap,
                 usage,
                 weight,
+                history,
                 total,
                 last,
                 ..
@@ -238,9 +264,17 @@ impl<'a> Orderer<'a> {
                 if let Some(t) = last.take() {
                     let (list, cursor) = &teams[t];
                     if let Some(i) = list.get(*cursor) {
+                        let (share, after) = crate::order::team_turn_shares(
+                            &usage[t],
+                            &demand(&self.snapshot.queue[*i]),
+                            total,
+                            weight[t],
+                            history[t],
+                        );
                         heap.push(TeamTurn {
                             class: self.keys[*i].class,
-                            share: dominant(&usage[t], total, weight[t]),
+                            share,
+                            after,
                             team: t,
                         });
                     }
