@@ -174,6 +174,7 @@ pub(crate) async fn spool(
         .await
         .map_err(|e| internal("creating the upload's spool file", e))?;
     let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
+    let started = std::time::Instant::now();
     let mut received = 0u64;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| {
@@ -194,5 +195,10 @@ pub(crate) async fn spool(
             "the upload is empty; nothing was stored".into(),
         ));
     }
+    tracing::info!(
+        bytes = received,
+        seconds = started.elapsed().as_secs_f64(),
+        "upload received"
+    );
     Ok(spool)
 }

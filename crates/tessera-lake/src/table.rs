@@ -365,6 +365,7 @@ pub(crate) async fn ingest(
     upload: &Upload,
     origin: Origin,
 ) -> Result<Version, LakeError> {
+    let started = std::time::Instant::now();
     let existing = load(storage, &ds.team, &ds.name, None).await?;
     let expected = match &existing {
         Some(t) => Some(arrow_schema(t).await?),
@@ -422,7 +423,7 @@ pub(crate) async fn ingest(
     }
     .map_err(|e| bad_data(upload.format, &e.to_string()))?;
     let df = normalize(df, expected.as_deref(), upload.format)?;
-    write_frame_mode(
+    let version = write_frame_mode(
         storage,
         ds,
         existing,
@@ -435,7 +436,16 @@ pub(crate) async fn ingest(
     .map_err(|e| match e {
         LakeError::Internal(m) => bad_data(upload.format, &m),
         other => other,
-    })
+    })?;
+    tracing::info!(
+        dataset = %format!("{}.{}", ds.team, ds.name),
+        version = version.version,
+        rows = version.rows,
+        files = version.files,
+        seconds = started.elapsed().as_secs_f64(),
+        "upload ingested"
+    );
+    Ok(version)
 }
 
 /// Writes a DataFrame as the next version; `overwrite` replaces the rows
@@ -468,6 +478,13 @@ async fn write_frame_mode(
             handle(storage, &ds.team, &ds.name)?
         }
     };
+    if !overwrite && parallel_writable(&table, df.schema().as_arrow()) {
+        write_parallel(&table, df, origin).await?;
+        return versions(storage, &ds.team, &ds.name)
+            .await?
+            .pop()
+            .ok_or_else(|| internal("reading the new version", "no commit"));
+    }
     let (state, plan) = df.into_parts();
     let metadata = serde_json::to_value(&origin).expect("an origin serializes");
     let mut write = table
@@ -494,6 +511,204 @@ async fn write_frame_mode(
         .await?
         .pop()
         .ok_or_else(|| internal("reading the new version", "no commit"))
+}
+
+/// Rows handed to the Parquet writer at a time: whole batches, so the
+/// writer does not re-slice them (Delta's default is 1,024 rows).
+const WRITE_BATCH_ROWS: usize = 64 * 1024;
+
+/// Rows per Parquet row group: small enough that a scan splits a file
+/// across every core, large enough to compress and skip well.
+const ROW_GROUP_ROWS: usize = 256 * 1024;
+
+/// The Parquet settings of the files the lake writes.
+fn writer_properties() -> deltalake::parquet::file::properties::WriterProperties {
+    use deltalake::parquet::basic::Compression;
+    deltalake::parquet::file::properties::WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .build()
+}
+
+/// Whether rows of `schema` can be appended (or start the table) through
+/// [`write_parallel`]: plain column types that need no conversion for
+/// Delta, every column nullable, and — for a table that has a schema —
+/// exactly the table's columns. Anything else takes Delta's own write,
+/// which converts, validates and explains.
+fn parallel_writable(table: &DeltaTable, schema: &Schema) -> bool {
+    let plain = schema.fields().iter().all(|f| {
+        f.is_nullable()
+            && matches!(
+                f.data_type(),
+                DataType::Boolean
+                    | DataType::Int8
+                    | DataType::Int16
+                    | DataType::Int32
+                    | DataType::Int64
+                    | DataType::Float32
+                    | DataType::Float64
+                    | DataType::Utf8
+                    | DataType::Binary
+                    | DataType::Date32
+                    | DataType::Decimal128(_, _)
+                    | DataType::Timestamp(TimeUnit::Microsecond, Some(_))
+            )
+    });
+    if !plain || schema.fields().is_empty() {
+        return false;
+    }
+    match table.snapshot() {
+        // A new table: its schema is the data's.
+        Err(_) => true,
+        Ok(snapshot) => {
+            // Tables as the lake makes them: no partitions, no table
+            // properties, no writer features (constraints, generated
+            // columns, column mapping) that Delta's write would enforce.
+            if !snapshot.metadata().partition_columns().is_empty()
+                || !snapshot.metadata().configuration().is_empty()
+                || snapshot.protocol().min_writer_version() > 2
+            {
+                return false;
+            }
+            let current = snapshot.snapshot().arrow_schema();
+            current.fields().len() == schema.fields().len()
+                && current.fields().iter().zip(schema.fields()).all(|(a, b)| {
+                    a.name() == b.name() && a.data_type() == b.data_type() && a.is_nullable()
+                })
+        }
+    }
+}
+
+/// Appends a DataFrame's rows as one new version, every partition of its
+/// plan encoding its own Parquet files at once (Delta's own write funnels
+/// an unpartitioned table's rows through a single Parquet encoder, one
+/// core however many the machine has). The files are committed together
+/// in one log entry; a failure leaves only unreferenced files behind.
+async fn write_parallel(
+    table: &DeltaTable,
+    df: DataFrame,
+    origin: Origin,
+) -> Result<(), LakeError> {
+    use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
+    use deltalake::datafusion::physical_plan::execute_stream_partitioned;
+    use deltalake::kernel::transaction::{CommitBuilder, TableReference};
+    use deltalake::kernel::Action;
+    use deltalake::protocol::DeltaOperation;
+    use deltalake::table::config::TablePropertiesExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let failed_to =
+        |what: &str, e: &dyn std::fmt::Display| LakeError::Internal(format!("{what}: {e}"));
+    let (state, plan) = df.into_parts();
+    let plan = state
+        .create_physical_plan(&plan)
+        .await
+        .map_err(|e| failed_to("planning the write", &e))?;
+    let schema = plan.schema();
+    let snapshot = table.snapshot().ok();
+    let config = WriterConfig::new(
+        schema.clone(),
+        Vec::new(),
+        Some(writer_properties()),
+        Some(
+            snapshot
+                .map(|s| s.table_config().target_file_size())
+                .unwrap_or(deltalake::table::config::DEFAULT_TARGET_FILE_SIZE),
+        ),
+        Some(WRITE_BATCH_ROWS),
+        snapshot
+            .map(|s| s.table_config().num_indexed_cols())
+            .unwrap_or_default(),
+        None,
+    );
+    let store = table.log_store().object_store(None);
+    let streams = execute_stream_partitioned(plan, state.task_ctx())
+        .map_err(|e| failed_to("starting the write", &e))?;
+    // One task per partition; the first failure stops the others, and
+    // each aborts its open upload.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut stream in streams {
+        let mut writer = DeltaWriter::new(store.clone(), config.clone());
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let mut result = Ok(());
+            while let Some(batch) = futures::StreamExt::next(&mut stream).await {
+                if stop.load(Ordering::Relaxed) {
+                    result = Err(None);
+                    break;
+                }
+                let written = match batch {
+                    Ok(b) => writer.write(&b).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = written {
+                    stop.store(true, Ordering::Relaxed);
+                    result = Err(Some(e));
+                    break;
+                }
+            }
+            match result {
+                Ok(()) => writer.close().await.map_err(|e| Some(e.to_string())),
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    Err(e)
+                }
+            }
+        });
+    }
+    let mut adds = Vec::new();
+    let mut error: Option<String> = None;
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(Ok(a)) => adds.extend(a.into_iter().map(Action::Add)),
+            Ok(Err(Some(e))) => {
+                error.get_or_insert(e);
+            }
+            Ok(Err(None)) => {}
+            Err(e) => {
+                error.get_or_insert(e.to_string());
+            }
+        }
+    }
+    if let Some(e) = error {
+        return Err(LakeError::Internal(e));
+    }
+    let metadata = serde_json::to_value(&origin).expect("an origin serializes");
+    let properties = CommitProperties::default().with_metadata([("tessera".to_string(), metadata)]);
+    match snapshot {
+        Some(snapshot) => {
+            CommitBuilder::from(properties)
+                .with_actions(adds)
+                .build(
+                    Some(snapshot as &dyn TableReference),
+                    table.log_store(),
+                    DeltaOperation::Write {
+                        mode: SaveMode::Append,
+                        partition_by: None,
+                        predicate: None,
+                    },
+                )
+                .await
+                .map_err(|e| failed_to("committing the version", &e))?;
+        }
+        None => {
+            use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+            let columns: deltalake::kernel::StructType = schema
+                .as_ref()
+                .try_into_kernel()
+                .map_err(|e| failed_to("the table's schema", &e))?;
+            deltalake::operations::create::CreateBuilder::new()
+                .with_log_store(table.log_store())
+                .with_columns(columns.fields().cloned())
+                .with_save_mode(SaveMode::ErrorIfExists)
+                .with_actions(adds)
+                .with_commit_properties(properties)
+                .await
+                .map_err(|e| failed_to("committing the version", &e))?;
+        }
+    }
+    Ok(())
 }
 
 /// The type a file column is read as for a table column of type `t`.
@@ -571,8 +786,10 @@ fn normalize(
     let mut changed = false;
     for (i, f) in schema.fields().iter().enumerate() {
         let target = match (expected, f.data_type()) {
-            (Some(s), _) if i < s.fields().len() && s.field(i).data_type() != f.data_type() => {
-                Some(s.field(i).data_type().clone())
+            (Some(s), _)
+                if i < s.fields().len() && file_type(s.field(i).data_type()) != *f.data_type() =>
+            {
+                Some(file_type(s.field(i).data_type()))
             }
             (_, DataType::Timestamp(unit, tz)) if *unit != TimeUnit::Microsecond => {
                 Some(DataType::Timestamp(TimeUnit::Microsecond, tz.clone()))
