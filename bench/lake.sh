@@ -131,7 +131,7 @@ EOF
 done
 
 "$py" - "$work" "$bytes" "$rows" "$(nproc)" "$duck_ingest" "${labels[@]}" <<'EOF'
-import json, os, sys
+import json, os, re, sys
 work, nbytes, rows, cores, di = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 best = lambda name: min(float(x) for x in open(os.path.join(work, name)).read().split())
 out = {"csv_bytes": nbytes, "rows": rows, "cores": cores, "duckdb_csv_to_parquet_s": round(di, 2)}
@@ -148,5 +148,11 @@ for l in sys.argv[6:]:
         "duckdb_groupby_s": round(dq, 3), "tessera_groupby_s": round(tq, 3),
         "query_ratio_tessera_over_duckdb": round(tq / dq, 2),
     }
+    # Where the upload's time went, from the server's log (when it says).
+    log = re.sub(r"\x1b\[[0-9;]*m", "", open(os.path.join(work, f"{l}.log")).read())
+    for what, key in (("received", "server_receive_s"), ("ingested", "server_ingest_s")):
+        xs = [float(x) for x in re.findall(rf"upload {what}.*?seconds=([0-9.]+)", log)]
+        if xs:
+            out[l][key] = round(min(xs), 2)
 print(json.dumps(out, indent=1))
 EOF
