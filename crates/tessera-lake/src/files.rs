@@ -125,10 +125,7 @@ pub(crate) async fn ingest(
         let entries = unpacked?;
         let mut files = Vec::new();
         for (entry, local) in entries {
-            let dest = object_path(storage, &entry.sha256);
-            if storage.store.head(&dest).await.is_err() {
-                put_file(storage, &local, &dest).await?;
-            }
+            store_object(storage, &local, &entry.sha256).await?;
             files.push(entry);
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
@@ -136,19 +133,31 @@ pub(crate) async fn ingest(
     }
     .await;
     let _ = std::fs::remove_dir_all(&scratch);
-    let files = result?;
-    let v = latest(storage, &ds.team, &ds.name).await?.unwrap_or(0) + 1;
-    commit(storage, ds, v, files, origin).await
+    commit(storage, ds, result?, origin).await
 }
 
-/// Writes the manifest of version `v`: the commit.
+/// Stores the local file `local` as the object of its hash, unless the
+/// lake holds that content already.
+pub(crate) async fn store_object(
+    storage: &Storage,
+    local: &FsPath,
+    sha256: &str,
+) -> Result<(), LakeError> {
+    let dest = object_path(storage, sha256);
+    if storage.store.head(&dest).await.is_err() {
+        put_file(storage, local, &dest).await?;
+    }
+    Ok(())
+}
+
+/// Writes the manifest of the next version: the commit.
 pub(crate) async fn commit(
     storage: &Storage,
     ds: &Dataset,
-    v: u64,
     files: Vec<FileEntry>,
     origin: Origin,
 ) -> Result<Version, LakeError> {
+    let v = latest(storage, &ds.team, &ds.name).await?.unwrap_or(0) + 1;
     let m = Manifest {
         version: v,
         created_at: crate::now_ms(),
@@ -174,7 +183,7 @@ pub(crate) async fn commit(
     }
 }
 
-pub(crate) async fn put_file(
+async fn put_file(
     storage: &Storage,
     local: &FsPath,
     dest: &object_store::path::Path,

@@ -303,21 +303,14 @@ pub(crate) async fn write(
                     .await
                     .map_err(|e| internal("reading the output", e))?
                     .map_err(|e| LakeError::BadData(format!("cannot read {rel}: {e}")))?;
-                let dest = crate::files::object_path(storage, &sha);
-                if storage.store.head(&dest).await.is_err() {
-                    crate::files::put_file(storage, &path, &dest).await?;
-                }
+                crate::files::store_object(storage, &path, &sha).await?;
                 entries.push(FileEntry {
                     path: rel,
                     size,
                     sha256: sha,
                 });
             }
-            let v = crate::files::latest(storage, &ds.team, &ds.name)
-                .await?
-                .unwrap_or(0)
-                + 1;
-            crate::files::commit(storage, ds, v, entries, origin).await
+            crate::files::commit(storage, ds, entries, origin).await
         }
         DatasetKind::Table => {
             let paths: Vec<PathBuf> = files.iter().map(|(_, p)| p.clone()).collect();

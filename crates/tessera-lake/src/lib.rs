@@ -145,10 +145,12 @@ impl DataLake {
         Ok(ds)
     }
 
-    /// Creates a dataset for `upload` or `clean` when it does not exist.
+    /// Creates a dataset for `upload`, `clean` or a job's output when it
+    /// does not exist; `who` must be allowed to (none: a job's output,
+    /// checked when the job was submitted).
     async fn get_or_create(
         &self,
-        who: &Principal,
+        who: Option<&Principal>,
         team: &str,
         name: &str,
         labels: std::collections::BTreeMap<String, String>,
@@ -156,7 +158,9 @@ impl DataLake {
         if let Some(ds) = catalog::get(&self.storage, team, name).await? {
             return Ok(ds);
         }
-        check_write_team(who, team)?;
+        if let Some(who) = who {
+            check_write_team(who, team)?;
+        }
         let ds = Dataset {
             team: team.to_string(),
             name: name.to_string(),
@@ -342,7 +346,7 @@ impl Lake for DataLake {
         let lock = self.lock_for(team, name);
         let _guard = lock.lock().await;
         let mut ds = self
-            .get_or_create(who, team, name, Default::default())
+            .get_or_create(Some(who), team, name, Default::default())
             .await?;
         let kind = match upload.format {
             UploadFormat::Tar => DatasetKind::Files,
@@ -454,7 +458,7 @@ impl Lake for DataLake {
         let _guard = lock.lock().await;
         // Cleaned data keeps its source's residency.
         let mut ds = self
-            .get_or_create(who, team, &target, source.labels.clone())
+            .get_or_create(Some(who), team, &target, source.labels.clone())
             .await?;
         self.settle_kind(&mut ds, DatasetKind::Table).await?;
         let origin = table::Origin {
@@ -551,30 +555,9 @@ impl Lake for DataLake {
         tessera_core::lake::validate_name("dataset", &out.name)?;
         let lock = self.lock_for(&out.team, &out.name);
         let _guard = lock.lock().await;
-        let mut ds = match catalog::get(&self.storage, &out.team, &out.name).await? {
-            Some(ds) => ds,
-            None => {
-                let ds = Dataset {
-                    team: out.team.clone(),
-                    name: out.name.clone(),
-                    kind: None,
-                    labels: Default::default(),
-                    grants: Vec::new(),
-                    description: None,
-                    created_at: now_ms(),
-                    latest: None,
-                };
-                match catalog::create(&self.storage, &ds).await {
-                    Ok(()) => ds,
-                    Err(LakeError::Conflict(_)) => {
-                        catalog::get(&self.storage, &out.team, &out.name)
-                            .await?
-                            .ok_or_else(|| not_found(&out.team, &out.name))?
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        };
+        let mut ds = self
+            .get_or_create(None, &out.team, &out.name, Default::default())
+            .await?;
         if let Some(v) = jobs::written_by(&self.storage, &ds, out.job).await? {
             return Ok(v);
         }

@@ -399,7 +399,7 @@ pub async fn agent_outputs(
     use futures::StreamExt;
     use tokio::io::AsyncWriteExt;
     let node = crate::fleet::node_of(&shared, &headers)?;
-    let placed = |shared: &Shared| -> Result<(), ApiError> {
+    {
         let state = shared.state.lock().expect("state lock");
         let j = state
             .jobs
@@ -411,9 +411,7 @@ pub async fn agent_outputs(
                 "attempt {attempt} of job {job} has no outputs from node {node}"
             )));
         }
-        Ok(())
-    };
-    placed(&shared)?;
+    }
     let dest = uploaded_dir(&shared, job, attempt);
     let parent = dest.parent().expect("a parent").to_path_buf();
     std::fs::create_dir_all(&parent).map_err(|e| ApiError::internal(e.to_string()))?;
