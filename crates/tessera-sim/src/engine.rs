@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Result};
 use tessera_core::JobId;
 use tessera_scheduler::{
-    ranks_before, schedule, schedule_without_reasons, Assignment, NodeView, Packing, PendingJob,
-    Policy, RunningJob, Snapshot, TeamView,
+    queue_key, ranks_before, schedule, schedule_without_reasons, Assignment, NodeView, Packing,
+    PendingJob, Policy, QueueKey, RunningJob, Snapshot, TeamView,
 };
 
 use crate::trace::SimJob;
@@ -98,8 +98,10 @@ struct JobState {
 struct World<'a> {
     jobs: &'a [SimJob],
     snap: Snapshot,
-    /// Keep the queue in submit order (see [`queue_order_matters`]).
-    in_submit_order: bool,
+    /// Keep the queue in the scheduler's order (see [`queue_order_matters`]).
+    in_key_order: bool,
+    /// Per job, its key in that order while it waits (`None` otherwise).
+    keys: Vec<Option<QueueKey>>,
     st: Vec<JobState>,
     /// (end time, job, attempt); stale entries are skipped.
     ends: BinaryHeap<Reverse<(u64, JobId, u32)>>,
@@ -288,34 +290,36 @@ impl<'a> World<'a> {
         Ok(())
     }
 
-    /// Adds a job to the queue: at the end, or in submit order when the
-    /// queue is kept so (a requeued job keeps its submit time).
+    /// Adds a job to the queue: at the end, or in the scheduler's order
+    /// when the queue is kept so (a requeued job's key counts the service
+    /// it has had).
     fn enqueue(&mut self, job: PendingJob) {
+        let id = job.id as usize;
         let q = &mut self.snap.queue;
-        let at = if self.in_submit_order {
-            q.partition_point(|j| (j.submitted_at, j.id) < (job.submitted_at, job.id))
+        if self.in_key_order {
+            let key = queue_key(&self.snap.policy, &job);
+            let keys = &self.keys;
+            let at = q.partition_point(|j| keys[j.id as usize] < Some(key));
+            q.insert(at, job);
+            self.keys[id] = Some(key);
         } else {
-            q.len()
-        };
-        q.insert(at, job);
-        if !self.in_submit_order {
-            // Kept in submit order, a job's place is found by bisection
+            // Kept in key order, a job's place is found by bisection
             // (`position`); otherwise it is recorded.
-            let id = q[at].id as usize;
-            self.st[id].queue_pos = at;
+            q.push(job);
+            self.st[id].queue_pos = q.len() - 1;
         }
     }
 
     /// Where job `id` is in the queue, if it is queued.
     fn position(&self, id: JobId) -> Option<usize> {
         let i = id as usize;
-        if !self.in_submit_order {
+        if !self.in_key_order {
             let pos = self.st.get(i)?.queue_pos;
             return (pos != NOT_RUNNING).then_some(pos);
         }
-        let submitted = self.jobs.get(i)?.submit_ms;
+        let key = (*self.keys.get(i)?)?;
         let q = &self.snap.queue;
-        let pos = q.partition_point(|j| (j.submitted_at, j.id) < (submitted, id));
+        let pos = q.partition_point(|j| self.keys[j.id as usize] < Some(key));
         (q.get(pos).is_some_and(|j| j.id == id)).then_some(pos)
     }
 
@@ -343,6 +347,9 @@ impl<'a> World<'a> {
         let Some(&first) = at.first() else {
             return Ok(Vec::new());
         };
+        for id in ids {
+            self.keys[*id as usize] = None;
+        }
         let q = &mut self.snap.queue;
         if at.len() <= FEW_TAKEN {
             // A pass usually places a few jobs: remove each with one bulk
@@ -397,7 +404,7 @@ impl<'a> World<'a> {
     /// Applies one plan; returns whether it changed anything.
     fn apply(&mut self, plan: tessera_scheduler::Plan, now: u64) -> Result<bool> {
         let changed = !plan.placements.is_empty() || !plan.preemptions.is_empty();
-        if self.in_submit_order {
+        if self.in_key_order {
             let ids: Vec<JobId> = plan.placements.iter().map(|p| p.job_id).collect();
             let jobs = self.dequeue_in_order(&ids)?;
             for (job, p) in jobs.into_iter().zip(plan.placements) {
@@ -432,7 +439,9 @@ pub fn placements_reach_fixpoint(policy: &Policy) -> bool {
 /// Whether the order of the snapshot's queue can change a plan: only fair
 /// share's tie-break between teams of equal share reads it (the team seen
 /// first in the queue goes first). Otherwise the simulator keeps the queue
-/// in submit order, which the scheduler sorts in linear time; under fair
+/// sorted by [`queue_key`] (a job's key does not change while it waits, and
+/// a requeued job is inserted by its new key), which the scheduler walks as
+/// it stands instead of sorting it at every pass; under fair
 /// share it keeps the order it always had (appended, and a job leaving is
 /// replaced by the last), so plans stay exactly what they were.
 pub fn queue_order_matters(policy: &Policy) -> bool {
@@ -563,7 +572,8 @@ pub fn simulate_with(
     let name = policy.name.clone();
     let mut w = World {
         jobs,
-        in_submit_order: !queue_order_matters(&policy) && !always_confirm,
+        in_key_order: !queue_order_matters(&policy) && !always_confirm,
+        keys: vec![None; jobs.len()],
         snap: Snapshot {
             nodes: nodes.to_vec(),
             queue: Vec::new(),
