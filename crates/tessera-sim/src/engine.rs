@@ -66,6 +66,9 @@ pub struct EventRun {
     /// Event times at which only jobs arrived and none of them could start,
     /// so no pass was run ([`arrivals_can_be_skipped`]).
     pub skipped_passes: u64,
+    /// Passes after one that only placed jobs that were not run because
+    /// they were sure to change nothing ([`confirmations_can_be_skipped`]).
+    pub skipped_confirmations: u64,
     pub schedule_time: Duration,
     /// Event times at which passes still changed things after
     /// [`MAX_PASSES_PER_EVENT`].
@@ -436,6 +439,56 @@ pub fn placements_reach_fixpoint(policy: &Policy) -> bool {
     !policy.backfill && !policy.preempt
 }
 
+/// Whether, under preemption, the pass after one that only placed jobs (no
+/// preemption) at the same event time can be skipped when the placed jobs
+/// are no victims for those still waiting ([`confirmation_is_a_no_op`]).
+/// Sound for preemption without backfill, fair share, strict FIFO and
+/// quotas, with the queue kept in the scheduler's order. Call the first pass
+/// P1 and the next one P2, at the same time, with nothing in between but
+/// P1's placements S:
+///
+/// - P2's walk places nothing. It walks the jobs P1 left waiting, in the
+///   same order (keys of waiting jobs do not change, and the order is the
+///   keys' order without fair share), on the capacity P1's walk ended with.
+///   Each of them failed in P1's walk on at least that capacity (capacity
+///   only shrinks during a walk; a job skipped for its shape had that shape
+///   fail on more), and a job that does not fit some free capacity fits no
+///   smaller one (whether a job fits is whether the nodes' slots for a
+///   replica add up to its replicas, and slots only shrink with capacity).
+///   Without backfill there is no reservation, without strict FIFO or
+///   quotas nothing else decides.
+/// - P2's preemption step then runs on the same capacity, the same waiting
+///   jobs in the same order, and the same running jobs as P1's, plus S. A
+///   job of S is a candidate victim only if it has run the policy's minimum
+///   before preemption (not at all yet: never when that minimum is above
+///   zero) and only for a waiting job it ranks after (priority class and
+///   the policy's criterion; its key is still its queued one, having run
+///   for no time). When it is no candidate for any waiting job, every
+///   waiting job's victims, their order and the capacity they free are
+///   those of P1, whose preemption step chose no victim; and the stop on
+///   the worst victim left can only come earlier (P1 found nothing after
+///   it). So P2 preempts nothing either: it changes nothing, and the event
+///   time is settled.
+///
+/// `shortcuts_change_no_outcome` checks this on a Philly subset against
+/// replays that run every pass.
+pub fn confirmations_can_be_skipped(policy: &Policy) -> bool {
+    policy.preempt && !policy.backfill && !policy.fair_share && !policy.strict
+}
+
+/// The state-dependent condition of [`confirmations_can_be_skipped`]: with
+/// `worst_placed` the greatest key among the jobs the last pass placed and
+/// `first_waiting` the smallest among those still queued, no placed job is
+/// a victim for a waiting one in the next pass.
+fn confirmation_is_a_no_op(
+    policy: &Policy,
+    worst_placed: &QueueKey,
+    first_waiting: Option<&QueueKey>,
+) -> bool {
+    policy.min_run_before_preempt_ms > 0
+        || first_waiting.is_none_or(|w| !worst_placed.ranks_after(w))
+}
+
 /// Whether the order of the snapshot's queue can change a plan: only fair
 /// share's tie-break between teams of equal share reads it (the team seen
 /// first in the queue goes first). Otherwise the simulator keeps the queue
@@ -638,6 +691,12 @@ pub fn simulate_with(
         && !always_confirm;
     let mut head_waiting: Option<JobId> = None;
     let mut skipped_passes = 0u64;
+    // Requires the queue in key order (`in_key_order`), as the keys of the
+    // jobs placed and waiting are read from it.
+    let skip_confirmations = confirmations_can_be_skipped(&w.snap.policy)
+        && w.snap.teams.iter().all(|t| t.quota.is_none())
+        && w.in_key_order;
+    let mut skipped_confirmations = 0u64;
     loop {
         // Skip ends of attempts that were preempted.
         while let Some(Reverse((_, id, attempt))) = w.ends.peek() {
@@ -770,6 +829,16 @@ pub fn simulate_with(
             sched_time += t0.elapsed();
             calls += 1;
             let preempted = !plan.preemptions.is_empty();
+            // The greatest key among the jobs placed (read before they leave
+            // the queue), when the next pass might be skipped.
+            let worst_placed = if skip_confirmations && !preempted {
+                plan.placements
+                    .iter()
+                    .filter_map(|p| w.keys.get(p.job_id as usize).copied().flatten())
+                    .max()
+            } else {
+                None
+            };
             if !w.apply(plan, now)? {
                 break;
             }
@@ -778,6 +847,19 @@ pub fn simulate_with(
             }
             if !always_confirm && !preempted && fixpoint {
                 break;
+            }
+            // (At the pass cap the loop stops at its top, counting the hit,
+            // as it would without the shortcut.)
+            if let Some(worst) = worst_placed.filter(|_| passes < MAX_PASSES_PER_EVENT) {
+                let first = w
+                    .snap
+                    .queue
+                    .first()
+                    .and_then(|j| w.keys[j.id as usize].as_ref());
+                if confirmation_is_a_no_op(&w.snap.policy, &worst, first) {
+                    skipped_confirmations += 1;
+                    break;
+                }
             }
         }
         for b in std::mem::take(&mut w.beneficiaries) {
@@ -799,6 +881,7 @@ pub fn simulate_with(
         preemptions_without_start,
         schedule_calls: calls,
         skipped_passes,
+        skipped_confirmations,
         schedule_time: sched_time,
         pass_cap_hits: cap_hits,
         changing_confirmations,
