@@ -362,6 +362,9 @@ impl<'a> Index<'a> {
         let by_team = policy.fair_share || snapshot.teams.iter().any(|t| t.quota.is_some());
         let mut ids: HashMap<&'a str, u32> = HashMap::default();
         let mut names: Vec<&'a str> = Vec::new();
+        // The team interned last: jobs in a row are often of one team, and
+        // comparing a name is cheaper than looking it up.
+        let mut last: Option<(&'a str, u32)> = None;
         let mut intern = |name: &'a str| {
             if !by_team {
                 if names.is_empty() {
@@ -369,10 +372,17 @@ impl<'a> Index<'a> {
                 }
                 return 0;
             }
-            *ids.entry(name).or_insert_with(|| {
+            if let Some((n, id)) = last {
+                if n == name {
+                    return id;
+                }
+            }
+            let id = *ids.entry(name).or_insert_with(|| {
                 names.push(name);
                 names.len() as u32 - 1
-            })
+            });
+            last = Some((name, id));
+            id
         };
         let (team_of, queued_teams) = if by_team {
             let team_of: Vec<u32> = snapshot

@@ -97,13 +97,46 @@ struct JobState {
     preempted_at: Option<u64>,
 }
 
+/// Under fair share the queue's order decides one thing: teams are
+/// numbered in the order their first job appears in it, and that number
+/// breaks exact ties between teams' shares. The order the queue has always
+/// had in the simulator (arrivals and requeued jobs appended, a job leaving
+/// replaced by the last one) is kept here as a list of job ids, `arrival`
+/// (each job's place in it is its `queue_pos`); the queue itself holds each
+/// team's jobs together and in key order, the teams' blocks in the order of
+/// their first job in `arrival`. The scheduler then numbers the teams as it
+/// did and finds each team's jobs already sorted.
+struct TeamBlocks {
+    /// Per job, its team.
+    team_of: Vec<u32>,
+    arrival: Vec<JobId>,
+    /// Per team, its block's rank in the queue (meaningful while it has
+    /// jobs queued), and how many jobs it has queued.
+    rank: Vec<u32>,
+    queued: Vec<u32>,
+    next_rank: u32,
+    /// Whether a job left `arrival` since the blocks were last put in order
+    /// (appending never changes which team's first job comes first).
+    moved: bool,
+}
+
+impl TeamBlocks {
+    /// Where job `id` (in team `t`, with `key`) sorts in the queue.
+    fn sort_key(&self, id: JobId, key: QueueKey) -> (u32, QueueKey) {
+        (self.rank[self.team_of[id as usize] as usize], key)
+    }
+}
+
 /// The mutable world: the snapshot the scheduler reads, kept current.
 struct World<'a> {
     jobs: &'a [SimJob],
     snap: Snapshot,
     /// Keep the queue in the scheduler's order (see [`queue_order_matters`]).
     in_key_order: bool,
-    /// Per job, its key in that order while it waits (`None` otherwise).
+    /// Keep the queue in team blocks (see [`TeamBlocks`]).
+    blocks: Option<TeamBlocks>,
+    /// Per job, its key in the scheduler's order while it waits (`None`
+    /// otherwise), in either of those modes.
     keys: Vec<Option<QueueKey>>,
     st: Vec<JobState>,
     /// (end time, job, attempt); stale entries are skipped.
@@ -299,7 +332,25 @@ impl<'a> World<'a> {
     fn enqueue(&mut self, job: PendingJob) {
         let id = job.id as usize;
         let q = &mut self.snap.queue;
-        if self.in_key_order {
+        if let Some(b) = &mut self.blocks {
+            self.st[id].queue_pos = b.arrival.len();
+            b.arrival.push(job.id);
+            let t = b.team_of[id] as usize;
+            if b.queued[t] == 0 {
+                // Its first job is the last in arrival order: its block
+                // comes last.
+                b.rank[t] = b.next_rank;
+                b.next_rank += 1;
+            }
+            b.queued[t] += 1;
+            let key = queue_key(&self.snap.policy, &job);
+            let keys = &self.keys;
+            let me = b.sort_key(job.id, key);
+            let at =
+                q.partition_point(|j| b.sort_key(j.id, keys[j.id as usize].expect("queued")) < me);
+            q.insert(at, job);
+            self.keys[id] = Some(key);
+        } else if self.in_key_order {
             let key = queue_key(&self.snap.policy, &job);
             let keys = &self.keys;
             let at = q.partition_point(|j| keys[j.id as usize] < Some(key));
@@ -316,12 +367,19 @@ impl<'a> World<'a> {
     /// Where job `id` is in the queue, if it is queued.
     fn position(&self, id: JobId) -> Option<usize> {
         let i = id as usize;
+        let q = &self.snap.queue;
+        if let Some(b) = &self.blocks {
+            let me = b.sort_key(id, (*self.keys.get(i)?)?);
+            let pos = q.partition_point(|j| {
+                b.sort_key(j.id, self.keys[j.id as usize].expect("queued")) < me
+            });
+            return (q.get(pos).is_some_and(|j| j.id == id)).then_some(pos);
+        }
         if !self.in_key_order {
             let pos = self.st.get(i)?.queue_pos;
             return (pos != NOT_RUNNING).then_some(pos);
         }
         let key = (*self.keys.get(i)?)?;
-        let q = &self.snap.queue;
         let pos = q.partition_point(|j| self.keys[j.id as usize] < Some(key));
         (q.get(pos).is_some_and(|j| j.id == id)).then_some(pos)
     }
@@ -404,10 +462,73 @@ impl<'a> World<'a> {
         Ok(job)
     }
 
+    /// Takes job `id` out of the arrival order of [`TeamBlocks`] as the
+    /// queue used to lose it (the last job takes its place).
+    fn leave_arrival_order(&mut self, id: JobId) -> Result<()> {
+        let b = self.blocks.as_mut().expect("team blocks");
+        let pos = self
+            .st
+            .get(id as usize)
+            .map(|s| s.queue_pos)
+            .unwrap_or(NOT_RUNNING);
+        ensure!(
+            pos != NOT_RUNNING,
+            "the plan places job {id}, which is not queued"
+        );
+        b.arrival.swap_remove(pos);
+        if let Some(moved) = b.arrival.get(pos) {
+            self.st[*moved as usize].queue_pos = pos;
+        }
+        self.st[id as usize].queue_pos = NOT_RUNNING;
+        b.queued[b.team_of[id as usize] as usize] -= 1;
+        b.moved = true;
+        Ok(())
+    }
+
+    /// Puts the teams' blocks in the order of their first jobs in the
+    /// arrival order, where a job leaving it may have changed that.
+    fn order_blocks(&mut self) {
+        let Some(b) = &mut self.blocks else {
+            return;
+        };
+        if !b.moved {
+            return;
+        }
+        b.moved = false;
+        let mut seen = vec![false; b.rank.len()];
+        let mut order: Vec<u32> = Vec::new();
+        for id in &b.arrival {
+            let t = b.team_of[*id as usize];
+            if !std::mem::replace(&mut seen[t as usize], true) {
+                order.push(t);
+            }
+        }
+        if order
+            .windows(2)
+            .all(|w| b.rank[w[0] as usize] < b.rank[w[1] as usize])
+        {
+            return;
+        }
+        for (r, t) in order.iter().enumerate() {
+            b.rank[*t as usize] = r as u32;
+        }
+        b.next_rank = order.len() as u32;
+        let keys = &self.keys;
+        self.snap
+            .queue
+            .sort_unstable_by_key(|j| b.sort_key(j.id, keys[j.id as usize].expect("queued")));
+    }
+
     /// Applies one plan; returns whether it changed anything.
     fn apply(&mut self, plan: tessera_scheduler::Plan, now: u64) -> Result<bool> {
         let changed = !plan.placements.is_empty() || !plan.preemptions.is_empty();
-        if self.in_key_order {
+        if self.blocks.is_some() {
+            // The arrival order loses them one by one, in the plan's order.
+            for p in &plan.placements {
+                self.leave_arrival_order(p.job_id)?;
+            }
+        }
+        if self.in_key_order || self.blocks.is_some() {
             let ids: Vec<JobId> = plan.placements.iter().map(|p| p.job_id).collect();
             let jobs = self.dequeue_in_order(&ids)?;
             for (job, p) in jobs.into_iter().zip(plan.placements) {
@@ -626,6 +747,22 @@ pub fn simulate_with(
     let mut w = World {
         jobs,
         in_key_order: !queue_order_matters(&policy) && !always_confirm,
+        blocks: (queue_order_matters(&policy) && !always_confirm).then(|| TeamBlocks {
+            team_of: jobs
+                .iter()
+                .map(|j| {
+                    teams
+                        .iter()
+                        .position(|t| *t == j.team.as_str())
+                        .unwrap_or(0) as u32
+                })
+                .collect(),
+            arrival: Vec::new(),
+            rank: vec![0; teams.len()],
+            queued: vec![0; teams.len()],
+            next_rank: 0,
+            moved: false,
+        }),
         keys: vec![None; jobs.len()],
         snap: Snapshot {
             nodes: nodes.to_vec(),
@@ -816,6 +953,7 @@ pub fn simulate_with(
             passes += 1;
             max_queue = max_queue.max(w.snap.queue.len());
             let t0 = Instant::now();
+            w.order_blocks();
             // The simulator reads no reasons for waiting jobs: the scheduler
             // writes none (and under strict FIFO stops at the blocked head),
             // with the same placements and preemptions.
