@@ -936,8 +936,13 @@ impl Victims {
             return None;
         }
         if i >= *sorted {
-            // Sort the next stretch, twice as long as what is sorted.
-            let upto = (i + 1).max(*sorted * 2).max(32).min(v.len());
+            // Sort the next stretch, twice as long as what is sorted; the
+            // worst alone first (most passes read only it: one scan).
+            let upto = if i == 0 {
+                1
+            } else {
+                (i + 1).max(*sorted * 2).max(32).min(v.len())
+            };
             let rest = &mut v[*sorted..];
             let k = upto - *sorted;
             if k < rest.len() {
