@@ -1016,7 +1016,9 @@ fn preempt(
     } else {
         Vec::new()
     };
-    let victims = Victims::new(
+    // Sized up front: a filtered collect would grow it step by step.
+    let mut candidates = Vec::with_capacity(snapshot.running.len());
+    candidates.extend(
         snapshot
             .running
             .iter()
@@ -1025,9 +1027,9 @@ fn preempt(
                 r.preemptible
                     && now.saturating_sub(r.started_at) >= policy.min_run_before_preempt_ms
             })
-            .map(|(i, r)| (orderer.running_key(r), i))
-            .collect(),
+            .map(|(i, r)| (orderer.running_key(r), i)),
     );
+    let victims = Victims::new(candidates);
     let mut reasons: HashMap<JobId, String> = HashMap::default();
     // A shape that could not make room cannot for a later job either: later
     // jobs are worse-ordered, so fewer running jobs may yield to them.
