@@ -141,8 +141,9 @@ struct World<'a> {
     st: Vec<JobState>,
     /// (end time, job, attempt); stale entries are skipped.
     ends: BinaryHeap<Reverse<(u64, JobId, u32)>>,
-    /// Per node, GPU index → slot (identity for the nodes we build).
-    slot_of: Vec<HashMap<u32, usize>>,
+    /// Per node, GPU index → slot; `None` where GPU `i` is slot `i` (the
+    /// nodes we build).
+    slot_of: Vec<Option<HashMap<u32, usize>>>,
     outcomes: Vec<Outcome>,
     preemptions: u64,
     restarted_at_once: u64,
@@ -168,8 +169,12 @@ impl<'a> World<'a> {
     }
 
     fn slot(&self, node: usize, gpu: u32) -> Result<usize> {
-        match self.slot_of[node].get(&gpu) {
-            Some(s) => Ok(*s),
+        let slot = match &self.slot_of[node] {
+            Some(map) => map.get(&gpu).copied(),
+            None => ((gpu as usize) < self.snap.nodes[node].gpus.len()).then_some(gpu as usize),
+        };
+        match slot {
+            Some(s) => Ok(s),
             None => bail!("node {node} has no GPU {gpu}"),
         }
     }
@@ -796,11 +801,18 @@ pub fn simulate_with(
         slot_of: nodes
             .iter()
             .map(|n| {
-                n.gpus
+                let identity = n
+                    .gpus
                     .iter()
                     .enumerate()
-                    .map(|(s, g)| (g.index, s))
-                    .collect()
+                    .all(|(s, g)| g.index as usize == s);
+                (!identity).then(|| {
+                    n.gpus
+                        .iter()
+                        .enumerate()
+                        .map(|(s, g)| (g.index, s))
+                        .collect()
+                })
             })
             .collect(),
         outcomes: Vec::with_capacity(jobs.len()),
