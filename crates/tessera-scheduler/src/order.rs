@@ -71,10 +71,8 @@ enum Mode {
         next: usize,
     },
     /// The queue is in order already: entries are made as the walk asks
-    /// for them (a walk that stops early never makes the rest), from the
-    /// keys the check for order computed.
+    /// for them (a walk that stops early never makes the rest).
     InQueueOrder {
-        keys: Vec<Key>,
         team_of: Vec<u32>,
         next: usize,
     },
@@ -225,18 +223,20 @@ fn demand(job: &PendingJob) -> [f64; 3] {
     ]
 }
 
-/// The queued jobs' keys when the queue is in key order already (keys are
-/// unique: they end with the job id), `None` otherwise.
-fn keys_in_order(snapshot: &Snapshot) -> Option<Vec<Key>> {
-    let mut keys: Vec<Key> = Vec::with_capacity(snapshot.queue.len());
-    for j in &snapshot.queue {
-        let k = key_of(snapshot, j, 0);
-        if keys.last().is_some_and(|prev| k <= *prev) {
-            return None;
+/// Whether the queue is in key order already (keys are unique: they end
+/// with the job id).
+fn in_order(snapshot: &Snapshot) -> bool {
+    let mut keys = snapshot.queue.iter().map(|j| key_of(snapshot, j, 0));
+    let Some(mut prev) = keys.next() else {
+        return true;
+    };
+    for k in keys {
+        if k <= prev {
+            return false;
         }
-        keys.push(k);
+        prev = k;
     }
-    Some(keys)
+    true
 }
 
 /// Sorts entries by key. The queue usually arrives in submit order and keys
@@ -366,9 +366,8 @@ impl<'a> Orderer<'a> {
                 total,
                 last: None,
             }
-        } else if let Some(keys) = keys_in_order(snapshot) {
+        } else if in_order(snapshot) {
             Mode::InQueueOrder {
-                keys,
                 team_of: team_of.to_vec(),
                 next: 0,
             }
@@ -386,10 +385,7 @@ impl<'a> Orderer<'a> {
 
     /// The key of queued job `qi`.
     pub fn key(&self, qi: usize) -> Key {
-        match &self.mode {
-            Mode::InQueueOrder { keys, .. } => keys[qi],
-            _ => key_of(self.snapshot, &self.snapshot.queue[qi], 0),
-        }
+        key_of(self.snapshot, &self.snapshot.queue[qi], 0)
     }
 
     /// The next job to consider.
@@ -400,16 +396,12 @@ impl<'a> Orderer<'a> {
                 *next += 1;
                 Some(e)
             }
-            Mode::InQueueOrder {
-                keys,
-                team_of,
-                next,
-            } => {
+            Mode::InQueueOrder { team_of, next } => {
                 let qi = *next;
-                let key = *keys.get(qi)?;
+                let job = self.snapshot.queue.get(qi)?;
                 *next += 1;
                 Some(Entry {
-                    key,
+                    key: key_of(self.snapshot, job, 0),
                     qi: qi as u32,
                     team: team_of[qi],
                     // Numbered by the walk when it needs it.
