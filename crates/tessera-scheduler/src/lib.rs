@@ -31,6 +31,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap as HashMap;
 
+pub use order::Key as QueueKey;
 pub use policy::{Packing, Policy, Within};
 use tessera_core::quantity::{format_cpu, format_memory};
 use tessera_core::{JobId, Resources};
@@ -361,6 +362,9 @@ impl<'a> Index<'a> {
         let by_team = policy.fair_share || snapshot.teams.iter().any(|t| t.quota.is_some());
         let mut ids: HashMap<&'a str, u32> = HashMap::default();
         let mut names: Vec<&'a str> = Vec::new();
+        // The team interned last: jobs in a row are often of one team, and
+        // comparing a name is cheaper than looking it up.
+        let mut last: Option<(&'a str, u32)> = None;
         let mut intern = |name: &'a str| {
             if !by_team {
                 if names.is_empty() {
@@ -368,10 +372,17 @@ impl<'a> Index<'a> {
                 }
                 return 0;
             }
-            *ids.entry(name).or_insert_with(|| {
+            if let Some((n, id)) = last {
+                if n == name {
+                    return id;
+                }
+            }
+            let id = *ids.entry(name).or_insert_with(|| {
                 names.push(name);
                 names.len() as u32 - 1
-            })
+            });
+            last = Some((name, id));
+            id
         };
         let (team_of, queued_teams) = if by_team {
             let team_of: Vec<u32> = snapshot
@@ -493,8 +504,9 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
 }
 
 /// [`schedule`] for a caller that discards the reasons of waiting jobs (the
-/// simulator): the same placements and preemptions, in the same order, and
-/// an empty [`Plan::waiting`]. No reason is written, and under strict FIFO
+/// simulator): the same placements and preemptions (victims and the jobs
+/// they make room for), in the same order, and an empty [`Plan::waiting`].
+/// No reason is written, preemptions' included, and under strict FIFO
 /// (without preemption or quotas, which look at the jobs left waiting) the
 /// walk stops at the first job that cannot start, since nothing behind it
 /// may start either.
@@ -732,6 +744,7 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
             &usage,
             &mut used,
             &mut plan,
+            reasons,
         );
     }
     if quotas && !snapshot.running.is_empty() {
@@ -923,8 +936,13 @@ impl Victims {
             return None;
         }
         if i >= *sorted {
-            // Sort the next stretch, twice as long as what is sorted.
-            let upto = (i + 1).max(*sorted * 2).max(32).min(v.len());
+            // Sort the next stretch, twice as long as what is sorted; the
+            // worst alone first (most passes read only it: one scan).
+            let upto = if i == 0 {
+                1
+            } else {
+                (i + 1).max(*sorted * 2).max(32).min(v.len())
+            };
             let rest = &mut v[*sorted..];
             let k = upto - *sorted;
             if k < rest.len() {
@@ -943,7 +961,21 @@ impl Victims {
 
 /// Chooses victims for waiting jobs, best-ordered waiting job first. A
 /// victim must come later in the order than the job it makes room for, be
-/// preemptible and have run long enough; each is used once.
+/// preemptible and have run long enough; each is used once. Without
+/// `reasons`, preemptions carry no reason (the same victims, for the same
+/// jobs, in the same order).
+///
+/// `waiting` is in the walk's order, so a team's jobs come in key order, and
+/// jobs of one team and request shape in non-decreasing key. The jobs a
+/// later one of them may take are then a subset of those an earlier one may
+/// take: a victim must rank after the job (and a later job ranks no better),
+/// the fair-share condition depends only on team and shape, and victims are
+/// only ever used up. So once a (shape, team) finds no eligible victim, or
+/// none that make room, every later job of that shape and team finds none
+/// either and is skipped. (Under fair share the walk's order is not key
+/// order across teams, so a skipped job must still reach the stop on the
+/// worst victim left where it did before: a job whose shape found no
+/// eligible victim is skipped only after that check.)
 #[allow(clippy::too_many_arguments)]
 fn preempt(
     snapshot: &Snapshot,
@@ -955,6 +987,7 @@ fn preempt(
     usage: &[[u64; 3]],
     used: &mut [bool],
     plan: &mut Plan,
+    reasons_wanted: bool,
 ) {
     let policy = &snapshot.policy;
     // Under fair share, a job may take room from another team only while its
@@ -977,7 +1010,15 @@ fn preempt(
         }
         s / weight(team)
     };
-    let victims = Victims::new(
+    // Each team's share as it stands (usage does not change here).
+    let share_now: Vec<f64> = if policy.fair_share {
+        (0..usage.len()).map(|t| share(t, [0; 3])).collect()
+    } else {
+        Vec::new()
+    };
+    // Sized up front: a filtered collect would grow it step by step.
+    let mut candidates = Vec::with_capacity(snapshot.running.len());
+    candidates.extend(
         snapshot
             .running
             .iter()
@@ -986,13 +1027,16 @@ fn preempt(
                 r.preemptible
                     && now.saturating_sub(r.started_at) >= policy.min_run_before_preempt_ms
             })
-            .map(|(i, r)| (orderer.running_key(r), i))
-            .collect(),
+            .map(|(i, r)| (orderer.running_key(r), i)),
     );
+    let victims = Victims::new(candidates);
     let mut reasons: HashMap<JobId, String> = HashMap::default();
     // A shape that could not make room cannot for a later job either: later
     // jobs are worse-ordered, so fewer running jobs may yield to them.
-    let mut no_room: std::collections::HashSet<(u32, u32)> = Default::default();
+    let mut no_room: rustc_hash::FxHashSet<(u32, u32)> = Default::default();
+    // A shape and team that found no eligible victim (see above); checked
+    // after the stop on the worst victim left, which it must not bypass.
+    let mut no_victim: rustc_hash::FxHashSet<(u32, u32)> = Default::default();
     for qi in waiting {
         let qi = *qi as usize;
         let job = &snapshot.queue[qi];
@@ -1018,7 +1062,7 @@ fn preempt(
                     || (v.resumable
                         && (!policy.fair_share
                             || vt == team
-                            || mine_after < share(vt as usize, [0; 3]))))
+                            || mine_after < share_now[vt as usize])))
         };
         // The worst-ordered victim not taken yet: when it does not rank after
         // this job, no victim does, nor for any job after it (victims only
@@ -1030,14 +1074,22 @@ fn preempt(
         {
             break;
         }
+        if no_victim.contains(&(shape, team)) {
+            continue;
+        }
         // The victims this job may take, worst first, read only as far as
-        // making room needs.
+        // making room needs. Those that rank after this job lead the list
+        // (worst first is by key, and ranking after compares a key's
+        // leading part), and only they are eligible: the reading stops at
+        // the first that does not.
         let mut pool = victims
             .iter()
+            .take_while(|(k, _)| k.ranks_after(key))
             .filter(|(k, i)| eligible(k, *i))
             .map(|(_, i)| i)
             .peekable();
         if pool.peek().is_none() {
+            no_victim.insert((shape, team));
             continue;
         }
         let demand = Demand::of(job);
@@ -1046,24 +1098,32 @@ fn preempt(
             no_room.insert((shape, team));
         }
         if let Some(chosen) = made {
-            let names: Vec<String> = chosen
-                .iter()
-                .map(|i| snapshot.running[*i].job.id.to_string())
-                .collect();
+            let reason = if reasons_wanted {
+                format!(
+                    "preempted for job {} ({}), which comes first under policy `{}`",
+                    job.id,
+                    orderer.describe(job),
+                    policy.name
+                )
+            } else {
+                String::new()
+            };
             for i in &chosen {
                 used[*i] = true;
                 let v = &snapshot.running[*i];
                 plan.preemptions.push(Preemption {
                     job_id: v.job.id,
                     for_job: job.id,
-                    reason: format!(
-                        "preempted for job {} ({}), which comes first under policy `{}`",
-                        job.id,
-                        orderer.describe(job),
-                        policy.name
-                    ),
+                    reason: reason.clone(),
                 });
             }
+            if !reasons_wanted {
+                continue;
+            }
+            let names: Vec<String> = chosen
+                .iter()
+                .map(|i| snapshot.running[*i].job.id.to_string())
+                .collect();
             reasons.insert(
                 job.id,
                 format!(
@@ -1088,7 +1148,16 @@ fn preempt(
 /// criterion, submit time, id). Under a policy without fair share, this is
 /// the order in which a pass considers them.
 pub fn ranks_before(policy: &Policy, a: &PendingJob, b: &PendingJob) -> bool {
-    order::key_for(policy, a) < order::key_for(policy, b)
+    queue_key(policy, a) < queue_key(policy, b)
+}
+
+/// Queued job `job`'s place in the order of [`ranks_before`]: `a` ranks
+/// before `b` exactly when its key is smaller. Keys are unique (they end
+/// with the job id) and do not change while a job waits. A queue kept
+/// sorted by it is walked as it stands, without sorting, by policies
+/// without fair share.
+pub fn queue_key(policy: &Policy, job: &PendingJob) -> QueueKey {
+    order::key_for(policy, job)
 }
 
 /// Each team's weighted dominant share of the schedulable capacity that its

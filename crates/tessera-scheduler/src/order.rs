@@ -159,7 +159,13 @@ impl PartialOrd for TeamTurn {
 /// Attained service in GPU-milliseconds (a CPU-only job counts as one GPU).
 fn attained_gpu_ms(job: &PendingJob, extra_run_ms: u64) -> u64 {
     let wall = job.attained_ms.saturating_add(extra_run_ms);
-    ((wall as u128 * job.service_weight_milli() as u128) / 1000) as u64
+    let weight = job.service_weight_milli();
+    // The same quotient in 64 bits when the product fits (a 128-bit
+    // division is a library call).
+    match wall.checked_mul(weight) {
+        Some(p) => p / 1000,
+        None => ((wall as u128 * weight as u128) / 1000) as u64,
+    }
 }
 
 fn key_of(snapshot: &Snapshot, job: &PendingJob, running_for_ms: u64) -> Key {
@@ -307,7 +313,14 @@ impl<'a> Orderer<'a> {
             shape: shape_of[i],
         });
         let mode = if snapshot.policy.fair_share {
-            let mut lists: Vec<(Vec<Entry>, usize)> = vec![(Vec::new(), 0); teams];
+            let mut sizes = vec![0usize; teams];
+            for t in &team_of[..snapshot.queue.len()] {
+                sizes[*t as usize] += 1;
+            }
+            let mut lists: Vec<(Vec<Entry>, usize)> = sizes
+                .into_iter()
+                .map(|n| (Vec::with_capacity(n), 0))
+                .collect();
             for e in entries {
                 lists[e.team as usize].0.push(e);
             }

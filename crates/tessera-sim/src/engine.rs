@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Result};
 use tessera_core::JobId;
 use tessera_scheduler::{
-    ranks_before, schedule, schedule_without_reasons, Assignment, NodeView, Packing, PendingJob,
-    Policy, RunningJob, Snapshot, TeamView,
+    queue_key, ranks_before, schedule, schedule_without_reasons, Assignment, NodeView, Packing,
+    PendingJob, Policy, QueueKey, RunningJob, Snapshot, TeamView,
 };
 
 use crate::trace::SimJob;
@@ -66,6 +66,9 @@ pub struct EventRun {
     /// Event times at which only jobs arrived and none of them could start,
     /// so no pass was run ([`arrivals_can_be_skipped`]).
     pub skipped_passes: u64,
+    /// Passes after one that only placed jobs that were not run because
+    /// they were sure to change nothing ([`confirmations_can_be_skipped`]).
+    pub skipped_confirmations: u64,
     pub schedule_time: Duration,
     /// Event times at which passes still changed things after
     /// [`MAX_PASSES_PER_EVENT`].
@@ -94,17 +97,53 @@ struct JobState {
     preempted_at: Option<u64>,
 }
 
+/// Under fair share the queue's order decides one thing: teams are
+/// numbered in the order their first job appears in it, and that number
+/// breaks exact ties between teams' shares. The order the queue has always
+/// had in the simulator (arrivals and requeued jobs appended, a job leaving
+/// replaced by the last one) is kept here as a list of job ids, `arrival`
+/// (each job's place in it is its `queue_pos`); the queue itself holds each
+/// team's jobs together and in key order, the teams' blocks in the order of
+/// their first job in `arrival`. The scheduler then numbers the teams as it
+/// did and finds each team's jobs already sorted.
+struct TeamBlocks {
+    /// Per job, its team.
+    team_of: Vec<u32>,
+    arrival: Vec<JobId>,
+    /// Per team, its block's rank in the queue (meaningful while it has
+    /// jobs queued), and how many jobs it has queued.
+    rank: Vec<u32>,
+    queued: Vec<u32>,
+    next_rank: u32,
+    /// Whether a job left `arrival` since the blocks were last put in order
+    /// (appending never changes which team's first job comes first).
+    moved: bool,
+}
+
+impl TeamBlocks {
+    /// Where job `id` (in team `t`, with `key`) sorts in the queue.
+    fn sort_key(&self, id: JobId, key: QueueKey) -> (u32, QueueKey) {
+        (self.rank[self.team_of[id as usize] as usize], key)
+    }
+}
+
 /// The mutable world: the snapshot the scheduler reads, kept current.
 struct World<'a> {
     jobs: &'a [SimJob],
     snap: Snapshot,
-    /// Keep the queue in submit order (see [`queue_order_matters`]).
-    in_submit_order: bool,
+    /// Keep the queue in the scheduler's order (see [`queue_order_matters`]).
+    in_key_order: bool,
+    /// Keep the queue in team blocks (see [`TeamBlocks`]).
+    blocks: Option<TeamBlocks>,
+    /// Per job, its key in the scheduler's order while it waits (`None`
+    /// otherwise), in either of those modes.
+    keys: Vec<Option<QueueKey>>,
     st: Vec<JobState>,
     /// (end time, job, attempt); stale entries are skipped.
     ends: BinaryHeap<Reverse<(u64, JobId, u32)>>,
-    /// Per node, GPU index → slot (identity for the nodes we build).
-    slot_of: Vec<HashMap<u32, usize>>,
+    /// Per node, GPU index → slot; `None` where GPU `i` is slot `i` (the
+    /// nodes we build).
+    slot_of: Vec<Option<HashMap<u32, usize>>>,
     outcomes: Vec<Outcome>,
     preemptions: u64,
     restarted_at_once: u64,
@@ -130,8 +169,12 @@ impl<'a> World<'a> {
     }
 
     fn slot(&self, node: usize, gpu: u32) -> Result<usize> {
-        match self.slot_of[node].get(&gpu) {
-            Some(s) => Ok(*s),
+        let slot = match &self.slot_of[node] {
+            Some(map) => map.get(&gpu).copied(),
+            None => ((gpu as usize) < self.snap.nodes[node].gpus.len()).then_some(gpu as usize),
+        };
+        match slot {
+            Some(s) => Ok(s),
             None => bail!("node {node} has no GPU {gpu}"),
         }
     }
@@ -288,34 +331,61 @@ impl<'a> World<'a> {
         Ok(())
     }
 
-    /// Adds a job to the queue: at the end, or in submit order when the
-    /// queue is kept so (a requeued job keeps its submit time).
+    /// Adds a job to the queue: at the end, or in the scheduler's order
+    /// when the queue is kept so (a requeued job's key counts the service
+    /// it has had).
     fn enqueue(&mut self, job: PendingJob) {
+        let id = job.id as usize;
         let q = &mut self.snap.queue;
-        let at = if self.in_submit_order {
-            q.partition_point(|j| (j.submitted_at, j.id) < (job.submitted_at, job.id))
+        if let Some(b) = &mut self.blocks {
+            self.st[id].queue_pos = b.arrival.len();
+            b.arrival.push(job.id);
+            let t = b.team_of[id] as usize;
+            if b.queued[t] == 0 {
+                // Its first job is the last in arrival order: its block
+                // comes last.
+                b.rank[t] = b.next_rank;
+                b.next_rank += 1;
+            }
+            b.queued[t] += 1;
+            let key = queue_key(&self.snap.policy, &job);
+            let keys = &self.keys;
+            let me = b.sort_key(job.id, key);
+            let at =
+                q.partition_point(|j| b.sort_key(j.id, keys[j.id as usize].expect("queued")) < me);
+            q.insert(at, job);
+            self.keys[id] = Some(key);
+        } else if self.in_key_order {
+            let key = queue_key(&self.snap.policy, &job);
+            let keys = &self.keys;
+            let at = q.partition_point(|j| keys[j.id as usize] < Some(key));
+            q.insert(at, job);
+            self.keys[id] = Some(key);
         } else {
-            q.len()
-        };
-        q.insert(at, job);
-        if !self.in_submit_order {
-            // Kept in submit order, a job's place is found by bisection
+            // Kept in key order, a job's place is found by bisection
             // (`position`); otherwise it is recorded.
-            let id = q[at].id as usize;
-            self.st[id].queue_pos = at;
+            q.push(job);
+            self.st[id].queue_pos = q.len() - 1;
         }
     }
 
     /// Where job `id` is in the queue, if it is queued.
     fn position(&self, id: JobId) -> Option<usize> {
         let i = id as usize;
-        if !self.in_submit_order {
+        let q = &self.snap.queue;
+        if let Some(b) = &self.blocks {
+            let me = b.sort_key(id, (*self.keys.get(i)?)?);
+            let pos = q.partition_point(|j| {
+                b.sort_key(j.id, self.keys[j.id as usize].expect("queued")) < me
+            });
+            return (q.get(pos).is_some_and(|j| j.id == id)).then_some(pos);
+        }
+        if !self.in_key_order {
             let pos = self.st.get(i)?.queue_pos;
             return (pos != NOT_RUNNING).then_some(pos);
         }
-        let submitted = self.jobs.get(i)?.submit_ms;
-        let q = &self.snap.queue;
-        let pos = q.partition_point(|j| (j.submitted_at, j.id) < (submitted, id));
+        let key = (*self.keys.get(i)?)?;
+        let pos = q.partition_point(|j| self.keys[j.id as usize] < Some(key));
         (q.get(pos).is_some_and(|j| j.id == id)).then_some(pos)
     }
 
@@ -343,6 +413,9 @@ impl<'a> World<'a> {
         let Some(&first) = at.first() else {
             return Ok(Vec::new());
         };
+        for id in ids {
+            self.keys[*id as usize] = None;
+        }
         let q = &mut self.snap.queue;
         if at.len() <= FEW_TAKEN {
             // A pass usually places a few jobs: remove each with one bulk
@@ -394,10 +467,73 @@ impl<'a> World<'a> {
         Ok(job)
     }
 
+    /// Takes job `id` out of the arrival order of [`TeamBlocks`] as the
+    /// queue used to lose it (the last job takes its place).
+    fn leave_arrival_order(&mut self, id: JobId) -> Result<()> {
+        let b = self.blocks.as_mut().expect("team blocks");
+        let pos = self
+            .st
+            .get(id as usize)
+            .map(|s| s.queue_pos)
+            .unwrap_or(NOT_RUNNING);
+        ensure!(
+            pos != NOT_RUNNING,
+            "the plan places job {id}, which is not queued"
+        );
+        b.arrival.swap_remove(pos);
+        if let Some(moved) = b.arrival.get(pos) {
+            self.st[*moved as usize].queue_pos = pos;
+        }
+        self.st[id as usize].queue_pos = NOT_RUNNING;
+        b.queued[b.team_of[id as usize] as usize] -= 1;
+        b.moved = true;
+        Ok(())
+    }
+
+    /// Puts the teams' blocks in the order of their first jobs in the
+    /// arrival order, where a job leaving it may have changed that.
+    fn order_blocks(&mut self) {
+        let Some(b) = &mut self.blocks else {
+            return;
+        };
+        if !b.moved {
+            return;
+        }
+        b.moved = false;
+        let mut seen = vec![false; b.rank.len()];
+        let mut order: Vec<u32> = Vec::new();
+        for id in &b.arrival {
+            let t = b.team_of[*id as usize];
+            if !std::mem::replace(&mut seen[t as usize], true) {
+                order.push(t);
+            }
+        }
+        if order
+            .windows(2)
+            .all(|w| b.rank[w[0] as usize] < b.rank[w[1] as usize])
+        {
+            return;
+        }
+        for (r, t) in order.iter().enumerate() {
+            b.rank[*t as usize] = r as u32;
+        }
+        b.next_rank = order.len() as u32;
+        let keys = &self.keys;
+        self.snap
+            .queue
+            .sort_unstable_by_key(|j| b.sort_key(j.id, keys[j.id as usize].expect("queued")));
+    }
+
     /// Applies one plan; returns whether it changed anything.
     fn apply(&mut self, plan: tessera_scheduler::Plan, now: u64) -> Result<bool> {
         let changed = !plan.placements.is_empty() || !plan.preemptions.is_empty();
-        if self.in_submit_order {
+        if self.blocks.is_some() {
+            // The arrival order loses them one by one, in the plan's order.
+            for p in &plan.placements {
+                self.leave_arrival_order(p.job_id)?;
+            }
+        }
+        if self.in_key_order || self.blocks.is_some() {
             let ids: Vec<JobId> = plan.placements.iter().map(|p| p.job_id).collect();
             let jobs = self.dequeue_in_order(&ids)?;
             for (job, p) in jobs.into_iter().zip(plan.placements) {
@@ -429,10 +565,62 @@ pub fn placements_reach_fixpoint(policy: &Policy) -> bool {
     !policy.backfill && !policy.preempt
 }
 
+/// Whether, under preemption, the pass after one that only placed jobs (no
+/// preemption) at the same event time can be skipped when the placed jobs
+/// are no victims for those still waiting ([`confirmation_is_a_no_op`]).
+/// Sound for preemption without backfill, fair share, strict FIFO and
+/// quotas, with the queue kept in the scheduler's order. Call the first pass
+/// P1 and the next one P2, at the same time, with nothing in between but
+/// P1's placements S:
+///
+/// - P2's walk places nothing. It walks the jobs P1 left waiting, in the
+///   same order (keys of waiting jobs do not change, and the order is the
+///   keys' order without fair share), on the capacity P1's walk ended with.
+///   Each of them failed in P1's walk on at least that capacity (capacity
+///   only shrinks during a walk; a job skipped for its shape had that shape
+///   fail on more), and a job that does not fit some free capacity fits no
+///   smaller one (whether a job fits is whether the nodes' slots for a
+///   replica add up to its replicas, and slots only shrink with capacity).
+///   Without backfill there is no reservation, without strict FIFO or
+///   quotas nothing else decides.
+/// - P2's preemption step then runs on the same capacity, the same waiting
+///   jobs in the same order, and the same running jobs as P1's, plus S. A
+///   job of S is a candidate victim only if it has run the policy's minimum
+///   before preemption (not at all yet: never when that minimum is above
+///   zero) and only for a waiting job it ranks after (priority class and
+///   the policy's criterion; its key is still its queued one, having run
+///   for no time). When it is no candidate for any waiting job, every
+///   waiting job's victims, their order and the capacity they free are
+///   those of P1, whose preemption step chose no victim; and the stop on
+///   the worst victim left can only come earlier (P1 found nothing after
+///   it). So P2 preempts nothing either: it changes nothing, and the event
+///   time is settled.
+///
+/// `shortcuts_change_no_outcome` checks this on a Philly subset against
+/// replays that run every pass.
+pub fn confirmations_can_be_skipped(policy: &Policy) -> bool {
+    policy.preempt && !policy.backfill && !policy.fair_share && !policy.strict
+}
+
+/// The state-dependent condition of [`confirmations_can_be_skipped`]: with
+/// `worst_placed` the greatest key among the jobs the last pass placed and
+/// `first_waiting` the smallest among those still queued, no placed job is
+/// a victim for a waiting one in the next pass.
+fn confirmation_is_a_no_op(
+    policy: &Policy,
+    worst_placed: &QueueKey,
+    first_waiting: Option<&QueueKey>,
+) -> bool {
+    policy.min_run_before_preempt_ms > 0
+        || first_waiting.is_none_or(|w| !worst_placed.ranks_after(w))
+}
+
 /// Whether the order of the snapshot's queue can change a plan: only fair
 /// share's tie-break between teams of equal share reads it (the team seen
 /// first in the queue goes first). Otherwise the simulator keeps the queue
-/// in submit order, which the scheduler sorts in linear time; under fair
+/// sorted by [`queue_key`] (a job's key does not change while it waits, and
+/// a requeued job is inserted by its new key), which the scheduler walks as
+/// it stands instead of sorting it at every pass; under fair
 /// share it keeps the order it always had (appended, and a job leaving is
 /// replaced by the last), so plans stay exactly what they were.
 pub fn queue_order_matters(policy: &Policy) -> bool {
@@ -563,7 +751,24 @@ pub fn simulate_with(
     let name = policy.name.clone();
     let mut w = World {
         jobs,
-        in_submit_order: !queue_order_matters(&policy) && !always_confirm,
+        in_key_order: !queue_order_matters(&policy) && !always_confirm,
+        blocks: (queue_order_matters(&policy) && !always_confirm).then(|| TeamBlocks {
+            team_of: jobs
+                .iter()
+                .map(|j| {
+                    teams
+                        .iter()
+                        .position(|t| *t == j.team.as_str())
+                        .unwrap_or(0) as u32
+                })
+                .collect(),
+            arrival: Vec::new(),
+            rank: vec![0; teams.len()],
+            queued: vec![0; teams.len()],
+            next_rank: 0,
+            moved: false,
+        }),
+        keys: vec![None; jobs.len()],
         snap: Snapshot {
             nodes: nodes.to_vec(),
             queue: Vec::new(),
@@ -596,11 +801,18 @@ pub fn simulate_with(
         slot_of: nodes
             .iter()
             .map(|n| {
-                n.gpus
+                let identity = n
+                    .gpus
                     .iter()
                     .enumerate()
-                    .map(|(s, g)| (g.index, s))
-                    .collect()
+                    .all(|(s, g)| g.index as usize == s);
+                (!identity).then(|| {
+                    n.gpus
+                        .iter()
+                        .enumerate()
+                        .map(|(s, g)| (g.index, s))
+                        .collect()
+                })
             })
             .collect(),
         outcomes: Vec::with_capacity(jobs.len()),
@@ -628,6 +840,12 @@ pub fn simulate_with(
         && !always_confirm;
     let mut head_waiting: Option<JobId> = None;
     let mut skipped_passes = 0u64;
+    // Requires the queue in key order (`in_key_order`), as the keys of the
+    // jobs placed and waiting are read from it.
+    let skip_confirmations = confirmations_can_be_skipped(&w.snap.policy)
+        && w.snap.teams.iter().all(|t| t.quota.is_none())
+        && w.in_key_order;
+    let mut skipped_confirmations = 0u64;
     loop {
         // Skip ends of attempts that were preempted.
         while let Some(Reverse((_, id, attempt))) = w.ends.peek() {
@@ -747,6 +965,7 @@ pub fn simulate_with(
             passes += 1;
             max_queue = max_queue.max(w.snap.queue.len());
             let t0 = Instant::now();
+            w.order_blocks();
             // The simulator reads no reasons for waiting jobs: the scheduler
             // writes none (and under strict FIFO stops at the blocked head),
             // with the same placements and preemptions.
@@ -760,6 +979,16 @@ pub fn simulate_with(
             sched_time += t0.elapsed();
             calls += 1;
             let preempted = !plan.preemptions.is_empty();
+            // The greatest key among the jobs placed (read before they leave
+            // the queue), when the next pass might be skipped.
+            let worst_placed = if skip_confirmations && !preempted {
+                plan.placements
+                    .iter()
+                    .filter_map(|p| w.keys.get(p.job_id as usize).copied().flatten())
+                    .max()
+            } else {
+                None
+            };
             if !w.apply(plan, now)? {
                 break;
             }
@@ -768,6 +997,19 @@ pub fn simulate_with(
             }
             if !always_confirm && !preempted && fixpoint {
                 break;
+            }
+            // (At the pass cap the loop stops at its top, counting the hit,
+            // as it would without the shortcut.)
+            if let Some(worst) = worst_placed.filter(|_| passes < MAX_PASSES_PER_EVENT) {
+                let first = w
+                    .snap
+                    .queue
+                    .first()
+                    .and_then(|j| w.keys[j.id as usize].as_ref());
+                if confirmation_is_a_no_op(&w.snap.policy, &worst, first) {
+                    skipped_confirmations += 1;
+                    break;
+                }
             }
         }
         for b in std::mem::take(&mut w.beneficiaries) {
@@ -789,6 +1031,7 @@ pub fn simulate_with(
         preemptions_without_start,
         schedule_calls: calls,
         skipped_passes,
+        skipped_confirmations,
         schedule_time: sched_time,
         pass_cap_hits: cap_hits,
         changing_confirmations,

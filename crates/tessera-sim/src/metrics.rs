@@ -76,6 +76,9 @@ pub struct EventReport {
     /// Event times with only arrivals that could not start, where no pass
     /// was needed.
     pub skipped_passes: u64,
+    /// Passes after one that only placed jobs that were sure to change
+    /// nothing, and were not run.
+    pub skipped_confirmations: u64,
     pub schedule_s: f64,
     pub max_queue: usize,
     pub pass_cap_hits: u64,
@@ -273,6 +276,7 @@ pub fn event_report(
         jain_fairness: jain(&team_slowdowns),
         schedule_calls: run.schedule_calls,
         skipped_passes: run.skipped_passes,
+        skipped_confirmations: run.skipped_confirmations,
         schedule_s: run.schedule_time.as_secs_f64(),
         max_queue: run.max_queue,
         pass_cap_hits: run.pass_cap_hits,

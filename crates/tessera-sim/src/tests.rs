@@ -389,8 +389,9 @@ fn confirmation_passes_are_no_ops() {
 
 #[test]
 fn shortcuts_change_no_outcome() {
-    // Skipped passes, skipped confirmations and a queue kept in submit
-    // order give every job exactly the placements and times it gets without
+    // Skipped passes, skipped confirmations (after placements alone, and
+    // under preemption after placements that are no victims for the jobs
+    // left waiting) and a queue kept in the scheduler's order give every job exactly the placements and times it gets without
     // them, under every policy.
     let (jobs, nodes) = philly_subset(1500, 8);
     for p in Policy::NAMES {
@@ -399,11 +400,26 @@ fn shortcuts_change_no_outcome() {
         let fast = simulate(&jobs, &nodes, policy.clone()).unwrap();
         assert_eq!(fast.outcomes, checked.outcomes, "{p}");
         assert_eq!(fast.preemptions, checked.preemptions, "{p}");
+        assert_eq!(fast.restarted_at_once, checked.restarted_at_once, "{p}");
+        assert_eq!(
+            fast.preemptions_without_start, checked.preemptions_without_start,
+            "{p}"
+        );
+        assert_eq!(
+            fast.changing_confirmations, checked.changing_confirmations,
+            "{p}"
+        );
+        assert_eq!(fast.pass_cap_hits, checked.pass_cap_hits, "{p}");
         assert_eq!(checked.skipped_passes, 0, "{p}");
+        assert_eq!(checked.skipped_confirmations, 0, "{p}");
         if engine::arrivals_can_be_skipped(&policy)
             || engine::backfill_arrivals_can_be_decided_alone(&policy)
         {
             assert!(fast.skipped_passes > 0, "{p}");
+        }
+        if engine::confirmations_can_be_skipped(&policy) {
+            assert!(fast.skipped_confirmations > 0, "{p}");
+            assert!(fast.schedule_calls < checked.schedule_calls, "{p}");
         }
     }
 }
