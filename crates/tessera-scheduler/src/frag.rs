@@ -147,14 +147,20 @@ impl Workload {
             return 0;
         }
         let mut frag = 0u64;
+        let whole_free = gpu.iter().filter(|m| **m == WHOLE).count() as u64;
         for (k, s) in self.shapes.iter().enumerate() {
-            let ok = |slot: usize| allowed.is_empty() || allowed[k * gpu.len() + slot];
+            let any_model = allowed.is_empty() || s.models.is_empty();
+            let ok = |slot: usize| any_model || allowed[k * gpu.len() + slot];
             // What replicas of this shape could take of the free GPUs, were
             // CPU and memory plenty, and what one replica takes.
             let (room, per) = if s.whole > 0 {
-                let usable = (0..gpu.len())
-                    .filter(|slot| gpu[*slot] == WHOLE && ok(*slot))
-                    .count() as u64;
+                let usable = if any_model {
+                    whole_free
+                } else {
+                    (0..gpu.len())
+                        .filter(|slot| gpu[*slot] == WHOLE && ok(*slot))
+                        .count() as u64
+                };
                 let per = u64::from(s.whole);
                 (
                     (usable / per) * per * u64::from(WHOLE),
@@ -171,11 +177,19 @@ impl Workload {
                 frag += s.count * total;
                 continue;
             }
+            // Replicas it takes to use all of `room`: a job kind with CPU
+            // and memory for that many loses nothing more (checked with
+            // products, sparing most divisions).
+            let enough = room.div_ceil(per);
             for (c, m, n) in &s.needs {
-                let by_cpu = cpu.checked_div(*c).unwrap_or(u64::MAX);
-                let by_mem = mem.checked_div(*m).unwrap_or(u64::MAX);
-                let fed = by_cpu.min(by_mem).saturating_mul(per);
-                frag += n * (total - room.min(fed));
+                let used = if c.saturating_mul(enough) <= cpu && m.saturating_mul(enough) <= mem {
+                    room
+                } else {
+                    let by_cpu = cpu.checked_div(*c).unwrap_or(u64::MAX);
+                    let by_mem = mem.checked_div(*m).unwrap_or(u64::MAX);
+                    room.min(by_cpu.min(by_mem).saturating_mul(per))
+                };
+                frag += n * (total - used);
             }
         }
         frag

@@ -6,7 +6,6 @@ use std::cell::{OnceCell, RefCell};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::hash::{Hash, Hasher};
-use std::rc::Rc;
 
 use rustc_hash::{FxHashMap as HashMap, FxHasher};
 
@@ -263,7 +262,7 @@ pub struct Cluster<'a> {
     workload: Workload,
     /// Per group of alike GPU model lists, which slots each shape of the
     /// workload may use, once needed (only when some shape names models).
-    allowed_slots: RefCell<Vec<Option<Rc<[bool]>>>>,
+    allowed_slots: RefCell<Vec<Option<Box<[bool]>>>>,
     /// Classes of alike nodes, built once scanning every node for
     /// placements has cost about as much as building them would
     /// ([`SCANS_BEFORE_CLASSES`]); until then a placement scans the nodes.
@@ -692,23 +691,26 @@ impl<'a> Cluster<'a> {
         }
         let groups = self.groups();
         let group = groups.model_group[node];
-        let allowed = {
+        let known = self
+            .allowed_slots
+            .borrow()
+            .get(group)
+            .is_some_and(Option::is_some);
+        if !known {
+            let models: Vec<String> = self.nodes[node]
+                .gpus
+                .iter()
+                .map(|g| g.model.to_ascii_lowercase())
+                .collect();
             let mut cache = self.allowed_slots.borrow_mut();
             if cache.len() <= group {
-                cache.resize(groups.group_models.len(), None);
+                cache.resize(groups.group_models.len().max(group + 1), None);
             }
-            cache[group]
-                .get_or_insert_with(|| {
-                    let models: Vec<String> = self.nodes[node]
-                        .gpus
-                        .iter()
-                        .map(|g| g.model.to_ascii_lowercase())
-                        .collect();
-                    self.workload.allowed_slots(&models).into()
-                })
-                .clone()
-        };
-        self.workload.unusable(&allowed, cpu, mem, gpu)
+            cache[group] = Some(self.workload.allowed_slots(&models).into());
+        }
+        let cache = self.allowed_slots.borrow();
+        let allowed = cache[group].as_deref().unwrap_or(&[]);
+        self.workload.unusable(allowed, cpu, mem, gpu)
     }
 
     /// What one replica costs per hour on a node.
