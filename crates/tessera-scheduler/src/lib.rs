@@ -22,6 +22,7 @@
 //!    the order whose eviction makes room, and name them in the plan (the
 //!    waiting job starts on a later pass, once they are gone).
 
+pub mod frag;
 mod order;
 mod place;
 pub mod policy;

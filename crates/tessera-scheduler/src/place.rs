@@ -11,6 +11,7 @@ use rustc_hash::{FxHashMap as HashMap, FxHasher};
 
 use tessera_core::Resources;
 
+use crate::frag::Workload;
 use crate::policy::Packing;
 use crate::{Assignment, NodeView, PendingJob, RunningJob};
 
@@ -251,15 +252,6 @@ impl Reservation {
     }
 }
 
-/// A kind of GPU request seen in the workload, for fragmentation scoring.
-#[derive(Debug, Clone)]
-struct WorkClass {
-    cpu: u64,
-    whole: u32,
-    milli: u32,
-    weight: f64,
-}
-
 pub struct Cluster<'a> {
     nodes: &'a [NodeView],
     free: Vec<Free>,
@@ -267,7 +259,10 @@ pub struct Cluster<'a> {
     /// that names GPU models, or for classes).
     groups: OnceCell<Groups>,
     packing: Packing,
-    workload: Vec<WorkClass>,
+    workload: Workload,
+    /// Per group of alike GPU model lists, which slots each shape of the
+    /// workload may use, once needed (only when some shape names models).
+    allowed_slots: RefCell<Vec<Option<Box<[bool]>>>>,
     /// Classes of alike nodes, built once scanning every node for
     /// placements has cost about as much as building them would
     /// ([`SCANS_BEFORE_CLASSES`]); until then a placement scans the nodes.
@@ -518,9 +513,9 @@ impl<'a> Cluster<'a> {
         jobs: impl Iterator<Item = (&'r Resources, u32, u64)>,
     ) -> Cluster<'a> {
         let workload = if packing == Packing::Fragmentation {
-            workload(jobs)
+            Workload::of(jobs)
         } else {
-            Vec::new()
+            Workload::default()
         };
         let free: Vec<Free> = nodes.iter().map(Free::of).collect();
         Cluster {
@@ -529,6 +524,7 @@ impl<'a> Cluster<'a> {
             groups: OnceCell::new(),
             packing,
             workload,
+            allowed_slots: RefCell::new(Vec::new()),
             classes: None,
             scanned: 0,
             scratch: RefCell::new(Vec::new()),
@@ -620,6 +616,9 @@ impl<'a> Cluster<'a> {
                 .take(d.whole as usize)
                 .collect()
         } else if d.milli > 0 {
+            if self.packing == Packing::Fragmentation && !self.workload.is_empty() {
+                return self.least_fragmenting_share(node, free, d, held);
+            }
             // The fullest device that still fits: shares pack together.
             (0..free.gpu.len())
                 .filter(|s| avail(*s) >= d.milli && self.allowed(node, *s, d))
@@ -629,6 +628,43 @@ impl<'a> Cluster<'a> {
         } else {
             Vec::new()
         }
+    }
+
+    /// For a share under fragmentation-aware packing: the device whose use
+    /// leaves the node least fragmented, the fullest such, then the first.
+    /// Devices with the same free thousandths and model are alike, so each
+    /// such kind is tried once.
+    fn least_fragmenting_share(
+        &self,
+        node: usize,
+        free: &Free,
+        d: &Demand,
+        held: Option<&(u64, u64, Vec<u32>)>,
+    ) -> Vec<usize> {
+        let avail =
+            |slot: usize| free.gpu[slot].saturating_sub(held.map(|h| h.2[slot]).unwrap_or(0));
+        let gpus = &self.nodes[node].gpus;
+        let mut after = free.gpu.to_vec();
+        let mut best: Option<((u64, u32), usize)> = None;
+        for s in 0..free.gpu.len() {
+            if avail(s) < d.milli || !self.allowed(node, s, d) {
+                continue;
+            }
+            let alike = (0..s).any(|t| {
+                free.gpu[t] == free.gpu[s] && avail(t) == avail(s) && gpus[t].model == gpus[s].model
+            });
+            if alike {
+                continue;
+            }
+            after[s] -= d.milli;
+            let frag = self.fragmentation(node, free.cpu - d.cpu, free.mem - d.mem, &after);
+            after[s] += d.milli;
+            let key = (frag, avail(s));
+            if best.as_ref().is_none_or(|(b, _)| key < *b) {
+                best = Some((key, s));
+            }
+        }
+        best.map(|(_, s)| s).into_iter().collect()
     }
 
     /// Lower is a tighter fit.
@@ -647,29 +683,34 @@ impl<'a> Cluster<'a> {
         score
     }
 
-    /// Expected GPU thousandths on a node (with `cpu` free, `gpu` free per
-    /// slot, `whole` slots entirely free) that the typical job could not use.
-    fn fragmentation(&self, cpu: u64, gpu: &[u32], whole: u32) -> f64 {
-        let total: u32 = gpu.iter().sum();
-        if total == 0 {
-            return 0.0;
+    /// Free GPU thousandths on `node` (with `cpu`, `mem` and `gpu` free)
+    /// that the workload could not use (see [`Workload::unusable`]).
+    fn fragmentation(&self, node: usize, cpu: u64, mem: u64, gpu: &[u32]) -> u64 {
+        if !self.workload.constrained() {
+            return self.workload.unusable(&[], cpu, mem, gpu);
         }
-        let mut frag = 0.0;
-        for c in &self.workload {
-            let unusable = if cpu < c.cpu {
-                total
-            } else if c.whole > 0 {
-                if whole >= c.whole {
-                    gpu.iter().filter(|m| **m < WHOLE).sum()
-                } else {
-                    total
-                }
-            } else {
-                gpu.iter().filter(|m| **m < c.milli).sum()
-            };
-            frag += c.weight * unusable as f64;
+        let groups = self.groups();
+        let group = groups.model_group[node];
+        let known = self
+            .allowed_slots
+            .borrow()
+            .get(group)
+            .is_some_and(Option::is_some);
+        if !known {
+            let models: Vec<String> = self.nodes[node]
+                .gpus
+                .iter()
+                .map(|g| g.model.to_ascii_lowercase())
+                .collect();
+            let mut cache = self.allowed_slots.borrow_mut();
+            if cache.len() <= group {
+                cache.resize(groups.group_models.len().max(group + 1), None);
+            }
+            cache[group] = Some(self.workload.allowed_slots(&models).into());
         }
-        frag
+        let cache = self.allowed_slots.borrow();
+        let allowed = cache[group].as_deref().unwrap_or(&[]);
+        self.workload.unusable(allowed, cpu, mem, gpu)
     }
 
     /// What one replica costs per hour on a node.
@@ -698,17 +739,12 @@ impl<'a> Cluster<'a> {
             &mut heap
         };
         gpu_after.copy_from_slice(&free.gpu);
-        let mut whole_after = free.whole;
         for s in gpus {
-            let before = gpu_after[*s];
-            gpu_after[*s] = before.saturating_sub(per);
-            if before == WHOLE && gpu_after[*s] < WHOLE {
-                whole_after -= 1;
-            }
+            gpu_after[*s] = gpu_after[*s].saturating_sub(per);
         }
-        let delta = self.fragmentation(free.cpu - d.cpu, gpu_after, whole_after)
-            - self.fragmentation(free.cpu, &free.gpu, free.whole);
-        (delta, fit, price)
+        let after = self.fragmentation(node, free.cpu - d.cpu, free.mem - d.mem, gpu_after);
+        let before = self.fragmentation(node, free.cpu, free.mem, &free.gpu);
+        (after as f64 - before as f64, fit, price)
     }
 
     /// Places every replica of a job or none; on success the capacity is
@@ -1251,42 +1287,6 @@ pub fn slots_when_empty(n: &NodeView, r: &Resources) -> u64 {
         u64::MAX
     };
     by_cpu.min(by_mem).min(by_gpu)
-}
-
-/// The mix of GPU requests among the jobs seen (resources, replicas, how
-/// many jobs), weighted by how often each appears (at most 16 kinds).
-fn workload<'a>(jobs: impl Iterator<Item = (&'a Resources, u32, u64)>) -> Vec<WorkClass> {
-    let mut counts: Vec<(u32, u32, u64, u64)> = Vec::new(); // whole, milli, cpu sum, n
-    for (r, replicas, jobs) in jobs {
-        if !r.wants_gpu() {
-            continue;
-        }
-        let (whole, milli) = if r.gpu > 0 {
-            (r.gpu, 0)
-        } else {
-            (0, r.gpu_milli)
-        };
-        let n = replicas as u64 * jobs;
-        match counts.iter_mut().find(|c| c.0 == whole && c.1 == milli) {
-            Some(c) => {
-                c.2 += r.cpu_milli * n;
-                c.3 += n;
-            }
-            None => counts.push((whole, milli, r.cpu_milli * n, n)),
-        }
-    }
-    counts.sort_by(|a, b| b.3.cmp(&a.3).then((a.0, a.1).cmp(&(b.0, b.1))));
-    counts.truncate(16);
-    let total: u64 = counts.iter().map(|c| c.3).sum();
-    counts
-        .into_iter()
-        .map(|(whole, milli, cpu, n)| WorkClass {
-            cpu: cpu / n.max(1),
-            whole,
-            milli,
-            weight: n as f64 / total.max(1) as f64,
-        })
-        .collect()
 }
 
 #[cfg(test)]

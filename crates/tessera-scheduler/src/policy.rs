@@ -30,8 +30,10 @@ pub enum Packing {
     /// The node left with the least free capacity.
     BestFit,
     /// The node whose leftover GPU capacity stays most usable for the jobs
-    /// that typically arrive (fragmentation gradient descent), best fit on
-    /// ties.
+    /// that typically arrive (fragmentation gradient descent, counting GPUs
+    /// the node's free CPU and memory cannot feed as lost), best fit on
+    /// ties; a share goes to the device that leaves its node least
+    /// fragmented.
     Fragmentation,
 }
 

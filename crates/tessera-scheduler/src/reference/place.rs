@@ -8,6 +8,7 @@ use rustc_hash::FxHashMap as HashMap;
 
 use tessera_core::Resources;
 
+use crate::frag::Workload;
 use crate::policy::Packing;
 use crate::{Assignment, NodeView, PendingJob, RunningJob};
 
@@ -115,21 +116,12 @@ pub struct Reservation {
     held_nodes: Vec<usize>,
 }
 
-/// A kind of GPU request seen in the workload, for fragmentation scoring.
-#[derive(Debug, Clone)]
-struct WorkClass {
-    cpu: u64,
-    whole: u32,
-    milli: u32,
-    weight: f64,
-}
-
 pub struct Cluster<'a> {
     nodes: &'a [NodeView],
     free: Vec<Free>,
     models_lower: Vec<Vec<String>>,
     packing: Packing,
-    workload: Vec<WorkClass>,
+    workload: Workload,
     classes: Classes,
 }
 
@@ -219,9 +211,14 @@ impl<'a> Cluster<'a> {
         packing: Packing,
     ) -> Cluster<'a> {
         let workload = if packing == Packing::Fragmentation {
-            workload(queue.iter().chain(running.iter().map(|r| &r.job)))
+            Workload::of(
+                queue
+                    .iter()
+                    .chain(running.iter().map(|r| &r.job))
+                    .map(|j| (&j.resources, j.replicas, 1)),
+            )
         } else {
-            Vec::new()
+            Workload::default()
         };
         let free: Vec<Free> = nodes.iter().map(Free::of).collect();
         let models_lower: Vec<Vec<String>> = nodes
@@ -306,6 +303,21 @@ impl<'a> Cluster<'a> {
                 .take(d.whole as usize)
                 .collect()
         } else if d.milli > 0 {
+            if self.packing == Packing::Fragmentation && !self.workload.is_empty() {
+                // The device whose use leaves the node least fragmented,
+                // the fullest such, then the first.
+                return (0..free.gpu.len())
+                    .filter(|s| avail(*s) >= d.milli && self.allowed(node, *s, d))
+                    .min_by_key(|s| {
+                        let mut after = free.clone();
+                        after.cpu -= d.cpu;
+                        after.mem -= d.mem;
+                        after.take_gpu(*s, d.milli);
+                        (self.fragmentation(node, &after), avail(*s), *s)
+                    })
+                    .into_iter()
+                    .collect();
+            }
             // The fullest device that still fits: shares pack together.
             (0..free.gpu.len())
                 .filter(|s| avail(*s) >= d.milli && self.allowed(node, *s, d))
@@ -333,28 +345,13 @@ impl<'a> Cluster<'a> {
         score
     }
 
-    /// Expected GPU thousandths on a node that the typical job could not use.
-    fn fragmentation(&self, free: &Free) -> f64 {
-        let total: u32 = free.gpu.iter().sum();
-        if total == 0 {
-            return 0.0;
-        }
-        let mut frag = 0.0;
-        for c in &self.workload {
-            let unusable = if free.cpu < c.cpu {
-                total
-            } else if c.whole > 0 {
-                if free.whole >= c.whole {
-                    free.gpu.iter().filter(|m| **m < WHOLE).sum()
-                } else {
-                    total
-                }
-            } else {
-                free.gpu.iter().filter(|m| **m < c.milli).sum()
-            };
-            frag += c.weight * unusable as f64;
-        }
-        frag
+    /// Free GPU thousandths on `node` that the workload could not use (the
+    /// measure itself is shared with the current scheduler: this oracle
+    /// checks how candidates are found and compared, not the measure).
+    fn fragmentation(&self, node: usize, free: &Free) -> u64 {
+        let allowed = self.workload.allowed_slots(&self.models_lower[node]);
+        self.workload
+            .unusable(&allowed, free.cpu, free.mem, &free.gpu)
     }
 
     /// What one replica costs per hour on a node.
@@ -379,7 +376,7 @@ impl<'a> Cluster<'a> {
         for s in gpus {
             after.take_gpu(*s, if d.whole > 0 { WHOLE } else { d.milli });
         }
-        let delta = self.fragmentation(&after) - self.fragmentation(free);
+        let delta = self.fragmentation(node, &after) as f64 - self.fragmentation(node, free) as f64;
         (delta, fit, price)
     }
 
@@ -741,41 +738,4 @@ pub fn slots_when_empty(n: &NodeView, r: &Resources) -> u64 {
         u64::MAX
     };
     by_cpu.min(by_mem).min(by_gpu)
-}
-
-/// The mix of GPU requests among the jobs seen, weighted by how often each
-/// appears (at most 16 kinds).
-fn workload<'a>(jobs: impl Iterator<Item = &'a PendingJob>) -> Vec<WorkClass> {
-    let mut counts: Vec<(u32, u32, u64, u64)> = Vec::new(); // whole, milli, cpu sum, n
-    for j in jobs {
-        let r = &j.resources;
-        if !r.wants_gpu() {
-            continue;
-        }
-        let (whole, milli) = if r.gpu > 0 {
-            (r.gpu, 0)
-        } else {
-            (0, r.gpu_milli)
-        };
-        let n = j.replicas as u64;
-        match counts.iter_mut().find(|c| c.0 == whole && c.1 == milli) {
-            Some(c) => {
-                c.2 += r.cpu_milli * n;
-                c.3 += n;
-            }
-            None => counts.push((whole, milli, r.cpu_milli * n, n)),
-        }
-    }
-    counts.sort_by(|a, b| b.3.cmp(&a.3).then((a.0, a.1).cmp(&(b.0, b.1))));
-    counts.truncate(16);
-    let total: u64 = counts.iter().map(|c| c.3).sum();
-    counts
-        .into_iter()
-        .map(|(whole, milli, cpu, n)| WorkClass {
-            cpu: cpu / n.max(1),
-            whole,
-            milli,
-            weight: n as f64 / total.max(1) as f64,
-        })
-        .collect()
 }
