@@ -64,12 +64,29 @@ impl Gateway {
         Ok(())
     }
 
+    /// Serves one client connection: by hand while its requests are plain
+    /// HTTP/1.1 (`fast`), then, from the first request that is not, with
+    /// hyper's server and the general path.
     async fn serve_connection(
         self: Arc<Self>,
         tcp: TcpStream,
         peer: SocketAddr,
         mut stop: tokio::sync::watch::Receiver<()>,
     ) {
+        let Some(rest) = crate::fast::serve(&self, tcp, peer, &mut stop).await else {
+            return;
+        };
+        self.serve_hyper(rest, peer, stop).await;
+    }
+
+    async fn serve_hyper<I>(
+        self: Arc<Self>,
+        io: I,
+        peer: SocketAddr,
+        mut stop: tokio::sync::watch::Receiver<()>,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let conns = Arc::new(UpstreamConns::new(peer));
         let gw = self;
         let svc = service_fn(move |req: hyper::Request<Incoming>| {
@@ -90,7 +107,7 @@ impl Gateway {
             }
         });
         let conn = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(tcp), svc)
+            .serve_connection(TokioIo::new(io), svc)
             .with_upgrades();
         let mut conn = pin!(conn);
         tokio::select! {
@@ -125,20 +142,69 @@ async fn accept_error(e: std::io::Error) {
 pub(crate) struct UpstreamConns {
     /// The client's IP address, as `X-Forwarded-For` carries it.
     client: Option<HeaderValue>,
-    idle: Mutex<Idle>,
+    idle: Mutex<Idle<SendRequest<OutBody>>>,
 }
 
-#[derive(Default)]
-struct Idle {
+/// Idle upstream connections (of one client connection), each to the
+/// replica it was opened to.
+pub(crate) struct Idle<T> {
     /// The route generation the list was last checked against.
     generation: u64,
-    conns: Vec<IdleConn>,
+    conns: Vec<IdleConn<T>>,
 }
 
-struct IdleConn {
+struct IdleConn<T> {
     addr: SocketAddr,
     since: Instant,
-    tx: SendRequest<OutBody>,
+    conn: T,
+}
+
+impl<T> Default for Idle<T> {
+    fn default() -> Self {
+        Idle {
+            generation: 0,
+            conns: Vec::new(),
+        }
+    }
+}
+
+impl<T> Idle<T> {
+    /// Takes the idle connection to `replica`, if there is a usable one
+    /// (`usable`, and idle for less than `max_idle`). Connections to
+    /// replicas that left the route are closed here.
+    pub(crate) fn take(
+        &mut self,
+        route: &Route,
+        replica: &Replica,
+        max_idle: Duration,
+        mut usable: impl FnMut(&mut T) -> bool,
+    ) -> Option<T> {
+        if self.conns.is_empty() {
+            return None;
+        }
+        if self.generation != route.generation {
+            self.generation = route.generation;
+            self.conns
+                .retain(|c| route.replicas.iter().any(|r| r.addr == c.addr));
+        }
+        let now = Instant::now();
+        self.conns
+            .retain_mut(|c| now.duration_since(c.since) < max_idle && usable(&mut c.conn));
+        let i = self.conns.iter().position(|c| c.addr == replica.addr)?;
+        Some(self.conns.swap_remove(i).conn)
+    }
+
+    /// Keeps `conn` for the next request to `addr`.
+    pub(crate) fn put(&mut self, addr: SocketAddr, conn: T) {
+        if self.conns.len() >= MAX_IDLE_PER_CONN {
+            self.conns.remove(0);
+        }
+        self.conns.push(IdleConn {
+            addr,
+            since: Instant::now(),
+            conn,
+        });
+    }
 }
 
 impl UpstreamConns {
@@ -149,8 +215,6 @@ impl UpstreamConns {
         }
     }
 
-    /// Takes the idle connection to `replica`, if there is a usable one.
-    /// Connections to replicas that left the route are closed here.
     fn take(
         &self,
         route: &Route,
@@ -158,32 +222,14 @@ impl UpstreamConns {
         max_idle: Duration,
     ) -> Option<SendRequest<OutBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.conns.is_empty() {
-            return None;
-        }
-        if idle.generation != route.generation {
-            idle.generation = route.generation;
-            idle.conns
-                .retain(|c| route.replicas.iter().any(|r| r.addr == c.addr));
-        }
-        let now = Instant::now();
-        idle.conns
-            .retain(|c| !c.tx.is_closed() && now.duration_since(c.since) < max_idle);
-        let i = idle.conns.iter().position(|c| c.addr == replica.addr)?;
-        Some(idle.conns.swap_remove(i).tx)
+        idle.take(route, replica, max_idle, |tx| !tx.is_closed())
     }
 
-    /// Keeps `tx` for the next request to `addr` on this client connection.
     fn put(&self, addr: SocketAddr, tx: SendRequest<OutBody>) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.conns.len() >= MAX_IDLE_PER_CONN {
-            idle.conns.remove(0);
-        }
-        idle.conns.push(IdleConn {
-            addr,
-            since: Instant::now(),
-            tx,
-        });
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(addr, tx);
     }
 
     /// Sends `req` to `replica` on this client connection's idle connection
