@@ -10,7 +10,10 @@
 //! store and decides no scaling. The control plane tells it which replicas
 //! are *ready* (`Gateway::set_service`), and it reports demand back through
 //! the hook and `Gateway::stats`. `tessera-server` embeds it; a standalone
-//! gateway process runs the same `Gateway` behind `Gateway::serve`.
+//! gateway process runs the same `Gateway` behind `Gateway::serve`, which
+//! serves plain HTTP/1.1 requests on a path of its own (`fast`: heads
+//! parsed in place, bodies copied through, no HTTP library in between) and
+//! hands any other connection (HTTP/1.0, upgrades, `Expect`) to hyper.
 //!
 //! Hot-path rules: the table is a copy-on-write snapshot behind a `RwLock`
 //! that is held only long enough to clone an `Arc`; counters are atomics;
@@ -42,6 +45,7 @@ pub use error::error_response;
 pub use metrics::{latency_bound, LATENCY_BOUNDS};
 use metrics::{GatewayMetrics, ServiceMetrics};
 use proxy::OutBody;
+pub use server::reuseport_listeners;
 
 /// Called with the service name when a request finds no ready replica, so
 /// the control plane can start one. It runs on the request path: it must be

@@ -64,6 +64,57 @@ impl Gateway {
         Ok(())
     }
 
+    /// Serves as `serve` does on several threads, one per listener, each a
+    /// current-thread runtime of its own: a client connection, its upstream
+    /// connections and its requests stay on one thread, and no task moves
+    /// between threads (as nginx's worker processes). The listeners should
+    /// share one address with SO_REUSEPORT, so that the kernel spreads new
+    /// connections over them (`reuseport_listeners`). Returns once
+    /// `shutdown` has completed and every thread has let its requests in
+    /// flight finish.
+    pub async fn serve_threads(
+        self: Arc<Self>,
+        listeners: Vec<std::net::TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+        let mut done = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let gw = self.clone();
+            let mut stop = stop_rx.clone();
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name(format!("gateway-{i}"))
+                .spawn(move || {
+                    let served = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .and_then(|rt| {
+                            rt.block_on(async move {
+                                listener.set_nonblocking(true)?;
+                                let listener = TcpListener::from_std(listener)?;
+                                gw.serve(listener, async move {
+                                    let _ = stop.changed().await;
+                                })
+                                .await
+                            })
+                        });
+                    let _ = done_tx.send(served);
+                })?;
+            done.push(done_rx);
+        }
+        drop(stop_rx);
+        shutdown.await;
+        let _ = stop_tx.send(());
+        let mut result = Ok(());
+        for d in done {
+            if let Ok(Err(e)) = d.await {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
     /// Serves one client connection: by hand while its requests are plain
     /// HTTP/1.1 (`fast`), then, from the first request that is not, with
     /// hyper's server and the general path.
@@ -122,6 +173,31 @@ impl Gateway {
         conn.as_mut().graceful_shutdown();
         let _ = conn.await;
     }
+}
+
+/// `n` listening sockets on `addr`, all with SO_REUSEPORT, for
+/// `serve_threads` (with port 0, all get the port the first one got). Call
+/// it within a tokio runtime.
+pub fn reuseport_listeners(
+    addr: SocketAddr,
+    n: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut addr = addr;
+    (0..n.max(1))
+        .map(|_| {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.bind(addr)?;
+            let listener = socket.listen(1024)?.into_std()?;
+            addr = listener.local_addr()?;
+            Ok(listener)
+        })
+        .collect()
 }
 
 /// As axum's `serve`: errors of one connection are skipped; others (such as

@@ -1102,3 +1102,31 @@ async fn shutdown_closes_idle_connections_and_serve_returns() {
     read_to_end(&mut tcp, &mut buf).await;
     assert!(buf.is_empty());
 }
+
+#[tokio::test]
+async fn several_threads_serve_one_address_and_stop_together() {
+    let up = echo_upstream("a").await;
+    let gw = Gateway::new(GatewayConfig::default());
+    gw.set_service("echo", ServiceRoute::new(vec![replica("a", up)]));
+    let listeners =
+        tessera_gateway::reuseport_listeners("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+    assert_eq!(listeners.len(), 3);
+    let addr = listeners[0].local_addr().unwrap();
+    assert!(listeners.iter().all(|l| l.local_addr().unwrap() == addr));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(gw.clone().serve_threads(listeners, async {
+        let _ = stop_rx.await;
+    }));
+    for _ in 0..20 {
+        let (status, json) = get(format!("http://{addr}/s/echo/t")).await;
+        assert_eq!((status, json["uri"].as_str()), (StatusCode::OK, Some("/t")));
+    }
+    assert_eq!(gw.stats("echo").unwrap().requests_total, 20);
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("serve_threads did not return")
+        .unwrap()
+        .unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
