@@ -84,6 +84,8 @@ pub(crate) async fn serve(
         timer: Box::pin(tokio::time::sleep(Duration::from_secs(86_400))),
     };
     let mut head = ReqHead::default();
+    // Checks for a stop between requests without waiting on it.
+    let probe = stop.clone();
     let hand_over = {
         let mut stopped = pin!(stop.changed());
         let mut stopping = false;
@@ -96,11 +98,7 @@ pub(crate) async fn serve(
                 Next::Closed => break false,
                 Next::Fallback => break !stopping,
             }
-            if !stopping {
-                stopping =
-                    std::future::poll_fn(|cx| Poll::Ready(stopped.as_mut().poll(cx).is_ready()))
-                        .await;
-            }
+            stopping = stopping || probe.has_changed().unwrap_or(true);
             if !c.exchange(&head, stopping).await || stopping {
                 break false;
             }
