@@ -11,7 +11,9 @@
 #   latency:    proxy_bench load at $RATE req/s over 32 connections
 #               (p50/p99 from send to the end of the response body).
 # Rounds alternate the targets so drift hits all of them alike.
-# Usage: bash bench/gateway.sh [OUT_DIR]   (ROUNDS=3 DUR=10 RATE=5000)
+# BASE=path/to/another/proxy_bench adds its gateway ("base", e.g. a build of
+# an earlier commit) to the same rounds, against the same upstream.
+# Usage: bash bench/gateway.sh [OUT_DIR]   (ROUNDS=3 DUR=10 RATE=5000 BASE=)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-target/bench-gateway}"
@@ -22,14 +24,20 @@ bin="${CARGO_TARGET_DIR:-$PWD/target}/release/examples/proxy_bench"
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install -y wrk)" >&2; exit 1; }
 { git rev-parse HEAD && git status --short; } >"$out/commit.txt" 2>&1 || true
 
-up=127.0.0.1:18080; gw=127.0.0.1:18081; ngx=127.0.0.1:18082
+up=127.0.0.1:18080; gw=127.0.0.1:18081; ngx=127.0.0.1:18082; base=127.0.0.1:18083
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 "$bin" upstream --listen "$up" & pids+=($!)
 "$bin" gateway --listen "$gw" --upstream "$up" & pids+=($!)
 gw_pid=$!
-targets="direct=http://$up/ gateway=http://$gw/s/bench/"
+targets="direct=http://$up/"
+if [ -n "${BASE:-}" ]; then
+    "$BASE" gateway --listen "$base" --upstream "$up" & pids+=($!)
+    base_pid=$!
+    targets="$targets base=http://$base/s/bench/"
+fi
+targets="$targets gateway=http://$gw/s/bench/"
 if command -v nginx >/dev/null; then
     ndir="$(mktemp -d)"
     cat >"$ndir/nginx.conf" <<NGINX
@@ -60,13 +68,14 @@ NGINX
 else
     echo "nginx is not installed: skipping it (apt-get install -y nginx)" >&2
 fi
-for a in $up $gw $([ -n "${ndir:-}" ] && echo $ngx); do
+for a in $up $gw $([ -n "${ndir:-}" ] && echo $ngx) $([ -n "${BASE:-}" ] && echo $base); do
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/${a%:*}/${a#*:}") 2>/dev/null && break; sleep 0.05; done
 done
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 proxy_pids() {
     case "$1" in
         gateway) echo "$gw_pid" ;;
+        base) echo "$base_pid" ;;
         nginx) pgrep -P "$nginx_pid" | tr '\n' ' ' ;;
         *) echo "" ;;
     esac
@@ -81,7 +90,7 @@ for r in $(seq "$rounds"); do
         pp=$(proxy_pids "$name"); t0=$([ -n "$pp" ] && ticks $pp || echo 0)
         rps=$(wrk -t2 -c64 -d"${dur}s" "$url" | tee "$out/wrk-$name-$r.txt" | awk '/Requests\/sec/ {print $2}')
         n=$(awk '/requests in/ {print $1}' "$out/wrk-$name-$r.txt")
-        cpu=$([ -n "$pp" ] && echo "$(( ($(ticks $pp) - t0) * 1000000 / hz / n ))" || echo 0)
+        cpu=$([ -n "$pp" ] && awk -v d=$(( $(ticks $pp) - t0 )) -v hz="$hz" -v n="$n" 'BEGIN {printf "%.1f", d * 1e6 / hz / n}' || echo 0)
         lat=$("$bin" load --url "$url" --rate "$rate" --secs "$dur" --conns 32 | tee "$out/load-$name-$r.txt")
         p50=$(echo "$lat" | awk '{for(i=1;i<=NF;i++) if($i=="p50") print $(i+1)}')
         p99=$(echo "$lat" | awk '{for(i=1;i<=NF;i++) if($i=="p99") print $(i+1)}')
@@ -98,5 +107,6 @@ done | tee "$out/summary.txt"
 awk '{split($2,a,"="); split($3,b,"="); split($4,c,"="); split($5,d,"="); rps[$1]=a[2]; p50[$1]=b[2]; p99[$1]=c[2]; cpu[$1]=d[2]}
      END {
        printf "gateway/direct throughput %.2fx; added latency p50 %.3f ms, p99 %.3f ms\n", rps["gateway"]/rps["direct"], p50["gateway"]-p50["direct"], p99["gateway"]-p99["direct"];
+       if ("base" in rps) printf "gateway/base throughput %.2fx; proxy CPU per request: gateway %s us, base %s us; base/direct %.2fx\n", rps["gateway"]/rps["base"], cpu["gateway"], cpu["base"], rps["base"]/rps["direct"];
        if ("nginx" in rps) printf "gateway/nginx throughput %.2fx; nginx added p50 %.3f ms, p99 %.3f ms; proxy CPU per request: gateway %s us, nginx %s us\n", rps["gateway"]/rps["nginx"], p50["nginx"]-p50["direct"], p99["nginx"]-p99["direct"], cpu["gateway"], cpu["nginx"];
      }' "$out/summary.txt" | tee -a "$out/summary.txt"

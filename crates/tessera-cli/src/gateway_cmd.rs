@@ -2,7 +2,8 @@
 //! can be scaled apart from the control plane. It polls the control plane
 //! for routes (`GET /v1/gateway/routes`, every 500 ms), reports its load
 //! once a second and its waiting requests at once (`POST /v1/gateway/load`),
-//! and serves `/s/<service>/` like the embedded one.
+//! and serves `/s/<service>/` like the embedded one, on one thread per core
+//! (`Gateway::serve_threads`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -27,6 +28,10 @@ pub struct GatewayArgs {
     /// This gateway's name in load reports [default: the listen address]
     #[arg(long)]
     pub name: Option<String>,
+    /// Threads serving requests, each with a listener of its own on the
+    /// address (SO_REUSEPORT) [default: one per core]
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
 }
 
 /// Turns the control plane's route table into the gateway's.
@@ -88,12 +93,15 @@ pub async fn gateway(g: &Globals, args: GatewayArgs) -> Result<()> {
         .await
         .context("reading routes from the control plane (an admin token is needed)")?;
     apply_routes(&gw, &table, &mut known);
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let listeners = tessera_gateway::reuseport_listeners(args.listen, threads)
         .with_context(|| format!("listening on {}", args.listen))?;
     eprintln!(
-        "Tessera gateway on http://{} for {} ({} services)",
-        listener.local_addr()?,
+        "Tessera gateway on http://{} for {} ({} services, {threads} threads)",
+        listeners[0].local_addr()?,
         client.url(),
         known.len()
     );
@@ -157,6 +165,6 @@ pub async fn gateway(g: &Globals, args: GatewayArgs) -> Result<()> {
             _ = term.recv() => {}
         }
     };
-    gw.serve(listener, shutdown).await?;
+    gw.serve_threads(listeners, shutdown).await?;
     Ok(())
 }

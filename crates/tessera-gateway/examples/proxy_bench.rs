@@ -12,6 +12,9 @@
 //!
 //! `PROXY_BENCH_WORKERS=1` runs any of them on a current-thread runtime,
 //! `PROXY_BENCH_WORKERS=N` on N worker threads (default: one per core).
+//! The gateway serves as `tessera gateway` does, on one thread per core
+//! (`Gateway::serve_threads`); `PROXY_BENCH_THREADS=N` sets the number, and
+//! `PROXY_BENCH_THREADS=0` serves on the runtime above (`Gateway::serve`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -108,9 +111,23 @@ async fn gateway(listen: SocketAddr, upstream: SocketAddr) {
             addr: upstream,
         }]),
     );
-    let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
-    eprintln!("gateway on {listen} -> {upstream}");
-    gw.serve(listener, std::future::pending()).await.unwrap();
+    // As `tessera gateway`: one thread per core, each with a listener of
+    // its own (`serve_threads`); PROXY_BENCH_THREADS=N for N threads, 0 for
+    // `serve` on the runtime above.
+    let threads = std::env::var("PROXY_BENCH_THREADS").ok().map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |t| t.parse().expect("PROXY_BENCH_THREADS is a number"),
+    );
+    eprintln!("gateway on {listen} -> {upstream} ({threads} threads)");
+    if threads == 0 {
+        let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
+        gw.serve(listener, std::future::pending()).await.unwrap();
+    } else {
+        let listeners = tessera_gateway::reuseport_listeners(listen, threads).unwrap();
+        gw.serve_threads(listeners, std::future::pending())
+            .await
+            .unwrap();
+    }
 }
 
 /// `conns` keep-alive connections, each sending one request at a time on a

@@ -10,7 +10,10 @@
 //! store and decides no scaling. The control plane tells it which replicas
 //! are *ready* (`Gateway::set_service`), and it reports demand back through
 //! the hook and `Gateway::stats`. `tessera-server` embeds it; a standalone
-//! gateway process runs the same `Gateway` behind `Gateway::serve`.
+//! gateway process runs the same `Gateway` behind `Gateway::serve`, which
+//! serves plain HTTP/1.1 requests on a path of its own (`fast`: heads
+//! parsed in place, bodies copied through, no HTTP library in between) and
+//! hands any other connection (HTTP/1.0, upgrades, `Expect`) to hyper.
 //!
 //! Hot-path rules: the table is a copy-on-write snapshot behind a `RwLock`
 //! that is held only long enough to clone an `Arc`; counters are atomics;
@@ -18,6 +21,7 @@
 //! (per-replica in-flight counts are kept by replica id across updates).
 
 mod error;
+mod fast;
 mod metrics;
 mod proxy;
 mod server;
@@ -41,6 +45,7 @@ pub use error::error_response;
 pub use metrics::{latency_bound, LATENCY_BOUNDS};
 use metrics::{GatewayMetrics, ServiceMetrics};
 use proxy::OutBody;
+pub use server::reuseport_listeners;
 
 /// Called with the service name when a request finds no ready replica, so
 /// the control plane can start one. It runs on the request path: it must be
@@ -403,14 +408,17 @@ impl Gateway {
 
 impl Route {
     /// Whether `Authorization: Bearer <key>` carries one of the route's keys.
-    pub(crate) fn authorized(&self, authorization: Option<&HeaderValue>) -> bool {
+    pub(crate) fn authorized(&self, authorization: Option<&[u8]>) -> bool {
         if !self.require_key {
             return true;
         }
-        let Some(key) = authorization.and_then(|v| v.to_str().ok()).and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        }) else {
+        let Some(key) = authorization
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+        else {
             return false;
         };
         let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
@@ -488,9 +496,9 @@ mod tests {
         let mut r = route(&[]);
         r.require_key = true;
         r.keys = vec![hex::decode(hash_key("s3cret")).unwrap().try_into().unwrap()];
-        assert!(r.authorized(Some(&HeaderValue::from_static("Bearer s3cret"))));
-        assert!(!r.authorized(Some(&HeaderValue::from_static("Bearer other"))));
-        assert!(!r.authorized(Some(&HeaderValue::from_static("s3cret"))));
+        assert!(r.authorized(Some(b"Bearer s3cret")));
+        assert!(!r.authorized(Some(b"Bearer other")));
+        assert!(!r.authorized(Some(b"s3cret")));
         assert!(!r.authorized(None));
     }
 }

@@ -71,11 +71,13 @@ impl Gateway {
 
     /// The service a request's `Host` names under `GatewayConfig::domain`.
     pub fn host_service<'a>(&self, headers: &'a HeaderMap, uri: &'a Uri) -> Option<&'a str> {
+        self.host_service_of(request_host(headers, uri)?)
+    }
+
+    /// The service `host` (a `Host` value, port allowed) names under
+    /// `GatewayConfig::domain`.
+    pub(crate) fn host_service_of<'a>(&self, host: &'a str) -> Option<&'a str> {
         let domain = self.config.domain.as_deref()?;
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| uri.host())?;
         let host = match host.rsplit_once(':') {
             Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
             _ => host,
@@ -94,8 +96,8 @@ impl Gateway {
 
     /// The service name and how many leading bytes of the path to strip.
     /// Host names are case-insensitive, so a Host-routed name is lowercased.
-    fn resolve<'a>(&self, headers: &'a HeaderMap, uri: &'a Uri) -> Option<(Cow<'a, str>, usize)> {
-        if let Some(name) = self.host_service(headers, uri) {
+    fn resolve<'a>(&self, host: Option<&'a str>, path: &'a str) -> Option<(Cow<'a, str>, usize)> {
+        if let Some(name) = host.and_then(|h| self.host_service_of(h)) {
             let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
                 Cow::Owned(name.to_ascii_lowercase())
             } else {
@@ -103,9 +105,62 @@ impl Gateway {
             };
             return Some((name, 0));
         }
-        let rest = uri.path().strip_prefix("/s/")?;
+        let rest = path.strip_prefix("/s/")?;
         let name = rest.split('/').next().unwrap_or("");
         (!name.is_empty()).then_some((Cow::Borrowed(name), 3 + name.len()))
+    }
+
+    /// Resolves and admits a request: its service (counted as a request),
+    /// the route to forward it on (held until the service has a ready
+    /// replica, when it has none) and how many leading path bytes to strip;
+    /// or the gateway's answer, already counted. `host` is the request's
+    /// `Host` (or its URI's authority), `path` its URI's path.
+    pub(crate) async fn admit(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        authorization: Option<&[u8]>,
+        start: Instant,
+    ) -> Result<(Arc<Service>, Arc<Route>, usize), Response> {
+        let Some((name, strip)) = self.resolve(host, path) else {
+            return Err(error_response(
+                StatusCode::NOT_FOUND,
+                "unknown_service",
+                "no service named: use /s/<service>/<path>",
+            ));
+        };
+        let Some(svc) = self.service(&name) else {
+            return Err(error_response(
+                StatusCode::NOT_FOUND,
+                "unknown_service",
+                &format!("no service named {name:?}"),
+            ));
+        };
+        svc.requests_total.fetch_add(1, Ordering::Relaxed);
+        let since = start.saturating_duration_since(self.epoch).as_nanos() as u64;
+        svc.last_request.store(since + 1, Ordering::Relaxed);
+
+        let mut route = svc.route.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if !route.authorized(authorization) {
+            svc.m.count(401);
+            svc.m.observe(start);
+            return Err(error_response(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this service needs a key: Authorization: Bearer <key>",
+            ));
+        }
+        if route.replicas.is_empty() {
+            match self.hold(&svc, &route, start).await {
+                Ok(ready) => route = ready,
+                Err(resp) => {
+                    svc.m.count(resp.status().as_u16());
+                    svc.m.observe(start);
+                    return Err(resp);
+                }
+            }
+        }
+        Ok((svc, route, strip))
     }
 
     /// Handles one request as the gateway's routes do. For a server that
@@ -133,44 +188,21 @@ impl Gateway {
         via: Via<'_>,
     ) -> hyper::Response<RespBody> {
         let start = Instant::now();
-        let Some((name, strip)) = self.resolve(&parts.headers, &parts.uri) else {
-            return answer(error_response(
-                StatusCode::NOT_FOUND,
-                "unknown_service",
-                "no service named: use /s/<service>/<path>",
-            ));
+        let admitted = self
+            .admit(
+                request_host(&parts.headers, &parts.uri),
+                parts.uri.path(),
+                parts
+                    .headers
+                    .get(header::AUTHORIZATION)
+                    .map(HeaderValue::as_bytes),
+                start,
+            )
+            .await;
+        let (svc, route, strip) = match admitted {
+            Ok(admitted) => admitted,
+            Err(resp) => return answer(resp),
         };
-        let Some(svc) = self.service(&name) else {
-            return answer(error_response(
-                StatusCode::NOT_FOUND,
-                "unknown_service",
-                &format!("no service named {name:?}"),
-            ));
-        };
-        svc.requests_total.fetch_add(1, Ordering::Relaxed);
-        let since = start.saturating_duration_since(self.epoch).as_nanos() as u64;
-        svc.last_request.store(since + 1, Ordering::Relaxed);
-
-        let mut route = svc.route.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if !route.authorized(parts.headers.get(header::AUTHORIZATION)) {
-            svc.m.count(401);
-            svc.m.observe(start);
-            return answer(error_response(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this service needs a key: Authorization: Bearer <key>",
-            ));
-        }
-        if route.replicas.is_empty() {
-            match self.hold(&svc, &route, start).await {
-                Ok(ready) => route = ready,
-                Err(resp) => {
-                    svc.m.count(resp.status().as_u16());
-                    svc.m.observe(start);
-                    return answer(resp);
-                }
-            }
-        }
         if let Some(protocol) = upgrade_protocol(&parts.headers) {
             return self
                 .forward_upgrade(svc, &route, strip, parts, protocol, client, start)
@@ -520,7 +552,15 @@ impl Gateway {
     }
 }
 
-fn upstream_error(svc: &Service) -> Response {
+/// The request's `Host`, or its URI's host when it has none.
+fn request_host<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&'a str> {
+    headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.host())
+}
+
+pub(crate) fn upstream_error(svc: &Service) -> Response {
     error_response(
         StatusCode::BAD_GATEWAY,
         "upstream_error",
@@ -695,13 +735,13 @@ fn respond(resp: hyper::Response<Incoming>, guard: InFlight) -> hyper::Response<
 /// Counts one forwarded request (service and replica) from forwarding to
 /// the end of its response body, and records its duration when it ends.
 pub(crate) struct InFlight {
-    svc: Arc<Service>,
+    pub(crate) svc: Arc<Service>,
     replica: Option<Arc<AtomicU32>>,
     start: Instant,
 }
 
 impl InFlight {
-    fn new(svc: Arc<Service>, start: Instant) -> InFlight {
+    pub(crate) fn new(svc: Arc<Service>, start: Instant) -> InFlight {
         svc.m.in_flight.inc();
         InFlight {
             svc,
@@ -710,7 +750,7 @@ impl InFlight {
         }
     }
 
-    fn set_replica(&mut self, count: &Arc<AtomicU32>) {
+    pub(crate) fn set_replica(&mut self, count: &Arc<AtomicU32>) {
         if let Some(old) = self.replica.take() {
             old.fetch_sub(1, Ordering::Relaxed);
         }

@@ -64,12 +64,80 @@ impl Gateway {
         Ok(())
     }
 
+    /// Serves as `serve` does on several threads, one per listener, each a
+    /// current-thread runtime of its own: a client connection, its upstream
+    /// connections and its requests stay on one thread, and no task moves
+    /// between threads (as nginx's worker processes). The listeners should
+    /// share one address with SO_REUSEPORT, so that the kernel spreads new
+    /// connections over them (`reuseport_listeners`). Returns once
+    /// `shutdown` has completed and every thread has let its requests in
+    /// flight finish.
+    pub async fn serve_threads(
+        self: Arc<Self>,
+        listeners: Vec<std::net::TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+        let mut done = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let gw = self.clone();
+            let mut stop = stop_rx.clone();
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name(format!("gateway-{i}"))
+                .spawn(move || {
+                    let served = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .and_then(|rt| {
+                            rt.block_on(async move {
+                                listener.set_nonblocking(true)?;
+                                let listener = TcpListener::from_std(listener)?;
+                                gw.serve(listener, async move {
+                                    let _ = stop.changed().await;
+                                })
+                                .await
+                            })
+                        });
+                    let _ = done_tx.send(served);
+                })?;
+            done.push(done_rx);
+        }
+        drop(stop_rx);
+        shutdown.await;
+        let _ = stop_tx.send(());
+        let mut result = Ok(());
+        for d in done {
+            if let Ok(Err(e)) = d.await {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    /// Serves one client connection: by hand while its requests are plain
+    /// HTTP/1.1 (`fast`), then, from the first request that is not, with
+    /// hyper's server and the general path.
     async fn serve_connection(
         self: Arc<Self>,
         tcp: TcpStream,
         peer: SocketAddr,
         mut stop: tokio::sync::watch::Receiver<()>,
     ) {
+        let Some(rest) = crate::fast::serve(&self, tcp, peer, &mut stop).await else {
+            return;
+        };
+        self.serve_hyper(rest, peer, stop).await;
+    }
+
+    async fn serve_hyper<I>(
+        self: Arc<Self>,
+        io: I,
+        peer: SocketAddr,
+        mut stop: tokio::sync::watch::Receiver<()>,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let conns = Arc::new(UpstreamConns::new(peer));
         let gw = self;
         let svc = service_fn(move |req: hyper::Request<Incoming>| {
@@ -90,7 +158,7 @@ impl Gateway {
             }
         });
         let conn = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(tcp), svc)
+            .serve_connection(TokioIo::new(io), svc)
             .with_upgrades();
         let mut conn = pin!(conn);
         tokio::select! {
@@ -105,6 +173,31 @@ impl Gateway {
         conn.as_mut().graceful_shutdown();
         let _ = conn.await;
     }
+}
+
+/// `n` listening sockets on `addr`, all with SO_REUSEPORT, for
+/// `serve_threads` (with port 0, all get the port the first one got). Call
+/// it within a tokio runtime.
+pub fn reuseport_listeners(
+    addr: SocketAddr,
+    n: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut addr = addr;
+    (0..n.max(1))
+        .map(|_| {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.bind(addr)?;
+            let listener = socket.listen(1024)?.into_std()?;
+            addr = listener.local_addr()?;
+            Ok(listener)
+        })
+        .collect()
 }
 
 /// As axum's `serve`: errors of one connection are skipped; others (such as
@@ -125,20 +218,69 @@ async fn accept_error(e: std::io::Error) {
 pub(crate) struct UpstreamConns {
     /// The client's IP address, as `X-Forwarded-For` carries it.
     client: Option<HeaderValue>,
-    idle: Mutex<Idle>,
+    idle: Mutex<Idle<SendRequest<OutBody>>>,
 }
 
-#[derive(Default)]
-struct Idle {
+/// Idle upstream connections (of one client connection), each to the
+/// replica it was opened to.
+pub(crate) struct Idle<T> {
     /// The route generation the list was last checked against.
     generation: u64,
-    conns: Vec<IdleConn>,
+    conns: Vec<IdleConn<T>>,
 }
 
-struct IdleConn {
+struct IdleConn<T> {
     addr: SocketAddr,
     since: Instant,
-    tx: SendRequest<OutBody>,
+    conn: T,
+}
+
+impl<T> Default for Idle<T> {
+    fn default() -> Self {
+        Idle {
+            generation: 0,
+            conns: Vec::new(),
+        }
+    }
+}
+
+impl<T> Idle<T> {
+    /// Takes the idle connection to `replica`, if there is a usable one
+    /// (`usable`, and idle for less than `max_idle`). Connections to
+    /// replicas that left the route are closed here.
+    pub(crate) fn take(
+        &mut self,
+        route: &Route,
+        replica: &Replica,
+        max_idle: Duration,
+        mut usable: impl FnMut(&mut T) -> bool,
+    ) -> Option<T> {
+        if self.conns.is_empty() {
+            return None;
+        }
+        if self.generation != route.generation {
+            self.generation = route.generation;
+            self.conns
+                .retain(|c| route.replicas.iter().any(|r| r.addr == c.addr));
+        }
+        let now = Instant::now();
+        self.conns
+            .retain_mut(|c| now.duration_since(c.since) < max_idle && usable(&mut c.conn));
+        let i = self.conns.iter().position(|c| c.addr == replica.addr)?;
+        Some(self.conns.swap_remove(i).conn)
+    }
+
+    /// Keeps `conn` for the next request to `addr`.
+    pub(crate) fn put(&mut self, addr: SocketAddr, conn: T) {
+        if self.conns.len() >= MAX_IDLE_PER_CONN {
+            self.conns.remove(0);
+        }
+        self.conns.push(IdleConn {
+            addr,
+            since: Instant::now(),
+            conn,
+        });
+    }
 }
 
 impl UpstreamConns {
@@ -149,8 +291,6 @@ impl UpstreamConns {
         }
     }
 
-    /// Takes the idle connection to `replica`, if there is a usable one.
-    /// Connections to replicas that left the route are closed here.
     fn take(
         &self,
         route: &Route,
@@ -158,32 +298,14 @@ impl UpstreamConns {
         max_idle: Duration,
     ) -> Option<SendRequest<OutBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.conns.is_empty() {
-            return None;
-        }
-        if idle.generation != route.generation {
-            idle.generation = route.generation;
-            idle.conns
-                .retain(|c| route.replicas.iter().any(|r| r.addr == c.addr));
-        }
-        let now = Instant::now();
-        idle.conns
-            .retain(|c| !c.tx.is_closed() && now.duration_since(c.since) < max_idle);
-        let i = idle.conns.iter().position(|c| c.addr == replica.addr)?;
-        Some(idle.conns.swap_remove(i).tx)
+        idle.take(route, replica, max_idle, |tx| !tx.is_closed())
     }
 
-    /// Keeps `tx` for the next request to `addr` on this client connection.
     fn put(&self, addr: SocketAddr, tx: SendRequest<OutBody>) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.conns.len() >= MAX_IDLE_PER_CONN {
-            idle.conns.remove(0);
-        }
-        idle.conns.push(IdleConn {
-            addr,
-            since: Instant::now(),
-            tx,
-        });
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(addr, tx);
     }
 
     /// Sends `req` to `replica` on this client connection's idle connection

@@ -930,3 +930,203 @@ async fn a_replica_that_declines_an_upgrade_answers_as_is() {
     // The echo replica answers 200 with JSON instead of switching protocols.
     assert!(err.to_string().contains("200"), "{err}");
 }
+
+/// Reads one response from a raw client connection: its head (as text,
+/// header names lowercased) and its `Content-Length` body (none for HEAD).
+async fn read_raw_response(
+    tcp: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    head_request: bool,
+) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tcp.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed mid-head: {}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(buf.drain(..end).collect()).unwrap();
+    let head = head.to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+    let length = if head_request { 0 } else { length };
+    while buf.len() < length {
+        let mut chunk = [0u8; 4096];
+        let n = tcp.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed mid-body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf.drain(..length).collect();
+    (head, body)
+}
+
+async fn read_to_end(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(buf))
+        .await
+        .expect("the gateway did not close the connection")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn pipelined_head_and_http_1_0_requests_share_one_connection() {
+    use tokio::io::AsyncWriteExt;
+    let up = echo_upstream("a").await;
+    let (gw, addr) = start_gateway(GatewayConfig::default()).await;
+    gw.set_service("echo", ServiceRoute::new(vec![replica("a", up)]));
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Three requests in one write: the second with a body, the third HEAD.
+    tcp.write_all(
+        b"GET /s/echo/a?x=1 HTTP/1.1\r\nhost: gw\r\n\r\n\
+          POST /s/echo/b HTTP/1.1\r\nhost: gw\r\ncontent-length: 3\r\n\r\nabc\
+          HEAD /s/echo/c HTTP/1.1\r\nhost: gw\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let (head, body) = read_raw_response(&mut tcp, &mut buf, false).await;
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["uri"], "/a?x=1");
+    assert_eq!(json["x_forwarded_host"], "gw");
+    assert_eq!(json["x_forwarded_for"], "127.0.0.1");
+    let (_, body) = read_raw_response(&mut tcp, &mut buf, false).await;
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (json["uri"].as_str(), json["body"].as_str()),
+        (Some("/b"), Some("abc"))
+    );
+    let (head, body) = read_raw_response(&mut tcp, &mut buf, true).await;
+    assert!(
+        head.starts_with("http/1.1 200 ok\r\n") && body.is_empty(),
+        "{head}"
+    );
+    assert!(buf.is_empty(), "a HEAD response has no body");
+
+    // An HTTP/1.0 request on the same connection: answered (by the general
+    // path), then the connection closes, as HTTP/1.0 without keep-alive.
+    tcp.write_all(b"GET /s/echo/d HTTP/1.0\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    read_to_end(&mut tcp, &mut buf).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
+    assert!(text.contains("\"uri\":\"/d\""), "{text}");
+    assert_eq!(gw.stats("echo").unwrap().requests_total, 4);
+    assert_eq!(gw.stats("echo").unwrap().in_flight, 0);
+}
+
+#[tokio::test]
+async fn connection_close_and_bodies_that_end_with_the_connection_close_the_client_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = echo_upstream("a").await;
+    // A replica that sends its body without a length and closes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let raw = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut b = [0u8; 1];
+                    if tcp.read(&mut b).await.unwrap() == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end")
+                    .await;
+            });
+        }
+    });
+    let (gw, addr) = start_gateway(GatewayConfig::default()).await;
+    gw.set_service("echo", ServiceRoute::new(vec![replica("a", up)]));
+    gw.set_service("raw", ServiceRoute::new(vec![replica("r", raw)]));
+
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /s/echo/ HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    read_to_end(&mut tcp, &mut buf).await;
+    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200 ok\r\n"), "{text}");
+    assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /s/raw/ HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    read_to_end(&mut tcp, &mut buf).await;
+    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200 ok\r\n"), "{text}");
+    assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\nuntil the end"), "{text}");
+    assert_eq!(gw.stats("raw").unwrap().in_flight, 0);
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_connections_and_serve_returns() {
+    use tokio::io::AsyncWriteExt;
+    let up = echo_upstream("a").await;
+    let gw = Gateway::new(GatewayConfig::default());
+    gw.set_service("echo", ServiceRoute::new(vec![replica("a", up)]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(gw.clone().serve(listener, async {
+        let _ = stop_rx.await;
+    }));
+    // A keep-alive connection that has been served once and is now idle.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /s/echo/ HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let (head, _) = read_raw_response(&mut tcp, &mut buf, false).await;
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("serve did not return")
+        .unwrap()
+        .unwrap();
+    read_to_end(&mut tcp, &mut buf).await;
+    assert!(buf.is_empty());
+}
+
+#[tokio::test]
+async fn several_threads_serve_one_address_and_stop_together() {
+    let up = echo_upstream("a").await;
+    let gw = Gateway::new(GatewayConfig::default());
+    gw.set_service("echo", ServiceRoute::new(vec![replica("a", up)]));
+    let listeners =
+        tessera_gateway::reuseport_listeners("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+    assert_eq!(listeners.len(), 3);
+    let addr = listeners[0].local_addr().unwrap();
+    assert!(listeners.iter().all(|l| l.local_addr().unwrap() == addr));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(gw.clone().serve_threads(listeners, async {
+        let _ = stop_rx.await;
+    }));
+    for _ in 0..20 {
+        let (status, json) = get(format!("http://{addr}/s/echo/t")).await;
+        assert_eq!((status, json["uri"].as_str()), (StatusCode::OK, Some("/t")));
+    }
+    assert_eq!(gw.stats("echo").unwrap().requests_total, 20);
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("serve_threads did not return")
+        .unwrap()
+        .unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
