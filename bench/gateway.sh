@@ -13,7 +13,14 @@
 # Rounds alternate the targets so drift hits all of them alike.
 # BASE=path/to/another/proxy_bench adds its gateway ("base", e.g. a build of
 # an earlier commit) to the same rounds, against the same upstream.
-# Usage: bash bench/gateway.sh [OUT_DIR]   (ROUNDS=3 DUR=10 RATE=5000 BASE=)
+# PIN=1 gives the proxies a core of their own: wrk, the latency load and the
+# upstream run on CPU 0 in every case (direct too), each proxy on CPU 1 with
+# one worker (gateway one thread, nginx one worker process). On a 2-core
+# machine this is the fair reading of "throughput vs direct": the proxy's
+# CPU is not taken from the client and the server it sits between, as in a
+# deployment where the gateway has its own cores. Without PIN everything
+# shares both cores, so throughput mostly measures CPU per request.
+# Usage: bash bench/gateway.sh [OUT_DIR]   (ROUNDS=3 DUR=10 RATE=5000 BASE= PIN=)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-target/bench-gateway}"
@@ -25,15 +32,22 @@ command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install -y wr
 { git rev-parse HEAD && git status --short; } >"$out/commit.txt" 2>&1 || true
 
 up=127.0.0.1:18080; gw=127.0.0.1:18081; ngx=127.0.0.1:18082; base=127.0.0.1:18083
+# Where each side runs (PIN=1: load and upstream on CPU 0, proxies on CPU 1).
+load_on=(); proxy_on=(); workers=auto
+if [ "${PIN:-0}" = 1 ]; then
+    command -v taskset >/dev/null || { echo "PIN=1 needs taskset (util-linux)" >&2; exit 1; }
+    load_on=(taskset -c 0); proxy_on=(taskset -c 1); workers=1
+    export PROXY_BENCH_THREADS=1
+fi
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
-"$bin" upstream --listen "$up" & pids+=($!)
-"$bin" gateway --listen "$gw" --upstream "$up" & pids+=($!)
+"${load_on[@]}" "$bin" upstream --listen "$up" & pids+=($!)
+"${proxy_on[@]}" "$bin" gateway --listen "$gw" --upstream "$up" & pids+=($!)
 gw_pid=$!
 targets="direct=http://$up/"
 if [ -n "${BASE:-}" ]; then
-    "$BASE" gateway --listen "$base" --upstream "$up" & pids+=($!)
+    "${proxy_on[@]}" "$BASE" gateway --listen "$base" --upstream "$up" & pids+=($!)
     base_pid=$!
     targets="$targets base=http://$base/s/bench/"
 fi
@@ -42,7 +56,7 @@ if command -v nginx >/dev/null; then
     ndir="$(mktemp -d)"
     cat >"$ndir/nginx.conf" <<NGINX
 daemon off;
-worker_processes auto;
+worker_processes $workers;
 pid $ndir/nginx.pid;
 error_log $ndir/error.log;
 events { worker_connections 4096; }
@@ -62,7 +76,7 @@ http {
     }
 }
 NGINX
-    nginx -p "$ndir" -c "$ndir/nginx.conf" & pids+=($!)
+    "${proxy_on[@]}" nginx -p "$ndir" -c "$ndir/nginx.conf" & pids+=($!)
     nginx_pid=$!
     targets="$targets nginx=http://$ngx/"
 else
@@ -81,17 +95,17 @@ proxy_pids() {
     esac
 }
 hz=$(getconf CLK_TCK)
-nproc >"$out/machine.txt"; uname -a >>"$out/machine.txt"
+{ nproc; uname -a; echo "PIN=${PIN:-0}"; } >"$out/machine.txt"
 
 : >"$out/results.txt"
 for r in $(seq "$rounds"); do
     for t in $targets; do
         name="${t%%=*}"; url="${t#*=}"
         pp=$(proxy_pids "$name"); t0=$([ -n "$pp" ] && ticks $pp || echo 0)
-        rps=$(wrk -t2 -c64 -d"${dur}s" "$url" | tee "$out/wrk-$name-$r.txt" | awk '/Requests\/sec/ {print $2}')
+        rps=$("${load_on[@]}" wrk -t2 -c64 -d"${dur}s" "$url" | tee "$out/wrk-$name-$r.txt" | awk '/Requests\/sec/ {print $2}')
         n=$(awk '/requests in/ {print $1}' "$out/wrk-$name-$r.txt")
         cpu=$([ -n "$pp" ] && awk -v d=$(( $(ticks $pp) - t0 )) -v hz="$hz" -v n="$n" 'BEGIN {printf "%.1f", d * 1e6 / hz / n}' || echo 0)
-        lat=$("$bin" load --url "$url" --rate "$rate" --secs "$dur" --conns 32 | tee "$out/load-$name-$r.txt")
+        lat=$("${load_on[@]}" "$bin" load --url "$url" --rate "$rate" --secs "$dur" --conns 32 | tee "$out/load-$name-$r.txt")
         p50=$(echo "$lat" | awk '{for(i=1;i<=NF;i++) if($i=="p50") print $(i+1)}')
         p99=$(echo "$lat" | awk '{for(i=1;i<=NF;i++) if($i=="p99") print $(i+1)}')
         echo "$r $name rps=$rps cpu_us_per_req=$cpu p50_ms=$p50 p99_ms=$p99" | tee -a "$out/results.txt"
