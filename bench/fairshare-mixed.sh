@@ -15,6 +15,7 @@
 #   JOB_S         seconds each job sleeps (default 3)
 #   WARMUP_S      seconds before the window opens (default 60)
 #   QUEUE         queued jobs kept per team (default 6)
+#   POOL_OPTS     extra `tessera pool add` flags, e.g. "--option queue_ahead=0"
 #   TESSERA_BIN   use this binary instead of building the release one
 # Needs a Slurm answering `sinfo` (bash .ci/slurm-up.sh) with no other work.
 set -euo pipefail
@@ -41,7 +42,7 @@ if [ -n "$(squeue -h -t pending,running -o %i)" ]; then
 fi
 slurm_cpus=$(sinfo -h -o %c | head -1)
 echo "machine: $(nproc) cores; Slurm $(sinfo -V | cut -d' ' -f2), one node of $slurm_cpus CPUs; own node $local_cpus CPUs;" \
-    "weights $w1:$w2; jobs sleep $job_s s, 1 CPU each; warm-up $warmup s, window $window s; binary $bin"
+    "weights $w1:$w2; jobs sleep $job_s s, 1 CPU each; warm-up $warmup s, window $window s; pool flags: ${POOL_OPTS:-none}; binary $bin"
 
 scratch=$(mktemp -d)
 up_pid=""
@@ -68,7 +69,8 @@ for _ in $(seq 200); do
     sleep 0.05
 done
 [ -s "$TESSERA_HOME/config" ] || { echo "tessera up did not start:" >&2; cat "$scratch/up.log" >&2; exit 1; }
-"$bin" pool add slurm hpc >/dev/null
+# shellcheck disable=SC2086  # POOL_OPTS is a list of flags
+"$bin" pool add slurm hpc ${POOL_OPTS:-} >/dev/null
 "$bin" team create light --weight "$w1" >/dev/null
 "$bin" team create heavy --weight "$w2" >/dev/null
 "$bin" nodes

@@ -5,8 +5,11 @@
 #      wait until Slurm lists all N as ended;
 #   2. through Tessera's Slurm pool: `tessera up`, `tessera pool add slurm`,
 #      N × `tessera run --pool ... -- true`, then wait until Tessera lists
-#      all N as succeeded; then again with `--option backlog=2` (Tessera
-#      hands Slurm up to twice its capacity, the rest waits in Slurm's queue);
+#      all N as succeeded (the default pool: up to 2 jobs beyond Slurm's
+#      capacity wait in Slurm's queue, `queue_ahead`); then again with
+#      `--option queue_ahead=0` (Tessera hands Slurm only its capacity, as
+#      before queue_ahead) and with `--option backlog=2` (up to twice its
+#      capacity, the rest waits in Slurm's queue);
 #   3. through Tessera's own nodes pool: `tessera up --cpu C` (C = the
 #      Slurm node's CPUs), the same N jobs on its local agent.
 # Each time runs from the first submission to the moment the waiting loop
@@ -17,6 +20,7 @@
 # Usage: bash bench/pools.sh [N] [OUT_DIR]     (default N = 200)
 #   TESSERA_BIN=path  use this binary instead of building the release one
 #   SKIP_BACKLOG=1    leave out the backlog=2 run
+#   SKIP_NO_AHEAD=1   leave out the queue_ahead=0 run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-200}"
@@ -124,6 +128,18 @@ printf 'tessera slurm pool: %d jobs done in %.1f s (%.2f jobs/s; %s not succeede
     "$(echo "$pool_s / $slurm_s" | bc -l)" "$(echo "($pool_s / $slurm_s - 1) * 100" | bc -l)" \
     "$pool_squeue" "$(echo "$pool_squeue / $pool_s" | bc -l)"
 
+# ---- 2a. the same, the pool handing Slurm only its capacity (queue_ahead=0)
+no_ahead_s=null
+if [ -z "${SKIP_NO_AHEAD:-}" ]; then
+    start_up no-ahead
+    "$bin" pool add slurm bench --option queue_ahead=0 >/dev/null
+    read -r no_ahead_s no_ahead_bad < <(through_tessera --pool bench)
+    stop_up
+    printf 'tessera slurm pool, queue_ahead=0: %d jobs done in %.1f s (%.2f jobs/s; %s not succeeded); %.3f× Slurm direct (%+.1f%%)\n' \
+        "$n" "$no_ahead_s" "$(echo "$n / $no_ahead_s" | bc -l)" "$no_ahead_bad" \
+        "$(echo "$no_ahead_s / $slurm_s" | bc -l)" "$(echo "($no_ahead_s / $slurm_s - 1) * 100" | bc -l)"
+fi
+
 # ---- 2b. the same, the pool handing Slurm up to twice its capacity (backlog=2)
 backlog_s=null
 if [ -z "${SKIP_BACKLOG:-}" ]; then
@@ -144,8 +160,10 @@ printf 'tessera own nodes: %d jobs done in %.1f s (%.2f jobs/s; %s not succeeded
     "$n" "$nodes_s" "$(echo "$n / $nodes_s" | bc -l)" "$nodes_bad" "$(echo "$nodes_s / $slurm_s" | bc -l)"
 
 jq -n --argjson n "$n" --argjson slurm "$slurm_s" --argjson pool "$pool_s" --argjson backlog "$backlog_s" \
-    --argjson nodes "$nodes_s" --argjson squeue "$pool_squeue" \
-    '{jobs: $n, slurm_direct_s: $slurm, tessera_slurm_pool_s: $pool, tessera_slurm_pool_backlog2_s: $backlog,
+    --argjson no_ahead "$no_ahead_s" --argjson nodes "$nodes_s" --argjson squeue "$pool_squeue" \
+    '{jobs: $n, slurm_direct_s: $slurm, tessera_slurm_pool_s: $pool, tessera_slurm_pool_no_ahead_s: $no_ahead,
+      tessera_slurm_pool_backlog2_s: $backlog,
       tessera_nodes_s: $nodes, pool_over_slurm: ($pool / $slurm),
+      no_ahead_over_slurm: (if $no_ahead == null then null else $no_ahead / $slurm end),
       backlog2_over_slurm: (if $backlog == null then null else $backlog / $slurm end),
       nodes_over_slurm: ($nodes / $slurm), pool_squeue_calls: $squeue, pool_squeue_per_s: ($squeue / $pool)}' | tee "$out/pools.json"

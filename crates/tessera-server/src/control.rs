@@ -647,6 +647,8 @@ fn handle_agent_event(
                 if first {
                     j.state = JobState::Running;
                     j.started_at = Some(at);
+                    // A pool's "queued in <engine>" no longer holds.
+                    j.reason = None;
                 }
                 let node = j
                     .placement

@@ -134,7 +134,56 @@ pub fn is_pool_node(state: &ClusterState, node: &str) -> bool {
 }
 
 /// Options every pool kind takes (the server's, not the driver's).
-pub const GENERIC_OPTIONS: &[&str] = &["backlog"];
+pub const GENERIC_OPTIONS: &[&str] = &["backlog", "queue_ahead"];
+
+/// The most of Tessera's jobs that may wait in a pool's engine beyond its
+/// capacity, unless the pool's `queue_ahead` option says otherwise.
+pub const DEFAULT_QUEUE_AHEAD: u32 = 32;
+/// The most `queue_ahead` may be set to.
+pub const MAX_QUEUE_AHEAD: u32 = 1000;
+/// The window over which a pool's job ends are counted.
+const ENDS_WINDOW: Duration = Duration::from_secs(5);
+/// About how long an engine takes to start a job submitted to it while it
+/// has room: Slurm starts one at its next scheduling pass, about once a
+/// second, but a job already waiting the moment another ends.
+const ENGINE_START_LATENCY: Duration = Duration::from_secs(1);
+
+/// The pool's `queue_ahead` option: the most of Tessera's jobs that may
+/// wait in the engine's own queue beyond its capacity (0 to 1000; default
+/// [`DEFAULT_QUEUE_AHEAD`]; 0 turns it off). How many may wait at a time
+/// follows the pool's pace ([`effective_queue_ahead`]): as many as end in
+/// it in about a second, so the engine starts the next job the moment one
+/// ends instead of at its next pass, while a job handed ahead waits about
+/// as long as a pass would have kept it. Those jobs are placed (they count
+/// for fair share and quotas: they run next) and show as `scheduled` with
+/// the reason "queued in <engine>".
+pub fn queue_ahead(config: &PoolConfig) -> Result<u32, FieldError> {
+    match config.options.get("queue_ahead") {
+        None => Ok(DEFAULT_QUEUE_AHEAD),
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if n <= MAX_QUEUE_AHEAD => Ok(n),
+            _ => Err(FieldError::new(
+                "options.queue_ahead",
+                format!(
+                    "`{v}` is not a number of jobs: use a whole number from 0 (off) to {MAX_QUEUE_AHEAD}"
+                ),
+            )),
+        },
+    }
+}
+
+/// How many jobs may wait in the engine beyond its capacity now: as many
+/// as ended in the pool per [`ENGINE_START_LATENCY`] over the last
+/// [`ENDS_WINDOW`] (rounded to the nearest whole job), at most `most` (the
+/// `queue_ahead` option). Long jobs end rarely and get none: for them a
+/// second's start-up is nothing; short ones get about one per slot that
+/// frees in a second.
+pub fn effective_queue_ahead(most: u32, ends_in_window: usize) -> u32 {
+    let window = ENDS_WINDOW.as_millis() as u64;
+    let latency = ENGINE_START_LATENCY.as_millis() as u64;
+    let n = (ends_in_window as u64 * latency + window / 2) / window;
+    n.min(most as u64) as u32
+}
 
 /// The pool's `backlog` option: the engine is handed up to this many times
 /// its capacity (1 to 10; default 1). What does not fit waits in the
@@ -161,6 +210,7 @@ pub const KINDS: &[&str] = &["slurm", "ray", "kubernetes"];
 /// Checks the kind's options; errors name the field.
 pub fn driver_for(config: &PoolConfig, home: &Path) -> Result<Arc<dyn PoolDriver>, FieldError> {
     backlog(config)?;
+    queue_ahead(config)?;
     let allow = |known: &[&str]| -> Result<(), FieldError> {
         match config
             .options
@@ -295,7 +345,7 @@ fn inventory(config: &PoolConfig, c: &Capacity) -> Inventory {
         gpu_source: config.kind.clone(),
         limits_enforced: true,
         limits_note: format!(
-            "a {} pool of {} node(s); the engine places and limits each job (largest node: {} CPU, {} memory, {} GPU){}",
+            "a {} pool of {} node(s); the engine places and limits each job (largest node: {} CPU, {} memory, {} GPU){}{}",
             config.kind,
             c.nodes,
             c.largest_node.0 as f64 / 1000.0,
@@ -305,6 +355,10 @@ fn inventory(config: &PoolConfig, c: &Capacity) -> Inventory {
                 format!("; offered {factor}× its capacity (backlog), the rest waits in the engine")
             } else {
                 String::new()
+            },
+            match queue_ahead(config).unwrap_or(0) {
+                0 => String::new(),
+                n => format!("; as many jobs as end in it per second (at most {n}) may wait in the engine's queue beyond that"),
             }
         ),
         labels,
@@ -355,7 +409,8 @@ struct Tracked {
     stop_asked: bool,
     cancel_sent: bool,
     log_offset: u64,
-    queued: bool,
+    /// Why the engine keeps the job waiting, as last recorded on the job.
+    queued: Option<String>,
     /// When this process took the job on.
     seen: Instant,
     /// Placed by this process and never handed to the engine: it cannot be
@@ -371,6 +426,10 @@ struct PoolTask {
     jobs: BTreeMap<(JobId, u32), Tracked>,
     /// Largest node (CPU, memory, GPUs), once known.
     largest: Option<(u64, u64, u32)>,
+    /// When the pool's recent jobs ended (the last [`ENDS_WINDOW`]).
+    ends: std::collections::VecDeque<Instant>,
+    /// The queue-ahead last published to the cluster state.
+    ahead: Option<u32>,
 }
 
 /// How a pool job ended, in the terms of agent reports.
@@ -394,6 +453,8 @@ impl PoolTask {
             driver,
             jobs: BTreeMap::new(),
             largest: None,
+            ends: std::collections::VecDeque::new(),
+            ahead: None,
         }
     }
 
@@ -401,6 +462,7 @@ impl PoolTask {
         info!(pool = %self.config.name, kind = %self.config.kind, "pool task started");
         self.refresh_capacity().await;
         self.adopt();
+        self.publish_ahead();
         self.submit_pending().await;
         let mut next_capacity = Instant::now() + CAPACITY_EVERY;
         let mut next_poll = Instant::now();
@@ -428,6 +490,7 @@ impl PoolTask {
                         if self.poll_local().await {
                             // A slot freed: what the scheduler places there
                             // arrives as a message and is submitted then.
+                            self.publish_ahead();
                             self.submit_pending().await;
                         }
                     }
@@ -439,6 +502,7 @@ impl PoolTask {
                         self.heartbeat();
                         self.submit_pending().await;
                         self.poll().await;
+                        self.publish_ahead();
                         let fast = self.jobs.values().any(|t| {
                             !t.started
                                 || t.stop_asked
@@ -457,6 +521,35 @@ impl PoolTask {
         let mut state = self.shared.state.lock().expect("state lock");
         if let Some(n) = state.nodes.get_mut(&*self.node) {
             n.last_heartbeat = now_ms();
+        }
+    }
+
+    /// Tells the scheduler how many jobs may wait in the engine beyond its
+    /// capacity now ([`effective_queue_ahead`]), when that changed.
+    fn publish_ahead(&mut self) {
+        let now = Instant::now();
+        while self
+            .ends
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > ENDS_WINDOW)
+        {
+            self.ends.pop_front();
+        }
+        let n = effective_queue_ahead(queue_ahead(&self.config).unwrap_or(0), self.ends.len());
+        if self.ahead == Some(n) {
+            return;
+        }
+        let grew = self.ahead.is_some_and(|a| n > a);
+        self.ahead = Some(n);
+        {
+            let mut state = self.shared.state.lock().expect("state lock");
+            state.pool_ahead.insert(self.config.name.clone(), n);
+            if grew {
+                state.capacity_changed = true;
+            }
+        }
+        if grew {
+            self.shared.wake.notify_one();
         }
     }
 
@@ -561,7 +654,7 @@ impl PoolTask {
                     stop_asked: job.cancel_requested || job.preempting.is_some(),
                     cancel_sent: false,
                     log_offset: 0,
-                    queued: false,
+                    queued: None,
                     seen: Instant::now(),
                     fresh: false,
                 },
@@ -638,7 +731,7 @@ impl PoolTask {
                         stop_asked: false,
                         cancel_sent: false,
                         log_offset: 0,
-                        queued: false,
+                        queued: None,
                         seen: Instant::now(),
                         fresh: true,
                     },
@@ -789,9 +882,19 @@ impl PoolTask {
                 continue;
             };
             match s {
-                RemoteState::Queued { .. } => {
-                    if let Some(t) = self.jobs.get_mut(&key) {
-                        t.queued = true;
+                RemoteState::Queued { reason } => {
+                    let kind = &self.config.kind;
+                    let text = match reason {
+                        Some(r) => format!("queued in {kind} (reason: {r})"),
+                        None => format!("queued in {kind}"),
+                    };
+                    let Some(t) = self.jobs.get_mut(&key) else {
+                        continue;
+                    };
+                    if t.queued.as_deref() != Some(text.as_str()) {
+                        let first = t.queued.is_none();
+                        t.queued = Some(text.clone());
+                        self.note_queued(key, text, first);
                     }
                 }
                 RemoteState::Running => {
@@ -799,6 +902,7 @@ impl PoolTask {
                     self.copy_logs(key, false).await;
                 }
                 terminal => {
+                    self.ends.push_back(Instant::now());
                     self.mark_started(key);
                     self.copy_logs(key, true).await;
                     let t = self.jobs.remove(&key).expect("tracked");
@@ -826,7 +930,7 @@ impl PoolTask {
         let Some(t) = self.jobs.get_mut(&key) else {
             return;
         };
-        t.queued = false;
+        t.queued = None;
         if t.started {
             return;
         }
@@ -974,6 +1078,30 @@ impl PoolTask {
             }
             RemoteState::Queued { .. } | RemoteState::Running => End::stopped(),
         }
+    }
+
+    /// Shows on a job that its engine keeps it waiting, and why: its reason
+    /// (while `scheduled`) and, the first time, an event. The job stays
+    /// placed (it runs next there); accounting bills it from its start.
+    /// Not waited on: the pool's loop does not stall on the store for it.
+    fn note_queued(&self, key: (JobId, u32), text: String, first: bool) {
+        let staged = {
+            let mut state = self.shared.state.lock().expect("state lock");
+            let current = state.jobs.get(&key.0).is_some_and(|j| {
+                j.attempt == key.1 && j.state == tessera_core::JobState::Scheduled
+            });
+            if !current {
+                return;
+            }
+            let mut writes = Vec::new();
+            let now = now_ms();
+            state.update_job(key.0, &mut writes, |j| {
+                j.reason = Some(text.clone());
+                first.then(|| Event::new(j.id, now, "pool", text))
+            });
+            self.shared.stage(writes)
+        };
+        tokio::spawn(staged.durable());
     }
 
     /// Records the engine's own words about a job on it (as an event).
@@ -1209,6 +1337,10 @@ pub struct PoolView {
     pub running: u32,
     /// Tessera's jobs handed to the engine and waiting inside it.
     pub queued_in_engine: u32,
+    /// How many of Tessera's jobs may wait in the engine beyond its
+    /// capacity now: about as many as end there per second, at most the
+    /// `queue_ahead` option.
+    pub queue_ahead: u32,
     /// What the engine reports in use (anyone's work).
     pub engine_used_cpu_milli: u64,
     pub engine_used_memory_bytes: u64,
@@ -1246,6 +1378,7 @@ fn view(shared: &Shared, state: &ClusterState, c: &PoolConfig) -> PoolView {
         allocated_gpus: alloc.gpus_in_use() as u32,
         running: h.running_in_engine,
         queued_in_engine: h.queued_in_engine,
+        queue_ahead: state.pool_ahead.get(&c.name).copied().unwrap_or(0),
         engine_used_cpu_milli: cap.used_cpu_milli,
         engine_used_memory_bytes: cap.used_memory_bytes,
         engine_used_gpus: cap.used_gpus,
@@ -1459,6 +1592,7 @@ pub async fn remove(
             )));
         }
         state.pools.remove(&name);
+        state.pool_ahead.remove(&name);
         state.nodes.remove(&node);
         state.connected.remove(&node);
         shared.agents.lock().expect("agents lock").remove(&node);
@@ -1522,5 +1656,49 @@ mod tests {
         }
         let e = driver_for(&config(&[("queue", "1")]), home).err().unwrap();
         assert_eq!(e.field, "options.queue");
+    }
+
+    #[test]
+    fn queue_ahead_is_bounded_can_be_turned_off_and_is_checked() {
+        let home = std::path::Path::new("/nonexistent");
+        assert_eq!(queue_ahead(&config(&[])).unwrap(), DEFAULT_QUEUE_AHEAD);
+        assert_eq!(queue_ahead(&config(&[("queue_ahead", "0")])).unwrap(), 0);
+        assert_eq!(queue_ahead(&config(&[("queue_ahead", "16")])).unwrap(), 16);
+        assert!(driver_for(&config(&[("queue_ahead", "0"), ("backlog", "2")]), home).is_ok());
+        for bad in ["-1", "1.5", "1001", "many"] {
+            let e = driver_for(&config(&[("queue_ahead", bad)]), home)
+                .err()
+                .unwrap();
+            assert_eq!(e.field, "options.queue_ahead", "{bad}");
+        }
+        // The capacity offered stays the engine's: jobs waiting ahead are
+        // not room a job could run in (the scheduler's view adds them).
+        let c = Capacity {
+            nodes: 1,
+            cpu_milli: 2000,
+            memory_bytes: 4 << 30,
+            largest_node: (2000, 4 << 30, 0),
+            ..Capacity::default()
+        };
+        let inv = inventory(&config(&[]), &c);
+        assert_eq!((inv.cpu_milli, inv.memory_bytes), (2000, 4 << 30));
+        assert!(
+            inv.limits_note.contains("at most 32"),
+            "{}",
+            inv.limits_note
+        );
+        let off = inventory(&config(&[("queue_ahead", "0")]), &c);
+        assert!(!off.limits_note.contains("at most"), "{}", off.limits_note);
+    }
+
+    #[test]
+    fn the_queue_ahead_follows_how_many_jobs_end_per_second_within_bounds() {
+        // Ends over the last 5 s: one per second's worth, rounded.
+        assert_eq!(effective_queue_ahead(32, 0), 0, "nothing ends: none ahead");
+        assert_eq!(effective_queue_ahead(32, 2), 0, "long jobs: none ahead");
+        assert_eq!(effective_queue_ahead(32, 3), 1);
+        assert_eq!(effective_queue_ahead(32, 10), 2, "2 slots of 1-s jobs");
+        assert_eq!(effective_queue_ahead(32, 5000), 32, "at most the option");
+        assert_eq!(effective_queue_ahead(0, 5000), 0, "off stays off");
     }
 }

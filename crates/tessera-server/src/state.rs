@@ -45,6 +45,11 @@ pub struct ClusterState {
     /// restart it starts again from nothing). Fair share lets it decide
     /// which way whole jobs round (see `TeamView::recent_share`).
     pub recent_shares: tessera_scheduler::RecentShares,
+    /// Per pool, how many of Tessera's jobs may wait in its engine's queue
+    /// beyond its capacity now (set by the pool's task from the pool's pace,
+    /// in memory only; none for a pool not listed). See
+    /// [`ClusterState::node_views`].
+    pub pool_ahead: HashMap<String, u32>,
 }
 
 /// What is allocated on one node.
@@ -166,20 +171,78 @@ impl ClusterState {
     }
 
     /// Node views for the scheduler (in name order), with what is free now.
+    /// A pool's node also offers room for a few jobs beyond its engine's
+    /// capacity (its queue-ahead, [`ClusterState::pool_headroom`]): they wait
+    /// in the engine's own queue, so that the engine starts the next job the
+    /// moment one ends.
     pub fn node_views(&self) -> Vec<NodeView> {
+        self.views(true)
+    }
+
+    /// Per pool node, the CPU and memory it offers beyond its capacity: `n`
+    /// times the smallest CPU and the smallest memory that any queued job
+    /// the pool could run asks of one replica, where `n` is how many jobs
+    /// may wait in the engine ([`ClusterState::pool_ahead`]). Every job
+    /// needs at least those amounts, so at
+    /// most `n` jobs ever wait in the engine beyond its capacity, whatever
+    /// their sizes; with nothing queued for the pool it offers nothing extra.
+    /// GPUs are not offered ahead (GPU jobs wait in Tessera's queue).
+    pub fn pool_headroom(&self) -> HashMap<String, (u64, u64)> {
+        let mut out = HashMap::new();
+        for name in self.pools.keys() {
+            let n = self.pool_ahead.get(name).copied().unwrap_or(0);
+            if n == 0 {
+                continue;
+            }
+            let node = crate::pools::node_name(name);
+            let Some(labels) = self.nodes.get(&node).map(|n| &n.inventory.labels) else {
+                continue;
+            };
+            let mut least: Option<(u64, u64)> = None;
+            for j in self.queued.iter().filter_map(|id| self.jobs.get(id)) {
+                let r = &j.spec.resources;
+                if !r.selects(labels) {
+                    continue;
+                }
+                least = Some(match least {
+                    None => (r.cpu_milli, r.memory_bytes),
+                    Some((c, m)) => (c.min(r.cpu_milli), m.min(r.memory_bytes)),
+                });
+            }
+            if let Some((c, m)) = least {
+                out.insert(
+                    node,
+                    (c.saturating_mul(n as u64), m.saturating_mul(n as u64)),
+                );
+            }
+        }
+        out
+    }
+
+    fn views(&self, ahead: bool) -> Vec<NodeView> {
         let alloc = self.allocations();
+        let headroom = if ahead && !self.pools.is_empty() {
+            self.pool_headroom()
+        } else {
+            HashMap::new()
+        };
         self.nodes
             .values()
             .map(|n| {
                 let inv = &n.inventory;
                 let a = alloc.get(&inv.name).cloned().unwrap_or_default();
+                let (extra_cpu, extra_mem) = headroom.get(&inv.name).copied().unwrap_or((0, 0));
                 NodeView {
                     name: inv.name.clone(),
                     schedulable: n.state.schedulable() && self.connected.contains(&inv.name),
                     cpu_milli: inv.cpu_milli,
                     memory_bytes: inv.memory_bytes,
-                    free_cpu_milli: inv.cpu_milli.saturating_sub(a.cpu_milli),
-                    free_memory_bytes: inv.memory_bytes.saturating_sub(a.memory_bytes),
+                    free_cpu_milli: inv
+                        .cpu_milli
+                        .saturating_add(extra_cpu)
+                        .saturating_sub(a.cpu_milli),
+                    free_memory_bytes: (inv.memory_bytes.saturating_add(extra_mem))
+                        .saturating_sub(a.memory_bytes),
                     gpus: inv
                         .gpus
                         .iter()
@@ -203,8 +266,10 @@ impl ClusterState {
     }
 
     /// Nodes that exist (not lost), for refusing jobs that can never fit.
+    /// Capacity as it is (a pool's queue-ahead is not room a job could
+    /// ever run in).
     pub fn live_node_views(&self) -> Vec<NodeView> {
-        let mut views = self.node_views();
+        let mut views = self.views(false);
         views.retain(|v| {
             self.nodes
                 .get(&v.name)

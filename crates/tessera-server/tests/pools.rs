@@ -151,6 +151,11 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(&[]).await
+}
+
+/// A world whose pool has these options.
+async fn world_with(options: &[(&str, &str)]) -> World {
     let store = Arc::new(MemStore::new());
     let mut state = ClusterState::from_loaded(store.load().unwrap());
     state.teams.insert(
@@ -176,7 +181,10 @@ async fn world() -> World {
     let config = PoolConfig {
         name: "hpc".into(),
         kind: "fake".into(),
-        options: BTreeMap::new(),
+        options: options
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         prices: tessera_core::node::Prices {
             cpu_core_hour: 3600.0,
             ..Default::default()
@@ -298,15 +306,21 @@ async fn a_pool_job_is_submitted_once_runs_and_ends_with_the_engines_exit() {
     assert_eq!(env["LR"], "0.1");
     assert_eq!(env["TESSERA_JOB_ID"], id.to_string());
     assert_eq!(env["TESSERA_REPLICA"], "0");
-    // Waiting inside the engine: scheduled in Tessera, queued in the pool.
-    let j = w.job(id).await;
+    // Waiting inside the engine: scheduled in Tessera, queued in the pool,
+    // and the job says so.
+    let j = w
+        .wait(id, "shown as queued in the engine", |j| {
+            j["reason"] == "queued in fake"
+        })
+        .await;
     assert_eq!(j["state"], "scheduled", "{j}");
     let p = w.pool().await;
     assert_eq!(p["queued_in_engine"], 1, "{p}");
     assert_eq!(p["allocated_cpu_milli"], 2000, "{p}");
 
     w.engine.set(&key, RemoteState::Running);
-    w.wait_state(id, "running").await;
+    let j = w.wait_state(id, "running").await;
+    assert!(j["reason"].is_null(), "no longer queued: {j}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     w.engine.set(
         &key,
@@ -451,4 +465,112 @@ async fn an_unreachable_engine_makes_the_pool_unhealthy_and_work_waits() {
     w.engine.down.store(false, Ordering::SeqCst);
     w.wait_submitted(&format!("tessera-t1-{id}-1")).await;
     assert_eq!(w.pool().await["healthy"], true);
+}
+
+/// Jobs that the engine has not started yet, by the engine's state.
+fn waiting_in_engine(w: &World) -> Vec<String> {
+    w.engine
+        .jobs
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|(_, s)| matches!(s, RemoteState::Queued { .. }))
+        .map(|(j, _)| j.key.clone())
+        .collect()
+}
+
+/// Ends `n` jobs in the engine as they arrive there, one every ~50 ms.
+async fn end_jobs(w: &World, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut ended = 0;
+    while ended < n {
+        if let Some(key) = waiting_in_engine(w).first() {
+            w.engine.set(key, RemoteState::Succeeded);
+            ended += 1;
+        }
+        assert!(Instant::now() < deadline, "only {ended} of {n} ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "never {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn while_jobs_end_fast_a_few_wait_in_the_engine_beyond_its_capacity_and_no_more() {
+    // 8 CPUs in the engine, 2-CPU jobs: 4 fit.
+    let w = world().await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(w.submit(spec(json!({}))).await);
+    }
+    wait_until("4 submitted", || w.engine.submitted().len() >= 4).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        w.engine.submitted().len(),
+        4,
+        "nothing has ended: capacity only"
+    );
+    assert_eq!(w.pool().await["queue_ahead"], 0);
+
+    // Ten end within a few seconds (about two a second): about two jobs
+    // end per second, so two may wait in the engine beyond its capacity.
+    end_jobs(&w, 10).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.pool().await["queue_ahead"] != 2 {
+        assert!(Instant::now() < deadline, "{}", w.pool().await);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    wait_until("6 in the engine", || waiting_in_engine(&w).len() >= 6).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = waiting_in_engine(&w);
+    assert_eq!(waiting.len(), 6, "4 that fit and 2 ahead: {waiting:?}");
+    let p = w.pool().await;
+    assert_eq!(p["allocated_cpu_milli"], 12000, "{p}");
+    assert_eq!(p["cpu_milli"], 8000, "capacity stays the engine's: {p}");
+    let last = w.job(ids[19]).await;
+    assert_eq!(last["state"], "queued", "the rest wait in Tessera: {last}");
+
+    // Four start; two still wait in the engine, and say so.
+    for key in &waiting[..4] {
+        w.engine.set(key, RemoteState::Running);
+    }
+    let ahead: Vec<u64> = waiting[4..]
+        .iter()
+        .map(|k| k.rsplit('-').nth(1).unwrap().parse().unwrap())
+        .collect();
+    for id in &ahead {
+        let j = w
+            .wait(*id, "queued in the engine", |j| {
+                j["reason"] == "queued in fake"
+            })
+            .await;
+        assert_eq!(j["state"], "scheduled", "{j}");
+        let events = w
+            .call("GET", &format!("/v1/jobs/{id}/events"), Value::Null)
+            .await
+            .1;
+        assert!(
+            events.to_string().contains("queued in fake"),
+            "an event says so: {events}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn queue_ahead_zero_hands_the_engine_only_its_capacity() {
+    let w = world_with(&[("queue_ahead", "0")]).await;
+    for _ in 0..20 {
+        w.submit(spec(json!({}))).await;
+    }
+    wait_until("4 submitted", || w.engine.submitted().len() >= 4).await;
+    end_jobs(&w, 10).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.pool().await["queue_ahead"], 0);
+    assert_eq!(waiting_in_engine(&w).len(), 4);
 }
