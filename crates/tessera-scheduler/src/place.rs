@@ -930,17 +930,7 @@ impl<'a> Cluster<'a> {
     }
 
     fn release_running(&self, free: &mut [Free], r: &RunningJob) {
-        // What release_into reads of a demand; the model list is not needed.
-        let res = &r.job.resources;
-        let d = Demand {
-            cpu: res.cpu_milli,
-            mem: res.memory_bytes,
-            whole: res.gpu,
-            milli: if res.gpu == 0 { res.gpu_milli } else { 0 },
-            models: Vec::new(),
-            selector: Vec::new(),
-            replicas: r.job.replicas,
-        };
+        let d = released_demand(r);
         for a in &r.assignments {
             if a.node < free.len() {
                 self.release_into(&mut free[a.node], a.node, &d, &a.gpus);
@@ -951,16 +941,7 @@ impl<'a> Cluster<'a> {
     /// [`Cluster::release_running`] restricted to `nodes` (sorted), whose
     /// free capacity `free` holds in that order.
     fn release_on(&self, free: &mut [Free], nodes: &[usize], r: &RunningJob) {
-        let res = &r.job.resources;
-        let d = Demand {
-            cpu: res.cpu_milli,
-            mem: res.memory_bytes,
-            whole: res.gpu,
-            milli: if res.gpu == 0 { res.gpu_milli } else { 0 },
-            models: Vec::new(),
-            selector: Vec::new(),
-            replicas: r.job.replicas,
-        };
+        let d = released_demand(r);
         for a in &r.assignments {
             if let Ok(k) = nodes.binary_search(&a.node) {
                 self.release_into(&mut free[k], a.node, &d, &a.gpus);
@@ -1287,6 +1268,21 @@ pub fn slots_when_empty(n: &NodeView, r: &Resources) -> u64 {
         u64::MAX
     };
     by_cpu.min(by_mem).min(by_gpu)
+}
+
+/// What [`Cluster::release_into`] reads of a running job's demand (the model
+/// list and selector are not needed to give its resources back).
+fn released_demand(r: &RunningJob) -> Demand {
+    let res = &r.job.resources;
+    Demand {
+        cpu: res.cpu_milli,
+        mem: res.memory_bytes,
+        whole: res.gpu,
+        milli: if res.gpu == 0 { res.gpu_milli } else { 0 },
+        models: Vec::new(),
+        selector: Vec::new(),
+        replicas: r.job.replicas,
+    }
 }
 
 #[cfg(test)]
