@@ -82,7 +82,7 @@ t_close=$((t_open + window * 1000))
 submitted=0
 # Keep both queues full until the window closes.
 while [ "$(now_ms)" -lt "$t_close" ]; do
-    counts=$("$bin" jobs --state queued --all -o json | jq -r '[.[] | .team] | "\(map(select(. == "light")) | length) \(map(select(. == "heavy")) | length)"')
+    counts=$("$bin" jobs --state queued --all -o json | jq -r '[.[] | .spec.team] | "\(map(select(. == "light")) | length) \(map(select(. == "heavy")) | length)"')
     read -r q_light q_heavy <<<"$counts"
     for _ in $(seq $((queue - q_light))); do
         "$bin" run --team light --name fs-light --cpu 1 --mem 64Mi -- sleep "$job_s" >/dev/null

@@ -1208,6 +1208,8 @@ pub fn weighted_shares(
 pub struct RecentShares {
     /// The average's time constant: a share held this long counts 63 %.
     pub time_constant_ms: u64,
+    /// The first observation, and the last.
+    since: Option<u64>,
     at: Option<u64>,
     values: BTreeMap<String, f64>,
 }
@@ -1219,6 +1221,7 @@ impl RecentShares {
     pub fn new(time_constant_ms: u64) -> RecentShares {
         RecentShares {
             time_constant_ms: time_constant_ms.max(1),
+            since: None,
             at: None,
             values: BTreeMap::new(),
         }
@@ -1231,6 +1234,7 @@ impl RecentShares {
             Some(at) if now > at => now - at,
             Some(_) => return,
             None => {
+                self.since = Some(now);
                 self.at = Some(now);
                 return;
             }
@@ -1246,9 +1250,27 @@ impl RecentShares {
         self.values.retain(|_, v| *v > 1e-9);
     }
 
-    /// A team's recent weighted share (0 for a team not seen lately).
+    /// A team's recent weighted share (0 for a team not seen lately): the
+    /// average over the time observed so far when that is shorter than a
+    /// few time constants. The moving average starts from nothing, so
+    /// early on it holds only the weight `1 − e^(−observed/τ)`; dividing by
+    /// that weight makes it the mean of what was seen instead of a value
+    /// pulled towards 0, so that a lasting imbalance counts from the first
+    /// minutes after a start, not only after five.
     pub fn get(&self, team: &str) -> f64 {
-        self.values.get(team).copied().unwrap_or(0.0)
+        let Some(v) = self.values.get(team).copied() else {
+            return 0.0;
+        };
+        let observed = match (self.since, self.at) {
+            (Some(since), Some(at)) if at > since => (at - since) as f64,
+            _ => return 0.0,
+        };
+        let weight = 1.0 - (-observed / self.time_constant_ms as f64).exp();
+        if weight > 0.0 {
+            v / weight
+        } else {
+            0.0
+        }
     }
 }
 

@@ -1325,3 +1325,23 @@ proptest! {
         prop_assert_eq!(&plan.placements, &fast.placements);
     }
 }
+
+/// The recent share is the mean of what was observed, also in the first
+/// minutes after a start (the moving average is not pulled towards 0 by
+/// the time before anything was seen), and forgets with its time constant.
+#[test]
+fn recent_shares_average_what_was_seen_from_the_start() {
+    let mut recent = RecentShares::new(300_000);
+    let held = |s: f64| BTreeMap::from([("a".to_string(), s)]);
+    assert_eq!(recent.get("a"), 0.0, "nothing seen yet");
+    recent.observe(0, &BTreeMap::new());
+    recent.observe(10_000, &held(0.5));
+    assert!((recent.get("a") - 0.5).abs() < 1e-9, "{}", recent.get("a"));
+    assert_eq!(recent.get("b"), 0.0, "a team that held nothing");
+    // Half of 20 s at 0.5, the other half at 0.1: about their mean.
+    recent.observe(20_000, &held(0.1));
+    assert!((recent.get("a") - 0.3).abs() < 0.01, "{}", recent.get("a"));
+    // Long after, the old value is forgotten.
+    recent.observe(20_000 + 3_000_000, &held(0.2));
+    assert!((recent.get("a") - 0.2).abs() < 1e-3, "{}", recent.get("a"));
+}
