@@ -12,7 +12,9 @@
 //! One pass:
 //! 1. order the queue: priority classes, then (under fair share) the team
 //!    with the smallest weighted dominant share, then the policy's order
-//!    within ([`policy::Within`]);
+//!    within ([`policy::Within`]); or, with
+//!    [`Policy::level_before_share`], the policy's level before the
+//!    teams' shares;
 //! 2. walk it, placing each job whole (all replicas of a gang or none) with
 //!    the policy's packing; the first job that cannot start gets a
 //!    reservation under backfill, and later jobs may use only what it does
@@ -1053,7 +1055,9 @@ fn preempt(
         // A victim comes later in the order; unless it is of a lower
         // priority class, it must also keep its progress when stopped, and
         // under fair share belong to this team or to a team that would
-        // still hold more than this one.
+        // still hold more than this one — unless levels come before shares:
+        // then a victim that ranks after is at a higher level, and the next
+        // pass ranks this job first whatever the shares.
         let eligible = |k: &Key, i: usize| {
             let v = &snapshot.running[i].job;
             let vt = ix.running_team[i];
@@ -1062,6 +1066,7 @@ fn preempt(
                 && (k.class() > key.class()
                     || (v.resumable
                         && (!policy.fair_share
+                            || policy.level_before_share
                             || vt == team
                             || mine_after < share_now[vt as usize])))
         };

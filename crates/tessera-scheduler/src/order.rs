@@ -1,7 +1,8 @@
 //! The order in which queued jobs are considered: priority classes, then
 //! (under fair share) the team with the smallest weighted dominant share,
-//! then the policy's order within. Fair share is dynamic: a team's share
-//! grows with each job placed in the pass.
+//! then the policy's order within; under [`Policy::level_before_share`],
+//! the level of the policy's order comes before the teams' shares. Fair
+//! share is dynamic: a team's share grows with each job placed in the pass.
 //!
 //! Whole jobs cannot split a cluster in every ratio (four one-CPU slots
 //! cannot go 1:2), so the instantaneous shares can only come within one
@@ -25,6 +26,9 @@ use crate::{PendingJob, RunningJob, Snapshot};
 pub struct Key {
     class: i64,
     primary: u64,
+    /// Orders jobs of the same `primary` before submit time, and like it
+    /// is no reason to preempt ([`Within::AttainedTime`]: the time run).
+    fine: u64,
     submitted_at: u64,
     id: u64,
 }
@@ -41,8 +45,10 @@ impl Key {
     }
 
     /// Whether this job ranks strictly after `other` on what the policy
-    /// orders by (priority class, then the policy's criterion), ignoring
-    /// the submit-time tie-break: a tie-break is no reason to preempt.
+    /// orders by (priority class, then the policy's criterion, as a level
+    /// under [`Within::AttainedTime`]), ignoring the tie-breaks within (time
+    /// run within a level, submit time): a tie-break is no reason to
+    /// preempt.
     pub fn ranks_after(&self, other: &Key) -> bool {
         (self.class, self.primary) > (other.class, other.primary)
     }
@@ -96,11 +102,14 @@ enum Mode {
 /// the clamp keeps any one pass within one job of the current shares.
 pub(crate) const HISTORY_GAIN: f64 = 10.0;
 
-/// A team's turn; the heap pops the best (highest class, smallest share,
-/// then the smallest share after the job).
+/// A team's turn; the heap pops the best (highest class, lowest level when
+/// levels come before shares, smallest share, then the smallest share
+/// after the job).
 #[derive(Debug, PartialEq)]
 struct TeamTurn {
     class: i64,
+    /// Its next job's level under [`Policy::level_before_share`], else 0.
+    level: u64,
     /// The current weighted dominant share, moved by history.
     share: f64,
     /// The weighted dominant share once its next job is placed.
@@ -136,6 +145,16 @@ pub(crate) fn history_terms(recent: &[f64]) -> Vec<f64> {
     recent.iter().map(|r| HISTORY_GAIN * (r - mean)).collect()
 }
 
+/// What a team's turn compares after the priority class: its next job's
+/// level when levels come before shares.
+fn turn_level(policy: &Policy, key: &Key) -> u64 {
+    if policy.level_before_share {
+        key.primary
+    } else {
+        0
+    }
+}
+
 impl Eq for TeamTurn {}
 
 impl Ord for TeamTurn {
@@ -144,6 +163,7 @@ impl Ord for TeamTurn {
         other
             .class
             .cmp(&self.class)
+            .then(other.level.cmp(&self.level))
             .then(other.share.total_cmp(&self.share))
             .then(other.after.total_cmp(&self.after))
             .then(other.team.cmp(&self.team))
@@ -177,8 +197,15 @@ pub fn key_for(policy: &Policy, job: &PendingJob) -> Key {
     key_with(policy, job, 0)
 }
 
+/// The level of a job that has run `ms` over all its attempts: 0 below one
+/// second, then one level per doubling (1 s, 2 s, 4 s, ...).
+pub(crate) fn time_level(ms: u64) -> u64 {
+    (64 - (ms / 1000).leading_zeros()) as u64
+}
+
 #[inline]
 fn key_with(policy: &Policy, job: &PendingJob, running_for_ms: u64) -> Key {
+    let mut fine = 0;
     let primary = match &policy.within {
         Within::Fifo => 0,
         Within::ShortestJob => job.expected_runtime_ms.unwrap_or(u64::MAX),
@@ -191,6 +218,10 @@ fn key_with(policy: &Policy, job: &PendingJob, running_for_ms: u64) -> Key {
             let gpu_s = attained_gpu_ms(job, running_for_ms) / 1000;
             thresholds.iter().filter(|t| gpu_s >= **t).count() as u64
         }
+        Within::AttainedTime => {
+            fine = job.attained_ms.saturating_add(running_for_ms);
+            time_level(fine)
+        }
     };
     Key {
         class: if policy.priority_first {
@@ -199,6 +230,7 @@ fn key_with(policy: &Policy, job: &PendingJob, running_for_ms: u64) -> Key {
             0
         },
         primary,
+        fine,
         submitted_at: job.submitted_at,
         id: job.id,
     }
@@ -352,6 +384,7 @@ impl<'a> Orderer<'a> {
                     team_turn_shares(&usage[t], &demand(job), &total, weight[t], history[t]);
                 heap.push(TeamTurn {
                     class: list[0].key.class,
+                    level: turn_level(&snapshot.policy, &list[0].key),
                     share,
                     after,
                     team: t,
@@ -425,6 +458,7 @@ impl<'a> Orderer<'a> {
                             team_turn_shares(&usage[t], &demand(job), total, weight[t], history[t]);
                         let turn = TeamTurn {
                             class: e.key.class,
+                            level: turn_level(&self.snapshot.policy, &e.key),
                             share,
                             after,
                             team: t,
@@ -482,6 +516,11 @@ impl<'a> Orderer<'a> {
             Within::Levels(_) => parts.push(format!(
                 "level {} after {gpu_min} GPU-minutes received",
                 key_of(self.snapshot, job, 0).primary
+            )),
+            Within::AttainedTime => parts.push(format!(
+                "level {} after {} s run",
+                key_of(self.snapshot, job, 0).primary,
+                job.attained_ms / 1000
             )),
         }
         parts.join(", ")

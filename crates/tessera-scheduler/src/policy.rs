@@ -22,6 +22,14 @@ pub enum Within {
     /// attained service has passed; lower levels first, submit order within
     /// a level.
     Levels(Vec<u64>),
+    /// Least attained run time: wall time run so far over all attempts,
+    /// whatever the job's width, the least first. A job's level is the
+    /// power of two of its seconds run (0 below one second, then one level
+    /// per doubling); only a job at a higher level is preempted for the
+    /// order (a job is not stopped for one that has run almost as long),
+    /// and under [`Policy::level_before_share`] the teams' shares order the
+    /// jobs of one level.
+    AttainedTime,
 }
 
 /// How a replica's node is chosen among those it fits.
@@ -63,6 +71,14 @@ pub struct Policy {
     /// reclaims the capacity other teams borrow.
     pub reclaim_after_ms: u64,
     pub packing: Packing,
+    /// Under fair share, the policy's level (its criterion as preemption
+    /// compares it) comes before the teams' shares: a job of a lower level
+    /// goes first whatever its team's share, and the team with the
+    /// smallest share goes first among jobs of the same level. A job then
+    /// takes room from another team's job of a higher level whatever their
+    /// shares (the next pass still ranks it first, so nothing is handed
+    /// back); within a level, fair share's rule for preemption holds.
+    pub level_before_share: bool,
 }
 
 impl Policy {
@@ -90,6 +106,7 @@ impl Policy {
             min_run_before_preempt_ms: 0,
             reclaim_after_ms: 0,
             packing: Packing::BestFit,
+            level_before_share: false,
         }
     }
 
@@ -127,12 +144,21 @@ impl Policy {
         })
     }
 
-    /// The server's default: priority classes, then weighted fair share
-    /// across teams (DRF), then within a team least attained service
-    /// in geometric levels (so nobody needs to know durations, and short
-    /// jobs pass long ones), backfill behind a reservation so large and gang
-    /// jobs are not starved, preemption by priority and level, and
-    /// fragmentation-aware GPU packing.
+    /// The server's default: priority classes, then least attained run
+    /// time in levels that double (so nobody needs to know durations, and
+    /// short jobs pass long ones), weighted fair share across teams (DRF)
+    /// among the jobs of one level, least attained time within a team's;
+    /// backfill behind a reservation so large and gang jobs are not
+    /// starved, preemption by priority and by level (never within one),
+    /// and fragmentation-aware GPU packing.
+    ///
+    /// Run time, not GPU-time: the average completion time counts each job
+    /// once whatever its width, and the least attained service stands in
+    /// for the shortest remaining time, which is time. Levels before
+    /// shares: fair share decides among jobs that have run about as long
+    /// (within a factor of two), and bounds what a team takes from another
+    /// within a level, but does not hold a short job behind another team's
+    /// long one.
     pub fn tessera() -> Policy {
         Policy {
             fair_share: true,
@@ -141,11 +167,8 @@ impl Policy {
             min_run_before_preempt_ms: 60_000,
             reclaim_after_ms: 30_000,
             packing: Packing::Fragmentation,
-            ..Policy::base(
-                "tessera",
-                // 10 GPU-minutes, then each level 4x the one before (~1.8 GPU-days).
-                Within::Levels((0..8).map(|i| 600 * 4u64.pow(i)).collect()),
-            )
+            level_before_share: true,
+            ..Policy::base("tessera", Within::AttainedTime)
         }
     }
 }

@@ -991,6 +991,8 @@ fn fair_share_never_preempts_a_team_that_would_then_hold_less() {
         Vec::new(),
         "tessera",
     );
+    // Shares before levels (`tessera` ranks levels first: see below).
+    s.policy.level_before_share = false;
     s.queue = vec![
         PendingJob::new(1, "a", 0, 0, res(1, 1, 1), 1),
         PendingJob::new(2, "b", 0, 0, res(1, 1, 1), 1),
@@ -1017,6 +1019,66 @@ fn fair_share_never_preempts_a_team_that_would_then_hold_less() {
             .collect::<Vec<_>>(),
         vec![1]
     );
+}
+
+/// Under `tessera`, levels of run time come before the teams' shares: a
+/// job that has run less goes first whatever its team's share, the team
+/// with the smaller share goes first among jobs of one level, and a job is
+/// preempted only for one at a lower level — then whatever the teams'
+/// shares, since the next pass still ranks the new job first.
+#[test]
+fn tessera_ranks_levels_of_run_time_before_shares() {
+    let node = || NodeView::new("n", 8000, 32 * GI).with_gpus(2, "H100");
+    let mut s = snap(vec![node()], Vec::new(), "tessera");
+    s.queue = vec![
+        PendingJob::new(1, "a", 0, 0, res(1, 1, 1), 1),
+        PendingJob::new(2, "b", 0, 0, res(1, 1, 1), 1),
+    ];
+    for j in s.queue.iter_mut() {
+        j.resumable = true;
+    }
+    let plan = schedule(&s, 0);
+    start(&mut s, &plan, 0);
+    let mut w = PendingJob::new(3, "a", 0, 1_000, res(1, 1, 1), 1);
+    w.resumable = true;
+    s.queue = vec![w];
+    // Much later: both running jobs are levels above the new one, which
+    // takes the room of one of them (the one that ranks last: the same
+    // time run, submitted at the same time, the greater id).
+    let plan = schedule(&s, 100 * 3_600_000);
+    assert_eq!(victims(&plan), vec![(2, 3)]);
+    // The next pass does not hand the room back: job 2 is at a higher
+    // level than job 3, and at the same level as job 1.
+    let mut s2 = s.clone();
+    end(&mut s2, 2);
+    let mut back = PendingJob::new(2, "b", 0, 0, res(1, 1, 1), 1);
+    back.resumable = true;
+    back.attained_ms = 100 * 3_600_000;
+    s2.queue.push(back);
+    let plan = schedule(&s2, 100 * 3_600_000);
+    assert!(placed(&plan, 3).is_some());
+    assert!(plan.preemptions.is_empty(), "{:?}", plan.preemptions);
+    // Within one level, not even across teams.
+    let mut s3 = s.clone();
+    s3.queue[0].attained_ms = 100 * 3_600_000 - 60_000;
+    assert!(schedule(&s3, 100 * 3_600_000).preemptions.is_empty());
+
+    // A short job passes another team's longer one however their shares
+    // stand; among jobs of one level, the smaller share goes first.
+    let mut s = snap(vec![node()], Vec::new(), "tessera");
+    s.queue = vec![PendingJob::new(1, "a", 0, 0, res(1, 1, 1), 1)];
+    let plan = schedule(&s, 0);
+    start(&mut s, &plan, 0);
+    let mut long = PendingJob::new(2, "b", 0, 0, res(1, 1, 1), 1);
+    long.attained_ms = 3_600_000;
+    s.queue = vec![long, PendingJob::new(3, "a", 0, 5, res(1, 1, 1), 1)];
+    let plan = schedule(&s, 10);
+    assert!(placed(&plan, 3).is_some(), "team a's new job has run less");
+    assert!(placed(&plan, 2).is_none());
+    s.queue[0].attained_ms = 0;
+    let plan = schedule(&s, 10);
+    assert!(placed(&plan, 2).is_some(), "same level: team b holds less");
+    assert!(placed(&plan, 3).is_none());
 }
 
 // ---- the fast pass chooses exactly what the reference pass chooses ----

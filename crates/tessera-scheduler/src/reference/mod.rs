@@ -442,6 +442,7 @@ fn preempt(
                 && (k.class() > key.class()
                     || (v.resumable
                         && (!policy.fair_share
+                            || policy.level_before_share
                             || v.team == job.team
                             || mine_after < share(&v.team, [0; 3]))))
         };

@@ -17,6 +17,7 @@ use crate::{PendingJob, RunningJob, Snapshot};
 pub struct Key {
     class: i64,
     primary: u64,
+    fine: u64,
     submitted_at: u64,
     id: u64,
 }
@@ -65,6 +66,7 @@ enum Mode {
 #[derive(Debug, PartialEq)]
 struct TeamTurn {
     class: i64,
+    level: u64,
     share: f64,
     after: f64,
     team: usize,
@@ -78,6 +80,7 @@ impl Ord for TeamTurn {
         other
             .class
             .cmp(&self.class)
+            .then(other.level.cmp(&self.level))
             .then(other.share.total_cmp(&self.share))
             .then(other.after.total_cmp(&self.after))
             .then(other.team.cmp(&self.team))
@@ -98,6 +101,7 @@ fn attained_gpu_ms(job: &PendingJob, extra_run_ms: u64) -> u64 {
 
 fn key_of(snapshot: &Snapshot, job: &PendingJob, running_for_ms: u64) -> Key {
     let policy = &snapshot.policy;
+    let mut fine = 0;
     let primary = match &policy.within {
         Within::Fifo => 0,
         Within::ShortestJob => job.expected_runtime_ms.unwrap_or(u64::MAX),
@@ -110,6 +114,10 @@ fn key_of(snapshot: &Snapshot, job: &PendingJob, running_for_ms: u64) -> Key {
             let gpu_s = attained_gpu_ms(job, running_for_ms) / 1000;
             thresholds.iter().filter(|t| gpu_s >= **t).count() as u64
         }
+        Within::AttainedTime => {
+            fine = job.attained_ms.saturating_add(running_for_ms);
+            crate::order::time_level(fine)
+        }
     };
     Key {
         class: if policy.priority_first {
@@ -118,6 +126,7 @@ fn key_of(snapshot: &Snapshot, job: &PendingJob, running_for_ms: u64) -> Key {
             0
         },
         primary,
+        fine,
         submitted_at: job.submitted_at,
         id: job.id,
     }
@@ -215,6 +224,11 @@ impl<'a> Orderer<'a> {
                 );
                 heap.push(TeamTurn {
                     class: keys[list[0]].class,
+                    level: if snapshot.policy.level_before_share {
+                        keys[list[0]].primary
+                    } else {
+                        0
+                    },
                     share,
                     after,
                     team: t,
@@ -273,6 +287,11 @@ impl<'a> Orderer<'a> {
                         );
                         heap.push(TeamTurn {
                             class: self.keys[*i].class,
+                            level: if self.snapshot.policy.level_before_share {
+                                self.keys[*i].primary
+                            } else {
+                                0
+                            },
                             share,
                             after,
                             team: t,
@@ -319,6 +338,11 @@ impl<'a> Orderer<'a> {
                 job.expected_runtime_ms.unwrap_or(0) / 1000
             )),
             Within::LeastAttained => parts.push(format!("{gpu_min} GPU-minutes received")),
+            Within::AttainedTime => parts.push(format!(
+                "level {} after {} s run",
+                key_of(self.snapshot, job, 0).primary,
+                job.attained_ms / 1000
+            )),
             Within::Levels(_) => parts.push(format!(
                 "level {} after {gpu_min} GPU-minutes received",
                 key_of(self.snapshot, job, 0).primary
