@@ -81,11 +81,18 @@ fn two_teams_share_a_mixed_slurm_and_nodes_fleet_by_their_weights() {
                     .as_array()
                     .unwrap()
                     .iter()
-                    .filter(|j| j["team"] == team)
+                    .filter(|j| j["spec"]["team"] == team)
                     .count();
                 (n, team)
             })
             .collect();
+        // Every queued job is one of the two teams': a count that misses
+        // some would flood the queues and measure the harness instead.
+        assert_eq!(
+            depth.iter().map(|(n, _)| n).sum::<usize>(),
+            queued.as_array().unwrap().len(),
+            "queued jobs not counted by team: {queued}"
+        );
         // The emptier queue first.
         depth.sort();
         for (n, team) in depth {
