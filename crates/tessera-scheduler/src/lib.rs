@@ -63,6 +63,14 @@ pub struct NodeView {
     pub memory_bytes: u64,
     pub free_cpu_milli: u64,
     pub free_memory_bytes: u64,
+    /// Of the free CPU and memory, how much lies beyond what the node can
+    /// run now: room in an engine's own queue (a pool's queue-ahead), where
+    /// a job placed there waits for the engine to start it. Placement takes
+    /// such room only where no node can start the replica now (a replica
+    /// that can start at once does not queue behind an engine's jobs to
+    /// save a price). 0 for an agent's node.
+    pub ahead_cpu_milli: u64,
+    pub ahead_memory_bytes: u64,
     pub gpus: Vec<GpuSlot>,
     /// Per hour: one CPU core, one GiB of memory, one GPU.
     pub price_per_hour: [f64; 3],
@@ -80,6 +88,8 @@ impl NodeView {
             memory_bytes,
             free_cpu_milli: cpu_milli,
             free_memory_bytes: memory_bytes,
+            ahead_cpu_milli: 0,
+            ahead_memory_bytes: 0,
             gpus: Vec::new(),
             price_per_hour: [0.0; 3],
             labels: BTreeMap::new(),

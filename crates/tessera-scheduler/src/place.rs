@@ -20,6 +20,12 @@ const WHOLE: u32 = 1000;
 /// A node's score for a replica: (packing quality, best fit, price).
 type Score = (f64, f64, f64);
 
+/// Added to the packing quality of a placement where the replica would wait
+/// in an engine's queue: larger than any quality (fit and fragmentation
+/// scores stay far below it), so such a placement ranks after every one
+/// that starts now and, among themselves, as before.
+const WAITS: f64 = 1e12;
+
 /// GPU slots held inline up to this many per node (nodes rarely have more),
 /// so free capacity is copied and compared without allocating.
 const INLINE_GPUS: usize = 8;
@@ -368,6 +374,7 @@ struct Sig {
     model_group: usize,
     label_group: usize,
     price: [u64; 3],
+    ahead: (u64, u64),
     cpu: u64,
     mem: u64,
     gpu: Slots,
@@ -414,6 +421,7 @@ impl Classes {
             model_group: self.model_group[i],
             label_group: self.label_group[i],
             price: n.price_per_hour.map(f64::to_bits),
+            ahead: (n.ahead_cpu_milli, n.ahead_memory_bytes),
             cpu: free[i].cpu,
             mem: free[i].mem,
             gpu: free[i].gpu.clone(),
@@ -429,6 +437,7 @@ impl Classes {
         self.model_group[i].hash(&mut h);
         self.label_group[i].hash(&mut h);
         n.price_per_hour.map(f64::to_bits).hash(&mut h);
+        (n.ahead_cpu_milli, n.ahead_memory_bytes).hash(&mut h);
         free[i].cpu.hash(&mut h);
         free[i].mem.hash(&mut h);
         free[i].gpu.hash(&mut h);
@@ -443,6 +452,7 @@ impl Classes {
             && s.model_group == self.model_group[i]
             && s.label_group == self.label_group[i]
             && s.price == n.price_per_hour.map(f64::to_bits)
+            && s.ahead == (n.ahead_cpu_milli, n.ahead_memory_bytes)
             && s.cpu == free[i].cpu
             && s.mem == free[i].mem
             && s.gpu == free[i].gpu
@@ -721,9 +731,29 @@ impl<'a> Cluster<'a> {
             + (d.whole * WHOLE + d.milli) as f64 / 1000.0 * p[2]
     }
 
+    /// Whether a replica placed on `node` (with `free` left) would wait in
+    /// an engine's queue rather than start: it takes room beyond what the
+    /// node can run now ([`NodeView::ahead_cpu_milli`]).
+    fn waits(&self, node: usize, free: &Free, d: &Demand) -> bool {
+        let n = &self.nodes[node];
+        (n.ahead_cpu_milli > 0 || n.ahead_memory_bytes > 0)
+            && (d.cpu > free.cpu.saturating_sub(n.ahead_cpu_milli)
+                || d.mem > free.mem.saturating_sub(n.ahead_memory_bytes))
+    }
+
     /// (packing quality, best fit, price): lower is better, in that order, so
-    /// among placements of equal quality the cheaper wins.
+    /// among placements of equal quality the cheaper wins. A placement where
+    /// the replica would wait in an engine's queue ranks after every one
+    /// where it starts now.
     fn score(&self, node: usize, free: &Free, d: &Demand, gpus: &[usize]) -> Score {
+        let (quality, fit, price) = self.placement_score(node, free, d, gpus);
+        if self.waits(node, free, d) {
+            return (quality + WAITS, fit, price);
+        }
+        (quality, fit, price)
+    }
+
+    fn placement_score(&self, node: usize, free: &Free, d: &Demand, gpus: &[usize]) -> Score {
         let fit = self.best_fit_score(node, free, d);
         let price = self.price(node, d);
         if self.packing == Packing::BestFit || self.workload.is_empty() {

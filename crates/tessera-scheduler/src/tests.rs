@@ -1407,3 +1407,52 @@ fn recent_shares_average_what_was_seen_from_the_start() {
     recent.observe(20_000 + 3_000_000, &held(0.2));
     assert!((recent.get("a") - 0.2).abs() < 1e-3, "{}", recent.get("a"));
 }
+
+/// A job that can start now on a node does not take room in an engine's
+/// queue instead (a pool's queue-ahead), however much cheaper the engine:
+/// queue-ahead room is used only where no node can start the job now, and
+/// under both packings.
+#[test]
+fn a_job_starts_now_rather_than_queue_in_an_engine_to_save_a_price() {
+    for policy in ["fifo", "tessera"] {
+        // The engine: 2 CPUs, all running, plus room for one job ahead;
+        // free of charge. The own node: one CPU free, at a price.
+        let mut engine = NodeView::new("engine", 2000, 8 * GI);
+        engine.free_cpu_milli = 1000;
+        engine.free_memory_bytes = GI;
+        engine.ahead_cpu_milli = 1000;
+        engine.ahead_memory_bytes = GI;
+        let mut own = NodeView::new("own", 2000, 8 * GI);
+        own.free_cpu_milli = 1000;
+        own.price_per_hour = [1.0, 0.1, 0.0];
+        let jobs = (1..=3)
+            .map(|id| PendingJob::new(id, "t", 0, id, res(1, 0, 0), 1))
+            .collect();
+        let plan = schedule(&snap(vec![engine, own], jobs, policy), 10);
+        let node_of = |id| placed(&plan, id).map(|p| p.assignments[0].node);
+        assert_eq!(
+            node_of(1),
+            Some(1),
+            "{policy}: the first starts on its own node now"
+        );
+        assert_eq!(
+            node_of(2),
+            Some(0),
+            "{policy}: the next waits in the engine"
+        );
+        assert_eq!(node_of(3), None, "{policy}: no room left anywhere");
+        // With the engine's room real (not ahead), the cheaper engine wins.
+        let mut engine = NodeView::new("engine", 2000, 8 * GI);
+        engine.free_cpu_milli = 1000;
+        let mut own = NodeView::new("own", 2000, 8 * GI);
+        own.free_cpu_milli = 1000;
+        own.price_per_hour = [1.0, 0.1, 0.0];
+        let jobs = vec![PendingJob::new(1, "t", 0, 1, res(1, 0, 0), 1)];
+        let plan = schedule(&snap(vec![engine, own], jobs, policy), 10);
+        assert_eq!(
+            placed(&plan, 1).map(|p| p.assignments[0].node),
+            Some(0),
+            "{policy}"
+        );
+    }
+}

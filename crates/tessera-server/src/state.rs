@@ -243,6 +243,8 @@ impl ClusterState {
                         .saturating_sub(a.cpu_milli),
                     free_memory_bytes: (inv.memory_bytes.saturating_add(extra_mem))
                         .saturating_sub(a.memory_bytes),
+                    ahead_cpu_milli: extra_cpu,
+                    ahead_memory_bytes: extra_mem,
                     gpus: inv
                         .gpus
                         .iter()
