@@ -744,6 +744,7 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
             &mut cluster,
             &orderer,
             &waiting_jobs,
+            reservation.as_ref(),
             &usage,
             &mut used,
             &mut plan,
@@ -860,7 +861,7 @@ fn reclaim(
             (r.job.priority, std::cmp::Reverse(r.started_at), r.job.id)
         });
         let demand = Demand::of(job);
-        let Some(chosen) = cluster.make_room(&demand, pool, &snapshot.running) else {
+        let Some(chosen) = cluster.make_room(&demand, pool, &snapshot.running, None) else {
             continue;
         };
         let mut names = Vec::new();
@@ -885,6 +886,10 @@ fn reclaim(
         let u = &mut usage[team];
         for r in 0..3 {
             u[r] += need[r];
+        }
+        // None: it fits already (room left by earlier victims).
+        if names.is_empty() {
+            continue;
         }
         reasons.insert(
             job.id,
@@ -987,6 +992,7 @@ fn preempt(
     cluster: &mut Cluster,
     orderer: &Orderer,
     waiting: &[u32],
+    reservation: Option<&place::Reservation>,
     usage: &[[u64; 3]],
     used: &mut [bool],
     plan: &mut Plan,
@@ -1036,7 +1042,8 @@ fn preempt(
     let mut reasons: HashMap<JobId, String> = HashMap::default();
     // A shape that could not make room cannot for a later job either: later
     // jobs are worse-ordered, so fewer running jobs may yield to them.
-    let mut no_room: rustc_hash::FxHashSet<(u32, u32)> = Default::default();
+    // Keyed by whether the job must keep out of the reservation too.
+    let mut no_room: rustc_hash::FxHashSet<(u32, u32, bool)> = Default::default();
     // A shape and team that found no eligible victim (see above); checked
     // after the stop on the worst victim left, which it must not bypass.
     let mut no_victim: rustc_hash::FxHashSet<(u32, u32)> = Default::default();
@@ -1048,7 +1055,16 @@ fn preempt(
         }
         let key = &orderer.key(qi);
         let (team, shape) = (ix.team_of[qi], ix.shape_of[qi]);
-        if no_room.contains(&(shape, team)) {
+        // As the walk places it: outside what the reservation holds unless
+        // it is the reserved job or sure to be gone before that one could
+        // start. Room made where the next pass would not place it would only
+        // go back to the victim.
+        let excluding = reservation.filter(|r| {
+            r.job_id != job.id
+                && bound(job, policy).is_none_or(|b| now.saturating_add(b) > r.start_at)
+        });
+        let fenced = excluding.is_some();
+        if no_room.contains(&(shape, team, fenced)) {
             continue;
         }
         let mine_after = share(team as usize, ix.amounts[shape as usize]);
@@ -1099,11 +1115,13 @@ fn preempt(
             continue;
         }
         let demand = Demand::of(job);
-        let made = cluster.make_room(&demand, pool, &snapshot.running);
+        let made = cluster.make_room(&demand, pool, &snapshot.running, excluding);
         if made.is_none() {
-            no_room.insert((shape, team));
+            no_room.insert((shape, team, fenced));
         }
-        if let Some(chosen) = made {
+        // No victim: the job fits already (in room an earlier job's victims
+        // left over), and the next pass places it.
+        if let Some(chosen) = made.filter(|c| !c.is_empty()) {
             let reason = if reasons_wanted {
                 format!(
                     "preempted for job {} ({}), which comes first under policy `{}`",
