@@ -1042,7 +1042,12 @@ fn preempt(
     let mut reasons: HashMap<JobId, String> = HashMap::default();
     // A shape that could not make room cannot for a later job either: later
     // jobs are worse-ordered, so fewer running jobs may yield to them.
-    // Keyed by whether the job must keep out of the reservation too.
+    // Keyed by whether the job must keep out of the reservation too, and by
+    // team only where the team decides which victims are eligible (fair
+    // share with shares before levels): otherwise the walk comes in
+    // non-decreasing (class, level) whatever the team, so a later job's
+    // eligible victims are a subset of an earlier one's, of any team.
+    let team_decides = policy.fair_share && !policy.level_before_share;
     let mut no_room: rustc_hash::FxHashSet<(u32, u32, bool)> = Default::default();
     // A shape and team that found no eligible victim (see above); checked
     // after the stop on the worst victim left, which it must not bypass.
@@ -1064,7 +1069,8 @@ fn preempt(
                 && bound(job, policy).is_none_or(|b| now.saturating_add(b) > r.start_at)
         });
         let fenced = excluding.is_some();
-        if no_room.contains(&(shape, team, fenced)) {
+        let room_key = (shape, if team_decides { team } else { u32::MAX }, fenced);
+        if no_room.contains(&room_key) {
             continue;
         }
         let mine_after = share(team as usize, ix.amounts[shape as usize]);
@@ -1117,7 +1123,7 @@ fn preempt(
         let demand = Demand::of(job);
         let made = cluster.make_room(&demand, pool, &snapshot.running, excluding);
         if made.is_none() {
-            no_room.insert((shape, team, fenced));
+            no_room.insert(room_key);
         }
         // No victim: the job fits already (in room an earlier job's victims
         // left over), and the next pass places it.

@@ -426,6 +426,8 @@ fn preempt(
     let mut reasons: HashMap<JobId, String> = HashMap::default();
     // A shape that could not make room cannot for a later job either: later
     // jobs are worse-ordered, so fewer running jobs may yield to them.
+    // By team only where the team decides which victims are eligible.
+    let team_decides = policy.fair_share && !policy.level_before_share;
     let mut no_room: std::collections::HashSet<(Shape, &str, bool)> = Default::default();
     for (qi, key) in waiting {
         let job = &snapshot.queue[*qi];
@@ -439,7 +441,12 @@ fn preempt(
                 && bound(job, policy).is_none_or(|b| now.saturating_add(b) > r.start_at)
         });
         let fenced = excluding.is_some();
-        if no_room.contains(&(Shape::of(job), job.team.as_str(), fenced)) {
+        let room_key = (
+            Shape::of(job),
+            if team_decides { job.team.as_str() } else { "" },
+            fenced,
+        );
+        if no_room.contains(&room_key) {
             continue;
         }
         let mine_after = share(&job.team, job_amounts(job));
@@ -473,7 +480,7 @@ fn preempt(
         let demand = Demand::of(job);
         let made = cluster.make_room(&demand, &pool, &snapshot.running, excluding);
         if made.is_none() {
-            no_room.insert((Shape::of(job), job.team.as_str(), fenced));
+            no_room.insert(room_key.clone());
         }
         if let Some(chosen) = made.filter(|c| !c.is_empty()) {
             let names: Vec<String> = chosen
