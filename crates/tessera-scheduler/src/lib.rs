@@ -887,10 +887,6 @@ fn reclaim(
         for r in 0..3 {
             u[r] += need[r];
         }
-        // None: it fits already (room left by earlier victims).
-        if names.is_empty() {
-            continue;
-        }
         reasons.insert(
             job.id,
             format!(
@@ -1125,9 +1121,7 @@ fn preempt(
         if made.is_none() {
             no_room.insert(room_key);
         }
-        // No victim: the job fits already (in room an earlier job's victims
-        // left over), and the next pass places it.
-        if let Some(chosen) = made.filter(|c| !c.is_empty()) {
+        if let Some(chosen) = made {
             let reason = if reasons_wanted {
                 format!(
                     "preempted for job {} ({}), which comes first under policy `{}`",

@@ -1085,14 +1085,14 @@ impl<'a> Cluster<'a> {
         d.replicas == 0
     }
 
-    /// The fewest of `order` (taken from the front; none when the job fits
-    /// already) whose release lets the job fit outside what `excluding`
-    /// holds, or `None` when even all of them do not. Releases them one by
-    /// one into the scratch copy of free capacity, which holds the capacity
-    /// after the last release on return, and keeps the sum of the nodes'
-    /// slots for a replica current (only the nodes a released job held
-    /// change): the job fits exactly when the slots add up to its replicas
-    /// (as `fits_all` counts them), and only more so with each release.
+    /// The fewest of `order` (taken from the front, at least one) whose
+    /// release lets the job fit outside what `excluding` holds, or `None`
+    /// when even all of them do not. Releases them one by one into the
+    /// scratch copy of free capacity, which holds the capacity after the
+    /// last release on return, and keeps the sum of the nodes' slots for a
+    /// replica current (only the nodes a released job held change): the
+    /// job fits exactly when the slots add up to its replicas (as
+    /// `fits_all` counts them), and only more so with each release.
     fn fewest_releases(
         &self,
         d: &Demand,
@@ -1111,9 +1111,6 @@ impl<'a> Cluster<'a> {
         // Wide enough that a sum of `u64::MAX`s cannot overflow.
         let mut total: u128 = slots.iter().map(|s| u128::from(*s)).sum();
         let want = u128::from(d.replicas);
-        if total >= want {
-            return Some(0);
-        }
         for (k, i) in order.into_iter().enumerate() {
             taken(i);
             let r = &running[i];
@@ -1133,9 +1130,9 @@ impl<'a> Cluster<'a> {
     }
 
     /// Frees the fewest victims (taken in the given order, worst first)
-    /// that let the job fit outside what `excluding` holds (none when it
-    /// fits there already), then takes the job's capacity there, as the
-    /// next pass would place it, so later calls do not count it twice.
+    /// that let the job fit outside what `excluding` holds, then takes the
+    /// job's capacity there, as the next pass would place it, so later calls
+    /// do not count it twice.
     /// Returns the victims (indices into `running`). The pool is read only
     /// as far as needed.
     pub fn make_room(

@@ -338,9 +338,6 @@ fn reclaim<'a>(
         for r in 0..3 {
             u[r] += need[r];
         }
-        if names.is_empty() {
-            continue;
-        }
         reasons.insert(
             job.id,
             format!(
@@ -482,7 +479,7 @@ fn preempt(
         if made.is_none() {
             no_room.insert(room_key.clone());
         }
-        if let Some(chosen) = made.filter(|c| !c.is_empty()) {
+        if let Some(chosen) = made {
             let names: Vec<String> = chosen
                 .iter()
                 .map(|i| snapshot.running[*i].job.id.to_string())

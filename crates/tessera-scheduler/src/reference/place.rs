@@ -569,7 +569,7 @@ impl<'a> Cluster<'a> {
         // alike replicas fits exactly when the nodes' slots for it add up),
         // so the first end at which it fits is found by bisection.
         let k = self.fewest_releases(d, &order, running, None)?;
-        let end = k.checked_sub(1).map_or(0, |k| ends[k].0);
+        let end = ends[k - 1].0;
         {
             let mut trial = self.free.clone();
             for i in &order[..k] {
@@ -605,9 +605,9 @@ impl<'a> Cluster<'a> {
         None
     }
 
-    /// The fewest of `order` (taken from the front; none when the job fits
-    /// already) whose release lets the job fit outside what `excluding`
-    /// holds, or `None` when even all of them do not.
+    /// The fewest of `order` (taken from the front) whose release lets the
+    /// job fit outside what `excluding` holds, or `None` when even all of
+    /// them do not.
     fn fewest_releases(
         &self,
         d: &Demand,
@@ -622,9 +622,6 @@ impl<'a> Cluster<'a> {
             }
             self.place_on(&mut trial, d, excluding).is_some()
         };
-        if fits_after(0) {
-            return Some(0);
-        }
         if order.is_empty() || !fits_after(order.len()) {
             return None;
         }
@@ -641,9 +638,8 @@ impl<'a> Cluster<'a> {
     }
 
     /// Frees the fewest victims (taken in the given order, worst first)
-    /// that let the job fit outside what `excluding` holds (none when it
-    /// fits there already), then takes the job's capacity there so later
-    /// calls do not count it twice. Returns the victims (indices into
+    /// that let the job fit outside what `excluding` holds, then takes the
+    /// job's capacity there so later calls do not count it twice. Returns the victims (indices into
     /// `running`).
     pub fn make_room(
         &mut self,
