@@ -21,8 +21,9 @@
 //!    not need (or what they give back before it could start); under strict
 //!    FIFO nothing passes it;
 //! 3. under preemption, for jobs still waiting, pick running jobs later in
-//!    the order whose eviction makes room, and name them in the plan (the
-//!    waiting job starts on a later pass, once they are gone).
+//!    the order whose eviction makes room where the walk would place the
+//!    job (outside the reservation, as in 2), and name them in the plan
+//!    (the waiting job starts on a later pass, once they are gone).
 
 pub mod frag;
 mod order;
