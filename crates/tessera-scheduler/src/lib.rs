@@ -21,8 +21,9 @@
 //!    not need (or what they give back before it could start); under strict
 //!    FIFO nothing passes it;
 //! 3. under preemption, for jobs still waiting, pick running jobs later in
-//!    the order whose eviction makes room, and name them in the plan (the
-//!    waiting job starts on a later pass, once they are gone).
+//!    the order whose eviction makes room where the walk would place the
+//!    job (outside the reservation, as in 2), and name them in the plan
+//!    (the waiting job starts on a later pass, once they are gone).
 
 pub mod frag;
 mod order;
@@ -754,6 +755,7 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
             &mut cluster,
             &orderer,
             &waiting_jobs,
+            reservation.as_ref(),
             &usage,
             &mut used,
             &mut plan,
@@ -870,7 +872,7 @@ fn reclaim(
             (r.job.priority, std::cmp::Reverse(r.started_at), r.job.id)
         });
         let demand = Demand::of(job);
-        let Some(chosen) = cluster.make_room(&demand, pool, &snapshot.running) else {
+        let Some(chosen) = cluster.make_room(&demand, pool, &snapshot.running, None) else {
             continue;
         };
         let mut names = Vec::new();
@@ -997,6 +999,7 @@ fn preempt(
     cluster: &mut Cluster,
     orderer: &Orderer,
     waiting: &[u32],
+    reservation: Option<&place::Reservation>,
     usage: &[[u64; 3]],
     used: &mut [bool],
     plan: &mut Plan,
@@ -1046,7 +1049,13 @@ fn preempt(
     let mut reasons: HashMap<JobId, String> = HashMap::default();
     // A shape that could not make room cannot for a later job either: later
     // jobs are worse-ordered, so fewer running jobs may yield to them.
-    let mut no_room: rustc_hash::FxHashSet<(u32, u32)> = Default::default();
+    // Keyed by whether the job must keep out of the reservation too, and by
+    // team only where the team decides which victims are eligible (fair
+    // share with shares before levels): otherwise the walk comes in
+    // non-decreasing (class, level) whatever the team, so a later job's
+    // eligible victims are a subset of an earlier one's, of any team.
+    let team_decides = policy.fair_share && !policy.level_before_share;
+    let mut no_room: rustc_hash::FxHashSet<(u32, u32, bool)> = Default::default();
     // A shape and team that found no eligible victim (see above); checked
     // after the stop on the worst victim left, which it must not bypass.
     let mut no_victim: rustc_hash::FxHashSet<(u32, u32)> = Default::default();
@@ -1058,7 +1067,17 @@ fn preempt(
         }
         let key = &orderer.key(qi);
         let (team, shape) = (ix.team_of[qi], ix.shape_of[qi]);
-        if no_room.contains(&(shape, team)) {
+        // As the walk places it: outside what the reservation holds unless
+        // it is the reserved job or sure to be gone before that one could
+        // start. Room made where the next pass would not place it would only
+        // go back to the victim.
+        let excluding = reservation.filter(|r| {
+            r.job_id != job.id
+                && bound(job, policy).is_none_or(|b| now.saturating_add(b) > r.start_at)
+        });
+        let fenced = excluding.is_some();
+        let room_key = (shape, if team_decides { team } else { u32::MAX }, fenced);
+        if no_room.contains(&room_key) {
             continue;
         }
         let mine_after = share(team as usize, ix.amounts[shape as usize]);
@@ -1109,9 +1128,9 @@ fn preempt(
             continue;
         }
         let demand = Demand::of(job);
-        let made = cluster.make_room(&demand, pool, &snapshot.running);
+        let made = cluster.make_room(&demand, pool, &snapshot.running, excluding);
         if made.is_none() {
-            no_room.insert((shape, team));
+            no_room.insert(room_key);
         }
         if let Some(chosen) = made {
             let reason = if reasons_wanted {

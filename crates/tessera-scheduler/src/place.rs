@@ -154,6 +154,19 @@ impl Free {
             self.whole -= 1;
         }
     }
+
+    /// What is left of it once what a reservation holds on its node is set
+    /// aside (as [`Cluster::fits`] counts it with that hold).
+    fn less(&self, held: &(u64, u64, Vec<u32>)) -> Free {
+        let mut f = self.clone();
+        f.cpu = f.cpu.saturating_sub(held.0);
+        f.mem = f.mem.saturating_sub(held.1);
+        for (m, h) in f.gpu.iter_mut().zip(&held.2) {
+            *m = m.saturating_sub(*h);
+        }
+        f.whole = f.gpu.iter().filter(|m| **m == WHOLE).count() as u32;
+        f
+    }
 }
 
 /// What one replica needs, prepared for matching.
@@ -1012,7 +1025,7 @@ impl<'a> Cluster<'a> {
         // alike replicas fits exactly when the nodes' slots for it add up),
         // so the first end at which it fits is the first release after
         // which the slots suffice; the scratch copy holds the capacity then.
-        self.fewest_releases(d, order, running, |_| {})?;
+        self.fewest_releases(d, order, running, None, |_| {})?;
         let mut trial = self.scratch.borrow_mut();
         let assignments = self.place_on(&mut trial, d, None)?;
         let mut held_nodes: Vec<usize> = assignments.iter().map(|a| a.node).collect();
@@ -1072,6 +1085,20 @@ impl<'a> Cluster<'a> {
         n
     }
 
+    /// [`Cluster::slots`] on what `excluding` leaves free on `node`.
+    fn slots_outside(
+        &self,
+        node: usize,
+        free: &Free,
+        d: &Demand,
+        excluding: Option<&Reservation>,
+    ) -> u64 {
+        match excluding.and_then(|r| r.held_on(node)) {
+            None => self.slots(node, free, d),
+            Some(h) => self.slots(node, &free.less(h), d),
+        }
+    }
+
     /// Whether every replica of `d` fits `free` — exactly when
     /// [`Cluster::place_on`] would place them all: each replica placed takes
     /// one of its node's slots and leaves other nodes' slots as they were,
@@ -1089,18 +1116,19 @@ impl<'a> Cluster<'a> {
     }
 
     /// The fewest of `order` (taken from the front, at least one) whose
-    /// release lets the job fit, or `None` when even all of them do not.
-    /// Releases them one by one into the scratch copy of free capacity,
-    /// which holds the capacity after the last release on return, and keeps
-    /// the sum of the nodes' slots for a replica current (only the nodes a
-    /// released job held change): the job fits exactly when the slots add
-    /// up to its replicas (as `fits_all` counts them), and only more so with
-    /// each release.
+    /// release lets the job fit outside what `excluding` holds, or `None`
+    /// when even all of them do not. Releases them one by one into the
+    /// scratch copy of free capacity, which holds the capacity after the
+    /// last release on return, and keeps the sum of the nodes' slots for a
+    /// replica current (only the nodes a released job held change): the
+    /// job fits exactly when the slots add up to its replicas (as
+    /// `fits_all` counts them), and only more so with each release.
     fn fewest_releases(
         &self,
         d: &Demand,
         order: impl IntoIterator<Item = usize>,
         running: &[RunningJob],
+        excluding: Option<&Reservation>,
         mut taken: impl FnMut(usize),
     ) -> Option<usize> {
         let mut trial = self.scratch.borrow_mut();
@@ -1108,7 +1136,7 @@ impl<'a> Cluster<'a> {
         let mut slots: Vec<u64> = trial
             .iter()
             .enumerate()
-            .map(|(node, f)| self.slots(node, f, d))
+            .map(|(node, f)| self.slots_outside(node, f, d, excluding))
             .collect();
         // Wide enough that a sum of `u64::MAX`s cannot overflow.
         let mut total: u128 = slots.iter().map(|s| u128::from(*s)).sum();
@@ -1119,7 +1147,7 @@ impl<'a> Cluster<'a> {
             self.release_running(&mut trial, r);
             for a in &r.assignments {
                 if a.node < trial.len() {
-                    let now = self.slots(a.node, &trial[a.node], d);
+                    let now = self.slots_outside(a.node, &trial[a.node], d, excluding);
                     total = total - u128::from(slots[a.node]) + u128::from(now);
                     slots[a.node] = now;
                 }
@@ -1132,17 +1160,20 @@ impl<'a> Cluster<'a> {
     }
 
     /// Frees the fewest victims (taken in the given order, worst first)
-    /// that let the job fit, then takes the job's capacity so later calls
-    /// do not count it twice. Returns the victims (indices into `running`).
-    /// The pool is read only as far as needed.
+    /// that let the job fit outside what `excluding` holds, then takes the
+    /// job's capacity there, as the next pass would place it, so later calls
+    /// do not count it twice.
+    /// Returns the victims (indices into `running`). The pool is read only
+    /// as far as needed.
     pub fn make_room(
         &mut self,
         d: &Demand,
         pool: impl IntoIterator<Item = usize>,
         running: &[RunningJob],
+        excluding: Option<&Reservation>,
     ) -> Option<Vec<usize>> {
         let mut chosen: Vec<usize> = Vec::new();
-        self.fewest_releases(d, pool, running, |i| chosen.push(i))?;
+        self.fewest_releases(d, pool, running, excluding, |i| chosen.push(i))?;
         // Spare the victims that turned out not to be needed, first to last:
         // a victim is spared when the job still fits with the others
         // released. The scratch copy holds the capacity with every victim
@@ -1154,7 +1185,7 @@ impl<'a> Cluster<'a> {
             let mut slots: Vec<u64> = trial
                 .iter()
                 .enumerate()
-                .map(|(node, f)| self.slots(node, f, d))
+                .map(|(node, f)| self.slots_outside(node, f, d, excluding))
                 .collect();
             let mut total: u128 = slots.iter().map(|s| u128::from(*s)).sum();
             let want = u128::from(d.replicas);
@@ -1178,7 +1209,7 @@ impl<'a> Cluster<'a> {
                 let slots_without: Vec<u64> = nodes
                     .iter()
                     .zip(&without)
-                    .map(|(n, f)| self.slots(*n, f, d))
+                    .map(|(n, f)| self.slots_outside(*n, f, d, excluding))
                     .collect();
                 let total_without = nodes.iter().zip(&slots_without).fold(total, |t, (n, s)| {
                     t - u128::from(slots[*n]) + u128::from(*s)
@@ -1201,7 +1232,7 @@ impl<'a> Cluster<'a> {
             self.release_running(&mut free, &running[*v]);
             touched.extend(running[*v].assignments.iter().map(|a| a.node));
         }
-        if let Some(placed) = self.place_on(&mut free, d, None) {
+        if let Some(placed) = self.place_on(&mut free, d, excluding) {
             touched.extend(placed.iter().map(|a| a.node));
         }
         self.free = free;

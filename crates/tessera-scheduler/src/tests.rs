@@ -596,6 +596,44 @@ fn least_attained_service_preempts_the_job_that_has_had_most() {
 }
 
 #[test]
+fn no_room_is_made_where_the_reservation_keeps_the_job_out() {
+    let node = |name: &str| NodeView::new(name, 64_000, 512 * GI).with_gpus(8, "H100");
+    let mut s = snap(vec![node("a"), node("b")], Vec::new(), "tessera");
+    // One node full, two 1-GPU jobs on the other.
+    s.queue = vec![
+        job(1, 0, res(1, 1, 8), 1),
+        job(2, 0, res(1, 1, 1), 1),
+        job(3, 0, res(1, 1, 1), 1),
+    ];
+    let plan = schedule(&s, 0);
+    assert_eq!(plan.placements.len(), 3);
+    start(&mut s, &plan, 0);
+    for r in s.running.iter_mut() {
+        r.preemptible = r.job.id == 2;
+        r.job.resumable = true;
+    }
+    // Without run-time bounds a reservation counts running jobs in the
+    // snapshot's order: the full node's job last.
+    s.running.rotate_left(1);
+    assert_eq!(s.running[2].job.id, 1);
+    // Job 4 needs a whole node and makes no room: it waits with capacity
+    // held for it on the node of jobs 2 and 3, which is all job 5 could
+    // use.
+    let mut wide = job(4, 0, res(1, 1, 8), 1);
+    wide.may_preempt = false;
+    s.queue = vec![wide, job(5, 0, res(1, 1, 2), 1)];
+    let plan = schedule(&s, 36_000_000);
+    assert!(plan.placements.is_empty());
+    // Stopping job 2 would free a GPU the reservation holds: job 5 would
+    // still not start, and job 2 would take its room back.
+    assert_eq!(victims(&plan), vec![]);
+    // Without the reservation (job 4 gone) job 5 fits already.
+    s.queue.remove(0);
+    let plan = schedule(&s, 36_000_000);
+    assert!(placed(&plan, 5).is_some());
+}
+
+#[test]
 fn preemption_respects_priority_and_minimum_run_time() {
     let mut s = snap(
         vec![NodeView::new("n", 2000, 8 * GI)],

@@ -165,6 +165,7 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
             &mut cluster,
             &orderer,
             &waiting_keys,
+            reservation.as_ref(),
             &usage,
             &mut used,
             &mut plan,
@@ -310,7 +311,7 @@ fn reclaim<'a>(
             (r.job.priority, std::cmp::Reverse(r.started_at), r.job.id)
         });
         let demand = Demand::of(job);
-        let Some(chosen) = cluster.make_room(&demand, &pool, &snapshot.running) else {
+        let Some(chosen) = cluster.make_room(&demand, &pool, &snapshot.running, None) else {
             continue;
         };
         let mut names = Vec::new();
@@ -374,6 +375,7 @@ fn preempt(
     cluster: &mut Cluster,
     orderer: &Orderer,
     waiting: &[(usize, Key)],
+    reservation: Option<&place::Reservation>,
     usage: &HashMap<&str, [u64; 3]>,
     used: &mut [bool],
     plan: &mut Plan,
@@ -421,13 +423,27 @@ fn preempt(
     let mut reasons: HashMap<JobId, String> = HashMap::default();
     // A shape that could not make room cannot for a later job either: later
     // jobs are worse-ordered, so fewer running jobs may yield to them.
-    let mut no_room: std::collections::HashSet<(Shape, &str)> = Default::default();
+    // By team only where the team decides which victims are eligible.
+    let team_decides = policy.fair_share && !policy.level_before_share;
+    let mut no_room: std::collections::HashSet<(Shape, &str, bool)> = Default::default();
     for (qi, key) in waiting {
         let job = &snapshot.queue[*qi];
         if !job.may_preempt {
             continue;
         }
-        if no_room.contains(&(Shape::of(job), job.team.as_str())) {
+        // Room only where the walk would place it: outside the reservation
+        // unless it is the reserved job or gone before that one could start.
+        let excluding = reservation.filter(|r| {
+            r.job_id != job.id
+                && bound(job, policy).is_none_or(|b| now.saturating_add(b) > r.start_at)
+        });
+        let fenced = excluding.is_some();
+        let room_key = (
+            Shape::of(job),
+            if team_decides { job.team.as_str() } else { "" },
+            fenced,
+        );
+        if no_room.contains(&room_key) {
             continue;
         }
         let mine_after = share(&job.team, job_amounts(job));
@@ -459,9 +475,9 @@ fn preempt(
             continue;
         }
         let demand = Demand::of(job);
-        let made = cluster.make_room(&demand, &pool, &snapshot.running);
+        let made = cluster.make_room(&demand, &pool, &snapshot.running, excluding);
         if made.is_none() {
-            no_room.insert((Shape::of(job), job.team.as_str()));
+            no_room.insert(room_key.clone());
         }
         if let Some(chosen) = made {
             let names: Vec<String> = chosen

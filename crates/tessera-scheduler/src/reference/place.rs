@@ -568,7 +568,7 @@ impl<'a> Cluster<'a> {
         // Whether the job fits only grows with each job released (a gang of
         // alike replicas fits exactly when the nodes' slots for it add up),
         // so the first end at which it fits is found by bisection.
-        let k = self.fewest_releases(d, &order, running)?;
+        let k = self.fewest_releases(d, &order, running, None)?;
         let end = ends[k - 1].0;
         {
             let mut trial = self.free.clone();
@@ -606,19 +606,21 @@ impl<'a> Cluster<'a> {
     }
 
     /// The fewest of `order` (taken from the front) whose release lets the
-    /// job fit, or `None` when even all of them do not.
+    /// job fit outside what `excluding` holds, or `None` when even all of
+    /// them do not.
     fn fewest_releases(
         &self,
         d: &Demand,
         order: &[usize],
         running: &[RunningJob],
+        excluding: Option<&Reservation>,
     ) -> Option<usize> {
         let fits_after = |k: usize| {
             let mut trial = self.free.clone();
             for i in &order[..k] {
                 self.release_running(&mut trial, &running[*i]);
             }
-            self.place_on(&mut trial, d, None).is_some()
+            self.place_on(&mut trial, d, excluding).is_some()
         };
         if order.is_empty() || !fits_after(order.len()) {
             return None;
@@ -636,15 +638,17 @@ impl<'a> Cluster<'a> {
     }
 
     /// Frees the fewest victims (taken in the given order, worst first)
-    /// that let the job fit, then takes the job's capacity so later calls
-    /// do not count it twice. Returns the victims (indices into `running`).
+    /// that let the job fit outside what `excluding` holds, then takes the
+    /// job's capacity there so later calls do not count it twice. Returns the victims (indices into
+    /// `running`).
     pub fn make_room(
         &mut self,
         d: &Demand,
         pool: &[usize],
         running: &[RunningJob],
+        excluding: Option<&Reservation>,
     ) -> Option<Vec<usize>> {
-        let k = self.fewest_releases(d, pool, running)?;
+        let k = self.fewest_releases(d, pool, running, excluding)?;
         let mut chosen: Vec<usize> = pool[..k].to_vec();
         // Spare the victims that turned out not to be needed.
         let mut i = 0;
@@ -655,7 +659,7 @@ impl<'a> Cluster<'a> {
                     self.release_running(&mut trial, &running[*v]);
                 }
             }
-            if self.place_on(&mut trial, d, None).is_some() {
+            if self.place_on(&mut trial, d, excluding).is_some() {
                 chosen.remove(i);
             } else {
                 i += 1;
@@ -665,7 +669,7 @@ impl<'a> Cluster<'a> {
         for v in &chosen {
             self.release_running(&mut free, &running[*v]);
         }
-        let _ = self.place_on(&mut free, d, None);
+        let _ = self.place_on(&mut free, d, excluding);
         self.free = free;
         self.classes = Classes::build(self.nodes, &self.free, &self.models_lower);
         Some(chosen)
