@@ -1022,15 +1022,16 @@ fn among_equal_placements_the_cheaper_node_wins() {
 /// Regression: under fair share, preempting another team's job for a team
 /// that would then hold more than it made the next pass hand the room
 /// straight back (found in the Philly replay: 94% of preemptions wasted).
-#[test]
-fn fair_share_never_preempts_a_team_that_would_then_hold_less() {
+/// Under `tessera` (adjusted by `policy`), on one node of 2 GPUs: resumable
+/// one-GPU jobs of teams a and b started at time 0, and a third resumable
+/// job of team a queued at 1 s.
+fn two_teams_running_and_a_third_job_queued(policy: impl FnOnce(&mut Snapshot)) -> Snapshot {
     let mut s = snap(
         vec![NodeView::new("n", 8000, 32 * GI).with_gpus(2, "H100")],
         Vec::new(),
         "tessera",
     );
-    // Shares before levels (`tessera` ranks levels first: see below).
-    s.policy.level_before_share = false;
+    policy(&mut s);
     s.queue = vec![
         PendingJob::new(1, "a", 0, 0, res(1, 1, 1), 1),
         PendingJob::new(2, "b", 0, 0, res(1, 1, 1), 1),
@@ -1043,6 +1044,15 @@ fn fair_share_never_preempts_a_team_that_would_then_hold_less() {
     let mut w = PendingJob::new(3, "a", 0, 1_000, res(1, 1, 1), 1);
     w.resumable = true;
     s.queue = vec![w];
+    s
+}
+
+#[test]
+fn fair_share_never_preempts_a_team_that_would_then_hold_less() {
+    let s = two_teams_running_and_a_third_job_queued(|s| {
+        // Shares before levels (`tessera` ranks levels first: see below).
+        s.policy.level_before_share = false;
+    });
     // Much later: both running jobs are levels above the new one.
     let plan = schedule(&s, 100 * 3_600_000);
     assert!(
@@ -1066,20 +1076,7 @@ fn fair_share_never_preempts_a_team_that_would_then_hold_less() {
 /// shares, since the next pass still ranks the new job first.
 #[test]
 fn tessera_ranks_levels_of_run_time_before_shares() {
-    let node = || NodeView::new("n", 8000, 32 * GI).with_gpus(2, "H100");
-    let mut s = snap(vec![node()], Vec::new(), "tessera");
-    s.queue = vec![
-        PendingJob::new(1, "a", 0, 0, res(1, 1, 1), 1),
-        PendingJob::new(2, "b", 0, 0, res(1, 1, 1), 1),
-    ];
-    for j in s.queue.iter_mut() {
-        j.resumable = true;
-    }
-    let plan = schedule(&s, 0);
-    start(&mut s, &plan, 0);
-    let mut w = PendingJob::new(3, "a", 0, 1_000, res(1, 1, 1), 1);
-    w.resumable = true;
-    s.queue = vec![w];
+    let s = two_teams_running_and_a_third_job_queued(|_| {});
     // Much later: both running jobs are levels above the new one, which
     // takes the room of one of them (the one that ranks last: the same
     // time run, submitted at the same time, the greater id).
@@ -1103,7 +1100,8 @@ fn tessera_ranks_levels_of_run_time_before_shares() {
 
     // A short job passes another team's longer one however their shares
     // stand; among jobs of one level, the smaller share goes first.
-    let mut s = snap(vec![node()], Vec::new(), "tessera");
+    let node = NodeView::new("n", 8000, 32 * GI).with_gpus(2, "H100");
+    let mut s = snap(vec![node], Vec::new(), "tessera");
     s.queue = vec![PendingJob::new(1, "a", 0, 0, res(1, 1, 1), 1)];
     let plan = schedule(&s, 0);
     start(&mut s, &plan, 0);
