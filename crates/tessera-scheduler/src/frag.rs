@@ -29,6 +29,8 @@
 
 use std::collections::BTreeMap;
 
+use rustc_hash::FxHashMap;
+
 use tessera_core::Resources;
 
 const WHOLE: u32 = 1000;
@@ -62,8 +64,13 @@ impl Workload {
     /// ask for it). Jobs without GPUs do not count: no GPU placement changes
     /// what they can use (their CPU and memory count where they run).
     pub(crate) fn of<'r>(jobs: impl Iterator<Item = (&'r Resources, u32, u64)>) -> Workload {
-        type Key = (u32, u32, Vec<String>);
-        let mut shapes: BTreeMap<Key, BTreeMap<(u64, u64), u64>> = BTreeMap::new();
+        // Gathered first by the request as given (cheap to hash: numbers and
+        // the models' slice), the last one compared before hashing (jobs in
+        // a row often ask for the same); models are normalised only once
+        // per distinct request, below.
+        type Raw<'r> = (u32, u32, &'r [String], u64, u64);
+        let mut raw: FxHashMap<Raw<'r>, u64> = FxHashMap::default();
+        let mut last: Option<(Raw<'r>, u64)> = None;
         for (r, replicas, jobs) in jobs {
             if !r.wants_gpu() {
                 continue;
@@ -77,17 +84,30 @@ impl Workload {
             } else {
                 (0, r.gpu_milli.min(WHOLE))
             };
-            let mut models: Vec<String> = r
-                .gpu_models
-                .iter()
-                .map(|m| m.to_ascii_lowercase())
-                .collect();
+            let key: Raw<'r> = (whole, milli, &r.gpu_models, r.cpu_milli, r.memory_bytes);
+            match &mut last {
+                Some((k, m)) if *k == key => *m += n,
+                _ => {
+                    if let Some((k, m)) = last.take() {
+                        *raw.entry(k).or_default() += m;
+                    }
+                    last = Some((key, n));
+                }
+            }
+        }
+        if let Some((k, m)) = last {
+            *raw.entry(k).or_default() += m;
+        }
+        type Key = (u32, u32, Vec<String>);
+        let mut shapes: BTreeMap<Key, BTreeMap<(u64, u64), u64>> = BTreeMap::new();
+        for ((whole, milli, models, cpu, mem), n) in raw {
+            let mut models: Vec<String> = models.iter().map(|m| m.to_ascii_lowercase()).collect();
             models.sort_unstable();
             models.dedup();
             *shapes
                 .entry((whole, milli, models))
                 .or_default()
-                .entry((r.cpu_milli, r.memory_bytes))
+                .entry((cpu, mem))
                 .or_default() += n;
         }
         let shapes: Vec<GpuShape> = shapes

@@ -514,7 +514,7 @@ impl<'a> Index<'a> {
 
 /// Computes a plan. Pure: the same snapshot and time give the same plan.
 pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
-    schedule_with(snapshot, now, true)
+    schedule_with(snapshot, now, true).0
 }
 
 /// [`schedule`] for a caller that discards the reasons of waiting jobs (the
@@ -525,10 +525,38 @@ pub fn schedule(snapshot: &Snapshot, now: u64) -> Plan {
 /// walk stops at the first job that cannot start, since nothing behind it
 /// may start either.
 pub fn schedule_without_reasons(snapshot: &Snapshot, now: u64) -> Plan {
+    schedule_with(snapshot, now, false).0
+}
+
+/// [`schedule_without_reasons`], and whether the plan is sure to settle the
+/// snapshot: once it is applied (its jobs started where it says, nothing
+/// else changed), a pass at the same time would place and preempt nothing.
+/// `false` claims nothing. A caller that repeats passes until one changes
+/// nothing (the simulator) may stop after a settling plan.
+///
+/// A plan settles when it places jobs, preempts none, and (not under strict
+/// FIFO or quotas):
+/// - every job it leaves waiting fails to fit the capacity left, whatever
+///   reservation the next pass makes: a job that failed before any
+///   reservation, or with one but in time for it, failed on at least that
+///   capacity without one (capacity only shrinks during a walk); a job
+///   kept out of a reservation is checked here to fit nowhere at all, since
+///   the next pass may reserve elsewhere or for another job (under fair
+///   share the jobs placed move the teams' turns);
+/// - under preemption, no waiting job can make room in the next pass: its
+///   victims would be the same running jobs (the jobs just placed have not
+///   run the policy's minimum, or rank before every waiting job), with the
+///   same keys at the same time, eligible for the same reasons (which do
+///   not read the teams' shares: no fair share, or levels before shares),
+///   on the same capacity, and this pass found that releasing all of them
+///   does not let it fit — without a reservation to keep out of, or with
+///   one but checked to fit nowhere even then. Which waiting job asks first
+///   does not matter when none takes a victim.
+pub fn schedule_and_settle(snapshot: &Snapshot, now: u64) -> (Plan, bool) {
     schedule_with(snapshot, now, false)
 }
 
-fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
+fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> (Plan, bool) {
     let policy = &snapshot.policy;
     let mut ix = Index::new(snapshot);
     // The workload fragmentation scoring expects: the queue, one shape at a
@@ -586,8 +614,11 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
         Some(place::Smallest::of(&snapshot.queue))
     };
     if smallest.as_ref().is_some_and(|s| !cluster.might_hold(s)) {
-        return plan;
+        return (plan, false);
     }
+    // The worst-ordered job placed (whether the next pass could take it as
+    // a victim, see [`schedule_and_settle`]).
+    let mut worst_placed: Option<Key> = None;
 
     // The walk reads queued jobs themselves only to place them: the job id
     // comes with its key, the rest from the index (a queue of a million
@@ -685,6 +716,7 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
         match placed {
             Some(assignments) => {
                 orderer.placed(qi, t);
+                worst_placed = worst_placed.max(Some(entry.key));
                 let d = ix.amounts[shape as usize];
                 for r in 0..3 {
                     usage[t][r] += d[r];
@@ -747,6 +779,7 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
     if lazy && (policy.preempt || quotas) && !snapshot.running.is_empty() {
         ix.number_all_shapes();
     }
+    let mut unfenced_room = false;
     if policy.preempt && !snapshot.running.is_empty() {
         preempt(
             snapshot,
@@ -760,6 +793,7 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
             &mut used,
             &mut plan,
             reasons,
+            &mut unfenced_room,
         );
     }
     if quotas && !snapshot.running.is_empty() {
@@ -774,7 +808,26 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> Plan {
             &mut plan,
         );
     }
-    plan
+    // See [`schedule_and_settle`] for why these suffice.
+    let settled = !reasons
+        && !plan.placements.is_empty()
+        && plan.preemptions.is_empty()
+        && !policy.strict
+        && !quotas
+        && (!policy.preempt
+            || ((!policy.fair_share || policy.level_before_share)
+                && !unfenced_room
+                && (policy.min_run_before_preempt_ms > 0
+                    || worst_placed.is_none_or(|p| {
+                        waiting_jobs
+                            .iter()
+                            .all(|qi| !p.ranks_after(&orderer.key(*qi as usize)))
+                    }))))
+        && failed.iter().enumerate().all(|(s, f)| {
+            f[2].is_none()
+                || !cluster.fits_now(&Demand::of(&snapshot.queue[ix.shape_job[s] as usize]))
+        });
+    (plan, settled)
 }
 
 const RESOURCE_NAMES: [&str; 3] = ["CPU", "memory", "GPU"];
@@ -872,7 +925,7 @@ fn reclaim(
             (r.job.priority, std::cmp::Reverse(r.started_at), r.job.id)
         });
         let demand = Demand::of(job);
-        let Some(chosen) = cluster.make_room(&demand, pool, &snapshot.running, None) else {
+        let Ok(chosen) = cluster.make_room(&demand, pool, &snapshot.running, None) else {
             continue;
         };
         let mut names = Vec::new();
@@ -1004,6 +1057,7 @@ fn preempt(
     used: &mut [bool],
     plan: &mut Plan,
     reasons_wanted: bool,
+    unfenced_room: &mut bool,
 ) {
     let policy = &snapshot.policy;
     // Under fair share, a job may take room from another team only while its
@@ -1129,10 +1183,11 @@ fn preempt(
         }
         let demand = Demand::of(job);
         let made = cluster.make_room(&demand, pool, &snapshot.running, excluding);
-        if made.is_none() {
+        if let Err(no) = made {
             no_room.insert(room_key);
+            *unfenced_room |= no.unfenced;
         }
-        if let Some(chosen) = made {
+        if let Ok(chosen) = made {
             let reason = if reasons_wanted {
                 format!(
                     "preempted for job {} ({}), which comes first under policy `{}`",

@@ -247,6 +247,15 @@ impl Smallest {
     }
 }
 
+/// Why [`Cluster::make_room`] made none: even with every victim offered
+/// released the job does not fit outside the reservation it must keep out
+/// of. `unfenced`: it would fit were that reservation not there (always
+/// false without one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoRoom {
+    pub unfenced: bool,
+}
+
 /// Capacity held for a waiting job under backfill.
 #[derive(Debug, Clone)]
 pub struct Reservation {
@@ -1025,7 +1034,7 @@ impl<'a> Cluster<'a> {
         // alike replicas fits exactly when the nodes' slots for it add up),
         // so the first end at which it fits is the first release after
         // which the slots suffice; the scratch copy holds the capacity then.
-        self.fewest_releases(d, order, running, None, |_| {})?;
+        self.fewest_releases(d, order, running, None, |_| {}).ok()?;
         let mut trial = self.scratch.borrow_mut();
         let assignments = self.place_on(&mut trial, d, None)?;
         let mut held_nodes: Vec<usize> = assignments.iter().map(|a| a.node).collect();
@@ -1103,7 +1112,6 @@ impl<'a> Cluster<'a> {
     /// [`Cluster::place_on`] would place them all: each replica placed takes
     /// one of its node's slots and leaves other nodes' slots as they were,
     /// whichever node the scoring picks.
-    #[cfg(test)]
     fn fits_all(&self, free: &[Free], d: &Demand) -> bool {
         let mut total = 0u64;
         for (node, f) in free.iter().enumerate() {
@@ -1116,8 +1124,8 @@ impl<'a> Cluster<'a> {
     }
 
     /// The fewest of `order` (taken from the front, at least one) whose
-    /// release lets the job fit outside what `excluding` holds, or `None`
-    /// when even all of them do not. Releases them one by one into the
+    /// release lets the job fit outside what `excluding` holds, or
+    /// [`NoRoom`] when even all of them do not. Releases them one by one into the
     /// scratch copy of free capacity, which holds the capacity after the
     /// last release on return, and keeps the sum of the nodes' slots for a
     /// replica current (only the nodes a released job held change): the
@@ -1130,7 +1138,7 @@ impl<'a> Cluster<'a> {
         running: &[RunningJob],
         excluding: Option<&Reservation>,
         mut taken: impl FnMut(usize),
-    ) -> Option<usize> {
+    ) -> Result<usize, NoRoom> {
         let mut trial = self.scratch.borrow_mut();
         trial.clone_from(&self.free);
         let mut slots: Vec<u64> = trial
@@ -1153,10 +1161,20 @@ impl<'a> Cluster<'a> {
                 }
             }
             if total >= want {
-                return Some(k + 1);
+                return Ok(k + 1);
             }
         }
-        None
+        // With every one of them released, would it fit were nothing
+        // excluded? (A reservation elsewhere could not keep it out then.)
+        let unfenced = excluding.is_some() && self.fits_all(&trial, d);
+        Err(NoRoom { unfenced })
+    }
+
+    /// Whether every replica of `d` fits the free capacity now, ignoring
+    /// any reservation: exactly when [`Cluster::place`] without one would
+    /// place it.
+    pub fn fits_now(&self, d: &Demand) -> bool {
+        self.fits_all(&self.free, d)
     }
 
     /// Frees the fewest victims (taken in the given order, worst first)
@@ -1171,7 +1189,7 @@ impl<'a> Cluster<'a> {
         pool: impl IntoIterator<Item = usize>,
         running: &[RunningJob],
         excluding: Option<&Reservation>,
-    ) -> Option<Vec<usize>> {
+    ) -> Result<Vec<usize>, NoRoom> {
         let mut chosen: Vec<usize> = Vec::new();
         self.fewest_releases(d, pool, running, excluding, |i| chosen.push(i))?;
         // Spare the victims that turned out not to be needed, first to last:
@@ -1242,7 +1260,7 @@ impl<'a> Cluster<'a> {
         for node in touched.into_iter().filter(|n| *n < self.nodes.len()) {
             self.refresh(node);
         }
-        Some(chosen)
+        Ok(chosen)
     }
 
     /// Whether some schedulable node has free at least what `s` says every

@@ -1198,6 +1198,49 @@ proptest! {
         prop_assert_eq!(schedule(&snap, now), crate::reference::schedule(&snap, now));
     }
 
+    /// A plan said to settle its snapshot does: with it applied, a pass at
+    /// the same time places and preempts nothing. (Checked with the teams'
+    /// quotas and without them, as quotas alone rule the claim out.)
+    #[test]
+    fn a_settling_plan_leaves_nothing_for_the_next_pass((snap, now) in arb_rich_snapshot()) {
+        let mut unlimited = snap.clone();
+        for t in unlimited.teams.iter_mut() {
+            t.quota = None;
+        }
+        // Backfill under fair share, where the next pass may reserve for
+        // another job: the policy that has both, one that adds fair share
+        // to plain backfill, and one where the shares decide which running
+        // jobs may be preempted (shares before levels).
+        let mut variants = vec![snap, unlimited.clone()];
+        let mut fair_backfill = Policy::named("fifo-backfill").unwrap();
+        fair_backfill.fair_share = true;
+        let mut shares_first = Policy::tessera();
+        shares_first.level_before_share = false;
+        shares_first.min_run_before_preempt_ms = 0;
+        for policy in [Policy::tessera(), fair_backfill, shares_first] {
+            variants.push(Snapshot { policy, ..unlimited.clone() });
+        }
+        for snap in variants {
+            let (plan, settles) = crate::schedule_and_settle(&snap, now);
+            let full = schedule(&snap, now);
+            prop_assert_eq!(&plan.placements, &full.placements);
+            prop_assert_eq!(victims(&plan), victims(&full));
+            if settles {
+                prop_assert!(!plan.placements.is_empty() && plan.preemptions.is_empty());
+                let mut after = snap.clone();
+                start(&mut after, &plan, now);
+                let next = schedule(&after, now);
+                prop_assert!(
+                    next.placements.is_empty() && next.preemptions.is_empty(),
+                    "policy {}: the pass after a settling plan placed {:?} and preempted {:?}",
+                    snap.policy.name,
+                    next.placements.iter().map(|p| p.job_id).collect::<Vec<_>>(),
+                    victims(&next)
+                );
+            }
+        }
+    }
+
     /// Without reasons: the same placements and preemptions, no waiting list.
     #[test]
     fn without_reasons_same_placements((snap, now) in arb_rich_snapshot()) {

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Result};
 use tessera_core::JobId;
 use tessera_scheduler::{
-    queue_key, ranks_before, schedule, schedule_without_reasons, Assignment, NodeView, Packing,
-    PendingJob, Policy, QueueKey, RunningJob, Snapshot, TeamView,
+    queue_key, ranks_before, schedule, schedule_and_settle, schedule_without_reasons, Assignment,
+    NodeView, Packing, PendingJob, Policy, QueueKey, RunningJob, Snapshot, TeamView,
 };
 
 use crate::trace::SimJob;
@@ -969,12 +969,12 @@ pub fn simulate_with(
             // The simulator reads no reasons for waiting jobs: the scheduler
             // writes none (and under strict FIFO stops at the blocked head),
             // with the same placements and preemptions.
-            let plan = if always_confirm {
+            let (plan, settles) = if always_confirm {
                 let mut plan = schedule(&w.snap, now);
                 drop(std::mem::take(&mut plan.waiting));
-                plan
+                (plan, false)
             } else {
-                schedule_without_reasons(&w.snap, now)
+                schedule_and_settle(&w.snap, now)
             };
             sched_time += t0.elapsed();
             calls += 1;
@@ -996,6 +996,15 @@ pub fn simulate_with(
                 changing_confirmations += 1;
             }
             if !always_confirm && !preempted && fixpoint {
+                break;
+            }
+            // The scheduler proved the next pass would change nothing.
+            // (At the pass cap the loop stops at its top, counting the hit,
+            // as it would without the shortcut.)
+            if settles && passes < MAX_PASSES_PER_EVENT {
+                if !w.snap.queue.is_empty() {
+                    skipped_confirmations += 1;
+                }
                 break;
             }
             // (At the pass cap the loop stops at its top, counting the hit,

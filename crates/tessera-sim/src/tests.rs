@@ -417,6 +417,12 @@ fn shortcuts_change_no_outcome() {
         {
             assert!(fast.skipped_passes > 0, "{p}");
         }
+        // Under backfill, fair share and fragmentation-aware packing, the
+        // scheduler proves where a pass settles the queue.
+        if matches!(p, "fifo-backfill" | "tessera") {
+            assert!(fast.skipped_confirmations > 0, "{p}");
+            assert!(fast.schedule_calls < checked.schedule_calls, "{p}");
+        }
         if engine::confirmations_can_be_skipped(&policy) {
             assert!(fast.skipped_confirmations > 0, "{p}");
             assert!(fast.schedule_calls < checked.schedule_calls, "{p}");
