@@ -1022,6 +1022,13 @@ impl Victims {
         Some(v[i])
     }
 
+    /// Every one, in no particular order.
+    fn each(&self, mut f: impl FnMut(&Key, usize)) {
+        for (k, i) in self.v.borrow().0.iter() {
+            f(k, *i);
+        }
+    }
+
     fn iter(&self) -> impl Iterator<Item = (Key, usize)> + '_ {
         (0..).map_while(|i| self.get(i))
     }
@@ -1100,6 +1107,8 @@ fn preempt(
             .map(|(i, r)| (orderer.running_key(r), i)),
     );
     let victims = Victims::new(candidates);
+    // Per node, what the victims of the job at hand hold there.
+    let mut released: Vec<[u64; 3]> = Vec::new();
     let mut reasons: HashMap<JobId, String> = HashMap::default();
     // A shape that could not make room cannot for a later job either: later
     // jobs are worse-ordered, so fewer running jobs may yield to them.
@@ -1182,6 +1191,21 @@ fn preempt(
             continue;
         }
         let demand = Demand::of(job);
+        // Most attempts that find no room fail on every node even with
+        // all eligible victims gone: ruled out in one look at the victims,
+        // unsorted, and the nodes (no room is found without the
+        // reservation then either).
+        released.clear();
+        released.resize(snapshot.nodes.len(), [0; 3]);
+        victims.each(|k, i| {
+            if k.ranks_after(key) && eligible(k, i) {
+                cluster.add_held(&mut released, &snapshot.running[i]);
+            }
+        });
+        if !cluster.might_fit_releasing(&demand, &released) {
+            no_room.insert(room_key);
+            continue;
+        }
         let made = cluster.make_room(&demand, pool, &snapshot.running, excluding);
         if let Err(no) = made {
             no_room.insert(room_key);

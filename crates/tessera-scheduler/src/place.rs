@@ -1177,6 +1177,58 @@ impl<'a> Cluster<'a> {
         self.fits_all(&self.free, d)
     }
 
+    /// Adds what running job `r` holds on each node to `per_node` (CPU
+    /// thousandths, memory bytes, GPU thousandths), sized to the nodes.
+    pub fn add_held(&self, per_node: &mut [[u64; 3]], r: &RunningJob) {
+        let res = &r.job.resources;
+        let per_gpu = if res.gpu > 0 {
+            u64::from(WHOLE)
+        } else {
+            u64::from(res.gpu_milli)
+        };
+        for a in &r.assignments {
+            if let Some(h) = per_node.get_mut(a.node) {
+                h[0] = h[0].saturating_add(res.cpu_milli);
+                h[1] = h[1].saturating_add(res.memory_bytes);
+                h[2] = h[2].saturating_add(per_gpu * a.gpus.len() as u64);
+            }
+        }
+    }
+
+    /// Whether every replica of `d` could fit were `released` (per node,
+    /// as [`Cluster::add_held`] counts it) freed on top of what is free
+    /// now: a bound, true whenever releasing those jobs lets it fit. A node
+    /// counts as many replicas as its CPU, memory and GPU thousandths
+    /// (free plus released, over one replica's) allow; models, labels and
+    /// reservations are left aside.
+    pub fn might_fit_releasing(&self, d: &Demand, released: &[[u64; 3]]) -> bool {
+        let per_gpu = if d.whole > 0 {
+            u64::from(d.whole) * u64::from(WHOLE)
+        } else {
+            u64::from(d.milli)
+        };
+        let want = u64::from(d.replicas);
+        let mut total = 0u64;
+        for (f, r) in self.free.iter().zip(released) {
+            let mut n = u64::MAX;
+            if let Some(k) = f.cpu.saturating_add(r[0]).checked_div(d.cpu) {
+                n = n.min(k);
+            }
+            if let Some(k) = f.mem.saturating_add(r[1]).checked_div(d.mem) {
+                n = n.min(k);
+            }
+            let gpu: u64 = f.gpu.iter().map(|m| u64::from(*m)).sum();
+            if let Some(k) = gpu.saturating_add(r[2]).checked_div(per_gpu) {
+                n = n.min(k);
+            }
+            total = total.saturating_add(n);
+            if total >= want {
+                return true;
+            }
+        }
+        want == 0
+    }
+
     /// Frees the fewest victims (taken in the given order, worst first)
     /// that let the job fit outside what `excluding` holds, then takes the
     /// job's capacity there, as the next pass would place it, so later calls
