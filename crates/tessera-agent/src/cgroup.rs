@@ -18,14 +18,26 @@ pub enum Cgroups {
 impl Cgroups {
     /// Probes `/sys/fs/cgroup` and prepares a `tessera` parent group.
     pub fn detect() -> Cgroups {
-        Cgroups::detect_at(Path::new("/sys/fs/cgroup"))
+        Cgroups::detect_at(Path::new("/sys/fs/cgroup"), None)
+    }
+
+    /// [`Cgroups::detect`], with the replicas' groups inside one of their
+    /// own for the agent whose home is `home`. Replica names (job, attempt,
+    /// replica) repeat between agents on one machine — several `tessera up`
+    /// each count jobs from 1 — so without it one agent stopping its job 2
+    /// would kill another's. The group's name is a hash of the home's path,
+    /// the same on every start, so an agent restarted on the same home
+    /// still finds the groups of replicas it left behind.
+    pub fn detect_for(home: &Path) -> Cgroups {
+        let home = home.canonicalize().unwrap_or_else(|_| home.to_path_buf());
+        Cgroups::detect_at(Path::new("/sys/fs/cgroup"), Some(&scope_name(&home)))
     }
 
     pub fn disabled(why: impl Into<String>) -> Cgroups {
         Cgroups::Disabled { why: why.into() }
     }
 
-    fn detect_at(base: &Path) -> Cgroups {
+    fn detect_at(base: &Path, scope: Option<&str>) -> Cgroups {
         let controllers = base.join("cgroup.controllers");
         if controllers.exists() {
             let have = fs::read_to_string(&controllers).unwrap_or_default();
@@ -34,9 +46,11 @@ impl Cgroups {
             {
                 return Cgroups::disabled("cgroup v2 without the cpu and memory controllers");
             }
-            let root = base.join("tessera");
+            let parent = base.join("tessera");
+            let root = scope.map_or_else(|| parent.clone(), |s| parent.join(s));
             let setup = fs::create_dir_all(&root)
                 .and_then(|_| fs::write(base.join("cgroup.subtree_control"), "+cpu +memory"))
+                .and_then(|_| fs::write(parent.join("cgroup.subtree_control"), "+cpu +memory"))
                 .and_then(|_| fs::write(root.join("cgroup.subtree_control"), "+cpu +memory"));
             return match setup {
                 Ok(()) => Cgroups::V2 { root },
@@ -49,8 +63,11 @@ impl Cgroups {
             .find(|p| p.join("cpu.cfs_quota_us").exists());
         match cpu {
             Some(cpu) if memory.join("memory.limit_in_bytes").exists() => {
-                let memory = memory.join("tessera");
-                let cpu = cpu.join("tessera");
+                let (mut memory, mut cpu) = (memory.join("tessera"), cpu.join("tessera"));
+                if let Some(s) = scope {
+                    memory.push(s);
+                    cpu.push(s);
+                }
                 match fs::create_dir_all(&memory).and_then(|_| fs::create_dir_all(&cpu)) {
                     Ok(()) => Cgroups::V1 { memory, cpu },
                     Err(e) => Cgroups::disabled(format!("cgroup v1 is not writable here ({e})")),
@@ -161,6 +178,25 @@ impl Cgroups {
         }
     }
 
+    /// Removes this agent's own group ([`Cgroups::detect_for`]) when no
+    /// replica's group is left in it (one still running keeps it, for the
+    /// next agent on the same home to find).
+    pub fn release_scope(&self) {
+        let dirs = match self {
+            Cgroups::V2 { root } => vec![root.clone()],
+            Cgroups::V1 { memory, cpu } => vec![memory.clone(), cpu.clone()],
+            Cgroups::Disabled { .. } => vec![],
+        };
+        for d in dirs {
+            if d.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("home-"))
+            {
+                let _ = fs::remove_dir(&d);
+            }
+        }
+    }
+
     /// Removes the replica's group (once its processes are gone).
     pub fn remove(&self, name: &str) {
         let dirs = match self {
@@ -176,5 +212,30 @@ impl Cgroups {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }
+    }
+}
+
+/// A stable name for an agent's group: `home-` and the 64-bit FNV-1a hash
+/// of its home's path (the same on every start and build).
+fn scope_name(home: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in home.as_os_str().as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("home-{h:016x}")
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use super::*;
+
+    #[test]
+    fn each_home_gets_its_own_stable_group() {
+        let a = scope_name(Path::new("/var/lib/tessera-a"));
+        assert_eq!(a, scope_name(Path::new("/var/lib/tessera-a")));
+        assert_ne!(a, scope_name(Path::new("/var/lib/tessera-b")));
+        assert!(a.starts_with("home-") && a.len() == 21, "{a}");
     }
 }

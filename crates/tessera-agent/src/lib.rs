@@ -181,11 +181,24 @@ fn running_dir(home: &Path) -> PathBuf {
 
 /// The replica a process belongs to, from the `TESSERA_*` variables the
 /// agent gave it (`/proc/<pid>/environ`).
-fn replica_of_process(pid: u32) -> Option<ReplicaKey> {
+/// The replica a process belongs to, from the tags its agent gave it —
+/// only when that agent's home is `home`: agents on one machine number
+/// their replicas alike. (A process tagged before homes were part of the
+/// tags counts as any home's.)
+fn replica_of_process(pid: u32, home: &Path) -> Option<ReplicaKey> {
+    use std::os::unix::ffi::OsStrExt;
     let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     let (mut job, mut attempt, mut replica) = (None, None, None);
     for var in env.split(|b| *b == 0) {
-        let var = std::str::from_utf8(var).ok()?;
+        if let Some(v) = var.strip_prefix(b"TESSERA_AGENT_HOME=") {
+            if v != home.as_os_str().as_bytes() {
+                return None;
+            }
+            continue;
+        }
+        let Ok(var) = std::str::from_utf8(var) else {
+            continue;
+        };
         if let Some(v) = var.strip_prefix("TESSERA_JOB_ID=") {
             job = v.parse().ok();
         } else if let Some(v) = var.strip_prefix("TESSERA_ATTEMPT=") {
@@ -249,7 +262,7 @@ pub fn reap_orphans(home: &Path, cgroups: &Cgroups) -> Vec<ReplicaKey> {
                 let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                     continue;
                 };
-                if replica_of_process(pid).is_some_and(|k| reaped.contains(&k)) {
+                if replica_of_process(pid, home).is_some_and(|k| reaped.contains(&k)) {
                     let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 }
             }
@@ -308,6 +321,12 @@ pub struct Agent {
     done_rx: mpsc::UnboundedReceiver<ReplicaKey>,
 }
 
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.cgroups.release_scope();
+    }
+}
+
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
@@ -323,14 +342,15 @@ impl Agent {
         config: AgentConfig,
         events: mpsc::UnboundedSender<FromAgent>,
     ) -> std::io::Result<Agent> {
-        let cgroups = if config.cgroups {
-            Cgroups::detect()
-        } else {
-            Cgroups::disabled("disabled by configuration")
-        };
+        // The home exists before its cgroup scope is named from its path.
         std::fs::create_dir_all(running_dir(&config.home))?;
         std::fs::create_dir_all(config.home.join("logs"))?;
         std::fs::create_dir_all(config.home.join("work"))?;
+        let cgroups = if config.cgroups {
+            Cgroups::detect_for(&config.home)
+        } else {
+            Cgroups::disabled("disabled by configuration")
+        };
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Ok(Agent {
             config,
@@ -994,6 +1014,7 @@ fn spawn_replica(
         .join(",");
     cmd.current_dir(&workdir)
         .envs(start.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("TESSERA_AGENT_HOME", &ctx.home)
         .env("TESSERA_JOB_ID", key.job_id.to_string())
         .env("TESSERA_REPLICA", key.replica.to_string())
         .env("TESSERA_NUM_REPLICAS", start.num_replicas.to_string())

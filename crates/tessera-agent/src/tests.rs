@@ -240,6 +240,7 @@ async fn orphans_of_an_earlier_agent_are_reaped() {
     // even in a process group of its own.
     let mut tagged = std::process::Command::new("sleep")
         .arg("30")
+        .env("TESSERA_AGENT_HOME", home)
         .env("TESSERA_JOB_ID", "9")
         .env("TESSERA_ATTEMPT", "1")
         .env("TESSERA_REPLICA", "1")
@@ -257,6 +258,17 @@ async fn orphans_of_an_earlier_agent_are_reaped() {
         .env("TESSERA_REPLICA", "0")
         .spawn()
         .unwrap();
+    // Another agent's replica (another home on this machine) with the same
+    // tags is left alone too.
+    let mut neighbour = std::process::Command::new("sleep")
+        .arg("30")
+        .env("TESSERA_AGENT_HOME", home.join("elsewhere"))
+        .env("TESSERA_JOB_ID", "9")
+        .env("TESSERA_ATTEMPT", "1")
+        .env("TESSERA_REPLICA", "1")
+        .process_group(0)
+        .spawn()
+        .unwrap();
     let mut reaped = reap_orphans(home, &Cgroups::disabled("test"));
     reaped.sort();
     assert_eq!(
@@ -269,8 +281,14 @@ async fn orphans_of_an_earlier_agent_are_reaped() {
         other.try_wait().unwrap().is_none(),
         "an unrelated process was killed"
     );
-    other.kill().unwrap();
-    let _ = other.wait();
+    assert!(
+        neighbour.try_wait().unwrap().is_none(),
+        "another agent's replica was killed"
+    );
+    for mut p in [other, neighbour] {
+        p.kill().unwrap();
+        let _ = p.wait();
+    }
     assert!(std::fs::read_dir(running_dir(home))
         .unwrap()
         .next()
@@ -310,6 +328,43 @@ async fn cgroup_limits_apply_where_writable() {
     h.cmd.send(ToAgent::Start(s)).unwrap();
     assert_eq!(h.exit_of(7).await.0, Some(0));
     assert!(h.log(7).contains("fine"));
+}
+
+/// Two agents on one machine (two `tessera up`, say) both count their jobs
+/// from 1, so their replicas carry the same names; each keeps its cgroups
+/// apart, so one's limits never apply to the other's replica.
+#[tokio::test]
+async fn agents_on_one_machine_keep_their_replicas_limits_apart() {
+    if !Cgroups::detect().enforced() {
+        eprintln!("skipping: {}", Cgroups::detect().note());
+        return;
+    }
+    let (mut a, mut b) = (harness(true), harness(true));
+    // b's job 8 may hold 512 MiB and takes 128 MiB once a's job 8, limited
+    // to 32 MiB, has started.
+    let mut big = start(
+        8,
+        &[
+            "python3",
+            "-c",
+            "import time; time.sleep(0.8); b = bytearray(128 << 20); print('survived')",
+        ],
+    );
+    big.memory_bytes = 512 << 20;
+    b.cmd.send(ToAgent::Start(big)).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut small = start(8, &["/bin/sh", "-c", "sleep 2"]);
+    small.memory_bytes = 32 << 20;
+    a.cmd.send(ToAgent::Start(small)).unwrap();
+    let (code, signal, cause) = b.exit_of(8).await;
+    assert_eq!(
+        (code, signal, cause),
+        (Some(0), None, ExitCause::Exited),
+        "the other agent's limit applied: {}",
+        b.log(8)
+    );
+    assert!(b.log(8).contains("survived"));
+    assert_eq!(a.exit_of(8).await.0, Some(0));
 }
 
 /// An agent that crashes leaves its replicas running; the next agent on the
