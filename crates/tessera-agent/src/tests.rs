@@ -58,6 +58,23 @@ fn start(job: u64, argv: &[&str]) -> StartReplica {
     }
 }
 
+/// [`start`] with a memory limit.
+fn start_limited(job: u64, argv: &[&str], memory_bytes: u64) -> StartReplica {
+    StartReplica {
+        memory_bytes,
+        ..start(job, argv)
+    }
+}
+
+/// Whether cgroup limits can be set here (else the test says it skips).
+fn cgroups_here() -> bool {
+    let cg = Cgroups::detect();
+    if !cg.enforced() {
+        eprintln!("skipping: {}", cg.note());
+    }
+    cg.enforced()
+}
+
 impl Harness {
     /// The next event other than a heartbeat: heartbeats tick on their own
     /// clock (the first one right after registering), so tests that expect
@@ -238,15 +255,19 @@ async fn orphans_of_an_earlier_agent_are_reaped() {
     std::fs::write(running_dir(home).join("9.1.0"), format!("{pid} {st}\n")).unwrap();
     // A replica the crash caught between record and spawn: found by its tags,
     // even in a process group of its own.
-    let mut tagged = std::process::Command::new("sleep")
-        .arg("30")
-        .env("TESSERA_AGENT_HOME", home)
-        .env("TESSERA_JOB_ID", "9")
-        .env("TESSERA_ATTEMPT", "1")
-        .env("TESSERA_REPLICA", "1")
-        .process_group(0)
-        .spawn()
-        .unwrap();
+    // (`sleep 30` carrying a replica's tags, as its agent on `home` sets them.)
+    let tagged_sleep = |home: &Path| {
+        std::process::Command::new("sleep")
+            .arg("30")
+            .env("TESSERA_AGENT_HOME", home)
+            .env("TESSERA_JOB_ID", "9")
+            .env("TESSERA_ATTEMPT", "1")
+            .env("TESSERA_REPLICA", "1")
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let mut tagged = tagged_sleep(home);
     std::fs::write(running_dir(home).join("9.1.1"), "starting\n").unwrap();
     // A stale record whose pid is long gone.
     std::fs::write(running_dir(home).join("9.1.2"), "999999 1\n").unwrap();
@@ -260,15 +281,7 @@ async fn orphans_of_an_earlier_agent_are_reaped() {
         .unwrap();
     // Another agent's replica (another home on this machine) with the same
     // tags is left alone too.
-    let mut neighbour = std::process::Command::new("sleep")
-        .arg("30")
-        .env("TESSERA_AGENT_HOME", home.join("elsewhere"))
-        .env("TESSERA_JOB_ID", "9")
-        .env("TESSERA_ATTEMPT", "1")
-        .env("TESSERA_REPLICA", "1")
-        .process_group(0)
-        .spawn()
-        .unwrap();
+    let mut neighbour = tagged_sleep(&home.join("elsewhere"));
     let mut reaped = reap_orphans(home, &Cgroups::disabled("test"));
     reaped.sort();
     assert_eq!(
@@ -297,23 +310,19 @@ async fn orphans_of_an_earlier_agent_are_reaped() {
 
 #[tokio::test]
 async fn cgroup_limits_apply_where_writable() {
-    let cg = Cgroups::detect();
-    if !cg.enforced() {
-        eprintln!("skipping: {}", cg.note());
+    if !cgroups_here() {
         return;
     }
     let mut h = harness(true);
     // 64 MiB limit; the replica tries to hold 256 MiB.
-    let mut s = start(
-        6,
-        &[
-            "python3",
-            "-c",
-            "b = bytearray(256 << 20); print('survived')",
-        ],
-    );
-    s.memory_bytes = 64 << 20;
-    h.cmd.send(ToAgent::Start(s)).unwrap();
+    let hog = [
+        "python3",
+        "-c",
+        "b = bytearray(256 << 20); print('survived')",
+    ];
+    h.cmd
+        .send(ToAgent::Start(start_limited(6, &hog, 64 << 20)))
+        .unwrap();
     let (code, signal, cause) = h.exit_of(6).await;
     assert!(
         !h.log(6).contains("survived"),
@@ -323,9 +332,10 @@ async fn cgroup_limits_apply_where_writable() {
         cause == ExitCause::OutOfMemory || code != Some(0),
         "{cause:?} {code:?}"
     );
-    let mut s = start(7, &["/bin/sh", "-c", "echo fine"]);
-    s.memory_bytes = 64 << 20;
-    h.cmd.send(ToAgent::Start(s)).unwrap();
+    let fine = ["/bin/sh", "-c", "echo fine"];
+    h.cmd
+        .send(ToAgent::Start(start_limited(7, &fine, 64 << 20)))
+        .unwrap();
     assert_eq!(h.exit_of(7).await.0, Some(0));
     assert!(h.log(7).contains("fine"));
 }
@@ -335,27 +345,25 @@ async fn cgroup_limits_apply_where_writable() {
 /// apart, so one's limits never apply to the other's replica.
 #[tokio::test]
 async fn agents_on_one_machine_keep_their_replicas_limits_apart() {
-    if !Cgroups::detect().enforced() {
-        eprintln!("skipping: {}", Cgroups::detect().note());
+    if !cgroups_here() {
         return;
     }
     let (mut a, mut b) = (harness(true), harness(true));
     // b's job 8 may hold 512 MiB and takes 128 MiB once a's job 8, limited
     // to 32 MiB, has started.
-    let mut big = start(
-        8,
-        &[
-            "python3",
-            "-c",
-            "import time; time.sleep(0.8); b = bytearray(128 << 20); print('survived')",
-        ],
-    );
-    big.memory_bytes = 512 << 20;
-    b.cmd.send(ToAgent::Start(big)).unwrap();
+    let big = "import time; time.sleep(0.8); b = bytearray(128 << 20); print('survived')";
+    b.cmd
+        .send(ToAgent::Start(start_limited(
+            8,
+            &["python3", "-c", big],
+            512 << 20,
+        )))
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut small = start(8, &["/bin/sh", "-c", "sleep 2"]);
-    small.memory_bytes = 32 << 20;
-    a.cmd.send(ToAgent::Start(small)).unwrap();
+    let small = ["/bin/sh", "-c", "sleep 2"];
+    a.cmd
+        .send(ToAgent::Start(start_limited(8, &small, 32 << 20)))
+        .unwrap();
     let (code, signal, cause) = b.exit_of(8).await;
     assert_eq!(
         (code, signal, cause),
