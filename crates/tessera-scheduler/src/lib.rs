@@ -336,6 +336,9 @@ impl<'a> Shape<'a> {
 /// every job.
 struct Index<'a> {
     snapshot: &'a Snapshot,
+    /// Whether some queued job has a run-time bound ([`bound`]), where the
+    /// queue was read for teams anyway (see [`Index::any_bound`]).
+    bounded: Option<bool>,
     /// Team names: the queued jobs' teams first, in order of first
     /// appearance in the queue (fair share breaks ties by it), then the
     /// running jobs' and the listed teams'.
@@ -398,12 +401,20 @@ impl<'a> Index<'a> {
             last = Some((name, id));
             id
         };
+        let mut bounded = None;
         let (team_of, queued_teams) = if by_team {
+            // Whether a job has a run-time bound is noted on the way (the
+            // walk then need not read each job for one).
+            let mut any = false;
             let team_of: Vec<u32> = snapshot
                 .queue
                 .iter()
-                .map(|j| intern(j.team.as_str()))
+                .map(|j| {
+                    any |= bound(j, policy).is_some();
+                    intern(j.team.as_str())
+                })
                 .collect();
+            bounded = Some(any);
             let queued = team_of.iter().max().map_or(0, |t| *t as usize + 1);
             (team_of, queued)
         } else if n > 0 {
@@ -436,6 +447,7 @@ impl<'a> Index<'a> {
         }
         let mut ix = Index {
             snapshot,
+            bounded,
             names,
             queued_teams,
             team_of,
@@ -462,6 +474,18 @@ impl<'a> Index<'a> {
     /// shapes of the jobs after it: shapes are numbered when first needed.
     fn lazy_shapes(&self) -> bool {
         self.snapshot.policy.packing == Packing::BestFit
+    }
+
+    /// Whether some queued job has a run-time bound: when none has, no job
+    /// is in time for a reservation, and the walk reads no job to ask.
+    fn any_bound(&self) -> bool {
+        self.bounded.unwrap_or_else(|| {
+            let policy = &self.snapshot.policy;
+            self.snapshot
+                .queue
+                .iter()
+                .any(|j| bound(j, policy).is_some())
+        })
     }
 
     /// Queued job `qi`'s shape, numbered on first sight.
@@ -576,6 +600,7 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> (Plan, bool) {
         now,
         &ix.team_of,
         &ix.shape_of,
+        &ix.shape_job,
         &ix.running_team,
         ix.queued_teams,
         &ix.weight,
@@ -600,6 +625,8 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> (Plan, bool) {
     let mut reservation: Option<place::Reservation> = None;
     let mut blocked_by: Option<Arc<str>> = None;
     let mut tried_reservation = false;
+    // Whether a queued job has a run-time bound, once a reservation asks.
+    let mut any_bound = false;
     let mut waiting_jobs: Vec<u32> = Vec::with_capacity(snapshot.queue.len());
     let mut usage = ix.usage(snapshot);
     // When nothing after the walk looks at the jobs left waiting, the walk
@@ -678,7 +705,9 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> (Plan, bool) {
         }
         // Whether this job would be gone before the reserved one could start.
         let in_time = reservation.as_ref().is_some_and(|r| {
-            bound(&snapshot.queue[qi], policy).is_some_and(|b| now.saturating_add(b) <= r.start_at)
+            any_bound
+                && bound(&snapshot.queue[qi], policy)
+                    .is_some_and(|b| now.saturating_add(b) <= r.start_at)
         });
         if shape == NO_SHAPE {
             shape = ix.shape(qi);
@@ -752,6 +781,7 @@ fn schedule_with(snapshot: &Snapshot, now: u64, reasons: bool) -> (Plan, bool) {
                     });
                 } else if policy.backfill && !tried_reservation {
                     tried_reservation = true;
+                    any_bound = ix.any_bound();
                     reservation =
                         cluster.reserve(job, &demand, &snapshot.running, now, |j| bound(j, policy));
                     if reasons && reservation.is_some() {
