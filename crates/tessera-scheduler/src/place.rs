@@ -282,6 +282,9 @@ impl Reservation {
 
 pub struct Cluster<'a> {
     nodes: &'a [NodeView],
+    /// Per node, whether it takes work: read for every node a placement
+    /// looks at, so kept apart from the (large) node views.
+    schedulable: Vec<bool>,
     free: Vec<Free>,
     /// Nodes grouped by GPU models and by labels, once needed (by a job
     /// that names GPU models, or for classes).
@@ -552,6 +555,7 @@ impl<'a> Cluster<'a> {
         let free: Vec<Free> = nodes.iter().map(Free::of).collect();
         Cluster {
             nodes,
+            schedulable: nodes.iter().map(|n| n.schedulable).collect(),
             free,
             groups: OnceCell::new(),
             packing,
@@ -570,11 +574,13 @@ impl<'a> Cluster<'a> {
     /// Whether `node` may run `d` at all: schedulable, with the labels
     /// `d` selects.
     fn eligible(&self, node: usize, d: &Demand) -> bool {
-        let n = &self.nodes[node];
-        n.schedulable
-            && d.selector
-                .iter()
-                .all(|(k, v)| n.labels.get(k).is_some_and(|l| l == v))
+        self.schedulable[node]
+            && (d.selector.is_empty() || {
+                let labels = &self.nodes[node].labels;
+                d.selector
+                    .iter()
+                    .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+            })
     }
 
     fn allowed(&self, node: usize, slot: usize, d: &Demand) -> bool {
