@@ -182,29 +182,29 @@ impl Cgroups {
     /// replica's group is left in it (one still running keeps it, for the
     /// next agent on the same home to find).
     pub fn release_scope(&self) {
-        let dirs = match self {
-            Cgroups::V2 { root } => vec![root.clone()],
-            Cgroups::V1 { memory, cpu } => vec![memory.clone(), cpu.clone()],
-            Cgroups::Disabled { .. } => vec![],
-        };
-        for d in dirs {
+        for d in self.roots() {
             if d.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("home-"))
+                .is_some_and(|n| n.starts_with(SCOPE_PREFIX))
             {
-                let _ = fs::remove_dir(&d);
+                let _ = fs::remove_dir(d);
             }
+        }
+    }
+
+    /// The groups replicas' groups are made in (one per controller
+    /// hierarchy).
+    fn roots(&self) -> Vec<&Path> {
+        match self {
+            Cgroups::V2 { root } => vec![root],
+            Cgroups::V1 { memory, cpu } => vec![memory, cpu],
+            Cgroups::Disabled { .. } => vec![],
         }
     }
 
     /// Removes the replica's group (once its processes are gone).
     pub fn remove(&self, name: &str) {
-        let dirs = match self {
-            Cgroups::V2 { root } => vec![root.join(name)],
-            Cgroups::V1 { memory, cpu } => vec![memory.join(name), cpu.join(name)],
-            Cgroups::Disabled { .. } => vec![],
-        };
-        for d in dirs {
+        for d in self.roots().into_iter().map(|r| r.join(name)) {
             for _ in 0..20 {
                 if fs::remove_dir(&d).is_ok() || !d.exists() {
                     break;
@@ -215,8 +215,11 @@ impl Cgroups {
     }
 }
 
-/// A stable name for an agent's group: `home-` and the 64-bit FNV-1a hash
-/// of its home's path (the same on every start and build).
+/// How an agent's own group's name begins ([`scope_name`]).
+const SCOPE_PREFIX: &str = "home-";
+
+/// A stable name for an agent's group: [`SCOPE_PREFIX`] and the 64-bit
+/// FNV-1a hash of its home's path (the same on every start and build).
 fn scope_name(home: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -224,7 +227,7 @@ fn scope_name(home: &Path) -> String {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    format!("home-{h:016x}")
+    format!("{SCOPE_PREFIX}{h:016x}")
 }
 
 #[cfg(test)]

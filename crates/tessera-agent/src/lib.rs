@@ -179,10 +179,9 @@ fn running_dir(home: &Path) -> PathBuf {
     home.join("agent").join("running")
 }
 
-/// The replica a process belongs to, from the `TESSERA_*` variables the
-/// agent gave it (`/proc/<pid>/environ`).
-/// The replica a process belongs to, from the tags its agent gave it —
-/// only when that agent's home is `home`: agents on one machine number
+/// The replica a process belongs to, from the `TESSERA_*` variables its
+/// agent gave it (`/proc/<pid>/environ`) — only when that agent's home is
+/// `home`: agents on one machine number
 /// their replicas alike. (A process tagged before homes were part of the
 /// tags counts as any home's.)
 fn replica_of_process(pid: u32, home: &Path) -> Option<ReplicaKey> {

@@ -211,6 +211,16 @@ impl Demand {
     fn wants_gpu(&self) -> bool {
         self.whole > 0 || self.milli > 0
     }
+
+    /// Thousandths of a GPU slot that each slot a replica uses takes (a
+    /// whole device, or its share).
+    fn per_slot(&self) -> u32 {
+        if self.whole > 0 {
+            WHOLE
+        } else {
+            self.milli
+        }
+    }
 }
 
 /// The least any one replica of a queue asks for, each resource on its own
@@ -787,7 +797,7 @@ impl<'a> Cluster<'a> {
         if self.packing == Packing::BestFit || self.workload.is_empty() {
             return (fit, 0.0, price);
         }
-        let per = if d.whole > 0 { WHOLE } else { d.milli };
+        let per = d.per_slot();
         let mut buf = [0u32; 16];
         let mut heap = Vec::new();
         let gpu_after: &mut [u32] = if free.gpu.len() <= buf.len() {
@@ -961,7 +971,7 @@ impl<'a> Cluster<'a> {
         f.cpu -= d.cpu;
         f.mem -= d.mem;
         for s in slots {
-            f.take_gpu(*s, if d.whole > 0 { WHOLE } else { d.milli });
+            f.take_gpu(*s, d.per_slot());
         }
         Assignment {
             replica,
@@ -982,7 +992,7 @@ impl<'a> Cluster<'a> {
         f.mem += d.mem;
         for g in gpus {
             if let Some(s) = self.slot_of(node, *g) {
-                f.give_gpu(s, if d.whole > 0 { WHOLE } else { d.milli });
+                f.give_gpu(s, d.per_slot());
             }
         }
     }
@@ -1057,7 +1067,7 @@ impl<'a> Cluster<'a> {
             h.1 += d.mem;
             for g in &a.gpus {
                 if let Some(s) = self.slot_of(a.node, *g) {
-                    h.2[s] += if d.whole > 0 { WHOLE } else { d.milli };
+                    h.2[s] += d.per_slot();
                 }
             }
         }
@@ -1186,17 +1196,13 @@ impl<'a> Cluster<'a> {
     /// Adds what running job `r` holds on each node to `per_node` (CPU
     /// thousandths, memory bytes, GPU thousandths), sized to the nodes.
     pub fn add_held(&self, per_node: &mut [[u64; 3]], r: &RunningJob) {
-        let res = &r.job.resources;
-        let per_gpu = if res.gpu > 0 {
-            u64::from(WHOLE)
-        } else {
-            u64::from(res.gpu_milli)
-        };
+        // As `release_running` gives it back.
+        let d = released_demand(r);
         for a in &r.assignments {
             if let Some(h) = per_node.get_mut(a.node) {
-                h[0] = h[0].saturating_add(res.cpu_milli);
-                h[1] = h[1].saturating_add(res.memory_bytes);
-                h[2] = h[2].saturating_add(per_gpu * a.gpus.len() as u64);
+                h[0] = h[0].saturating_add(d.cpu);
+                h[1] = h[1].saturating_add(d.mem);
+                h[2] = h[2].saturating_add(u64::from(d.per_slot()) * a.gpus.len() as u64);
             }
         }
     }

@@ -998,26 +998,27 @@ pub fn simulate_with(
             if !always_confirm && !preempted && fixpoint {
                 break;
             }
-            // The scheduler proved the next pass would change nothing.
-            // (At the pass cap the loop stops at its top, counting the hit,
-            // as it would without the shortcut.)
-            if settles && passes < MAX_PASSES_PER_EVENT {
-                if !w.snap.queue.is_empty() {
-                    skipped_confirmations += 1;
-                }
-                break;
-            }
-            // (At the pass cap the loop stops at its top, counting the hit,
-            // as it would without the shortcut.)
-            if let Some(worst) = worst_placed.filter(|_| passes < MAX_PASSES_PER_EVENT) {
-                let first = w
-                    .snap
-                    .queue
-                    .first()
-                    .and_then(|j| w.keys[j.id as usize].as_ref());
-                if confirmation_is_a_no_op(&w.snap.policy, &worst, first) {
-                    skipped_confirmations += 1;
+            // The next pass is skipped where it is sure to change nothing:
+            // the scheduler proved it, or no placed job is a victim for one
+            // waiting. (At the pass cap the loop stops at its top, counting
+            // the hit, as it would without the shortcuts.)
+            if passes < MAX_PASSES_PER_EVENT {
+                if settles {
+                    if !w.snap.queue.is_empty() {
+                        skipped_confirmations += 1;
+                    }
                     break;
+                }
+                if let Some(worst) = worst_placed {
+                    let first = w
+                        .snap
+                        .queue
+                        .first()
+                        .and_then(|j| w.keys[j.id as usize].as_ref());
+                    if confirmation_is_a_no_op(&w.snap.policy, &worst, first) {
+                        skipped_confirmations += 1;
+                        break;
+                    }
                 }
             }
         }
