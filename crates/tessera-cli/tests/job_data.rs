@@ -323,12 +323,13 @@ fn outputs_cut_off_by_a_crash_are_written_once_after_the_restart() {
     let mut up = Up::start();
     // The job kills the server (-9) a moment after it exits, while its
     // 64 MiB output is being written (from its own session, which outlives
-    // the replica's process group).
+    // the replica's process group). The job waits until the killer is in
+    // that session: until then it is in the group, which goes with the job.
     let server = up.child.id();
     let id = submit_ok(
         &up,
         &format!(
-            "script: 'mkdir -p out && head -c 67108864 /dev/urandom > out/big.bin && setsid -f sh -c \"sleep 0.3; kill -9 {server}\" >/dev/null 2>&1'\noutputs: [{{dataset: big, from: out}}]\n"
+            "script: 'mkdir -p out && head -c 67108864 /dev/urandom > out/big.bin && setsid -f sh -c \"echo \\$\\$ > detached; sleep 0.3; kill -9 {server}\" >/dev/null 2>&1; until [ -e detached ]; do sleep 0.01; done'\noutputs: [{{dataset: big, from: out}}]\n"
         ),
     );
     let deadline = Instant::now() + Duration::from_secs(60);

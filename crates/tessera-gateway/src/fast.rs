@@ -45,7 +45,7 @@ use tokio::time::Sleep;
 use crate::error::error_response;
 use crate::proxy::{upstream_error, InFlight};
 use crate::server::Idle;
-use crate::Gateway;
+use crate::{Attempts, Gateway};
 
 /// The largest request or response head read here; a larger request goes
 /// to hyper (which has its own limit), a larger response is a 502.
@@ -305,16 +305,9 @@ impl Conn<'_> {
         };
         let mut guard = InFlight::new(svc, start);
         let deadline = tokio::time::Instant::from_std(start) + route.request_timeout;
-        let attempts = gw.config.max_attempts.clamp(1, route.replicas.len().max(1));
-        let mut tried = 0u64;
+        let mut attempts = Attempts::new(&route, gw.config.max_attempts);
         let mut picked = None;
-        for _ in 0..attempts {
-            let Some(i) = route.pick(&guard.svc.rr, tried) else {
-                break;
-            };
-            if i < 64 {
-                tried |= 1 << i;
-            }
+        while let Some(i) = attempts.next_replica(&route, &guard.svc.rr) {
             let replica = &route.replicas[i];
             guard.set_replica(&replica.in_flight);
             if let Some(up) =
@@ -352,8 +345,8 @@ impl Conn<'_> {
                 StatusCode::BAD_GATEWAY,
                 "upstream_unavailable",
                 &format!(
-                    "no replica of service {:?} accepted a connection ({attempts} tried)",
-                    &*guard.svc.name
+                    "no replica of service {:?} accepted a connection ({} tried)",
+                    &*guard.svc.name, attempts.total
                 ),
             );
             self.buf.advance(h.len);

@@ -453,6 +453,44 @@ impl Route {
     }
 }
 
+/// The replicas one request tries in turn (another one only after a
+/// connect failure): each the least-loaded replica not tried yet
+/// (`Route::pick`), `total` of them at most.
+pub(crate) struct Attempts {
+    pub(crate) total: usize,
+    made: usize,
+    tried: u64,
+}
+
+impl Attempts {
+    /// Up to `max` attempts: at least one, no more than there are replicas.
+    pub(crate) fn new(route: &Route, max: usize) -> Attempts {
+        Attempts {
+            total: max.clamp(1, route.replicas.len().max(1)),
+            made: 0,
+            tried: 0,
+        }
+    }
+
+    /// The next replica to try, while attempts and untried replicas are left.
+    pub(crate) fn next_replica(&mut self, route: &Route, rr: &AtomicUsize) -> Option<usize> {
+        if self.made == self.total {
+            return None;
+        }
+        let i = route.pick(rr, self.tried)?;
+        self.made += 1;
+        if i < 64 {
+            self.tried |= 1 << i;
+        }
+        Some(i)
+    }
+
+    /// Whether the attempt just made is the last one allowed.
+    pub(crate) fn last(&self) -> bool {
+        self.made == self.total
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,6 +527,29 @@ mod tests {
         }
         assert_eq!(route(&[0]).pick(&rr, 1), None);
         assert_eq!(route(&[]).pick(&rr, 0), None);
+    }
+
+    #[test]
+    fn a_request_tries_each_replica_at_most_once_up_to_the_limit() {
+        let rr = AtomicUsize::new(0);
+        let tries = |loads: &[u32], max| {
+            let r = route(loads);
+            let mut a = Attempts::new(&r, max);
+            let mut seen = Vec::new();
+            while let Some(i) = a.next_replica(&r, &rr) {
+                seen.push((i, a.last()));
+            }
+            seen
+        };
+        // The least loaded first; never the same replica twice.
+        assert_eq!(
+            tries(&[2, 0, 1], 5),
+            vec![(1, false), (2, false), (0, true)]
+        );
+        assert_eq!(tries(&[2, 0, 1], 2), vec![(1, false), (2, true)]);
+        // At least one attempt, and none without replicas.
+        assert_eq!(tries(&[0], 0), vec![(0, true)]);
+        assert_eq!(tries(&[], 3), vec![]);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::error::error_response;
 use crate::server::UpstreamConns;
-use crate::{Gateway, Route, Service};
+use crate::{Attempts, Gateway, Route, Service};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -273,18 +273,8 @@ impl Gateway {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
         let deadline = tokio::time::Instant::from_std(start) + route.request_timeout;
-        let mut tried = 0u64;
-        let attempts = self
-            .config
-            .max_attempts
-            .clamp(1, route.replicas.len().max(1));
-        for _ in 0..attempts {
-            let Some(i) = route.pick(&guard.svc.rr, tried) else {
-                break;
-            };
-            if i < 64 {
-                tried |= 1 << i;
-            }
+        let mut attempts = Attempts::new(route, self.config.max_attempts);
+        while let Some(i) = attempts.next_replica(route, &guard.svc.rr) {
             let replica = &route.replicas[i];
             guard.set_replica(&replica.in_flight);
             let connected = tokio::time::timeout_at(
@@ -430,34 +420,24 @@ impl Gateway {
             ));
         };
 
-        let attempts = self
-            .config
-            .max_attempts
-            .clamp(1, route.replicas.len().max(1));
+        let mut attempts = Attempts::new(route, self.config.max_attempts);
         // A body can be sent again only if it was never read: with more than
         // one attempt, the client gets a handle that takes it on first poll.
         let hint = body.size_hint();
         let (mut direct, slot) = if body.is_end_stream() {
             (None, None)
-        } else if attempts > 1 {
+        } else if attempts.total > 1 {
             (None, Some(Arc::new(Mutex::new(Some(body)))))
         } else {
             (Some(body), None)
         };
         let deadline = tokio::time::Instant::from_std(start) + route.request_timeout;
-        let mut tried = 0u64;
         let mut connect_failed = false;
-        for attempt in 0..attempts {
-            let Some(i) = route.pick(&guard.svc.rr, tried) else {
-                break;
-            };
-            if i < 64 {
-                tried |= 1 << i;
-            }
+        while let Some(i) = attempts.next_replica(route, &guard.svc.rr) {
             let replica = &route.replicas[i];
             guard.set_replica(&replica.in_flight);
             let svc = &*guard.svc;
-            let last = attempt + 1 == attempts;
+            let last = attempts.last();
             let mut h = if last {
                 std::mem::take(&mut headers)
             } else {
@@ -545,8 +525,8 @@ impl Gateway {
             StatusCode::BAD_GATEWAY,
             "upstream_unavailable",
             &format!(
-                "no replica of service {:?} accepted a connection ({attempts} tried)",
-                &*guard.svc.name
+                "no replica of service {:?} accepted a connection ({} tried)",
+                &*guard.svc.name, attempts.total
             ),
         ))
     }
