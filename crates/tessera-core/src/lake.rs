@@ -463,6 +463,17 @@ pub trait Lake: Send + Sync {
         version: Option<u64>,
     ) -> Result<StagedInput, LakeError>;
 
+    /// Removes staged inputs that no job needs any more: every staged
+    /// version whose directory is not in `keep` (the inputs of jobs that
+    /// have not ended) and that was last staged or reused longer than
+    /// `idle` ago, and what stagings that never finished left behind, as
+    /// old. A removed version is staged again when a job asks for it.
+    async fn prune_staged(
+        &self,
+        keep: &std::collections::HashSet<std::path::PathBuf>,
+        idle: std::time::Duration,
+    ) -> Result<Pruned, LakeError>;
+
     /// Checks, before a job runs, that `who` may write the job's output to
     /// `team.name` in `format` (none: whatever the dataset holds).
     async fn check_output(
@@ -488,6 +499,15 @@ pub struct StagedInput {
     /// The staged, read-only directory: a table's Parquet files, or a file
     /// set's files under their paths.
     pub path: std::path::PathBuf,
+}
+
+/// What [`Lake::prune_staged`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Staged versions (and unfinished stagings) removed.
+    pub dirs: usize,
+    /// The bytes of their files.
+    pub bytes: u64,
 }
 
 /// What [`Lake::write_output`] writes.

@@ -13,13 +13,16 @@
 //! origin. The job id makes the write idempotent: a control plane that
 //! restarts mid-way finds the version the job already made.
 
+use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path as FsPath, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use object_store::ObjectStoreExt;
 use sha2::{Digest, Sha256};
 use tessera_core::lake::{
-    Dataset, DatasetKind, FileEntry, JobOutputWrite, LakeError, Upload, UploadFormat, Version,
+    Dataset, DatasetKind, FileEntry, JobOutputWrite, LakeError, Pruned, Upload, UploadFormat,
+    Version,
 };
 
 use crate::storage::{internal, Storage};
@@ -39,6 +42,8 @@ pub(crate) async fn stage(
 ) -> Result<PathBuf, LakeError> {
     let dest = staged_dir(root, &ds.team, &ds.name, v);
     if dest.is_dir() {
+        // Reused: not idle, for `prune`.
+        let _ = std::fs::File::open(&dest).and_then(|d| d.set_modified(SystemTime::now()));
         return Ok(dest);
     }
     let parent = dest.parent().expect("a staged path has a parent");
@@ -66,6 +71,67 @@ pub(crate) async fn stage(
             Err(internal("staging an input", e))
         }
     }
+}
+
+/// Removes, under the staging `root`, every staged version not in `keep`
+/// whose directory was last staged or reused (its modification time) more
+/// than `idle` ago, and unfinished stagings (`.staging-*`) as old. Must not
+/// run while `stage` does (the caller's lock).
+pub(crate) fn prune(root: &FsPath, keep: &HashSet<PathBuf>, idle: Duration) -> Pruned {
+    let mut pruned = Pruned::default();
+    let now = SystemTime::now();
+    let idle_since = |p: &FsPath| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| now.duration_since(t).is_ok_and(|d| d >= idle))
+    };
+    let dirs = |p: &FsPath| {
+        std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect::<Vec<_>>()
+    };
+    for team in dirs(root) {
+        for dataset in dirs(&team) {
+            for staged in dirs(&dataset) {
+                let name = staged.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                let is_version = !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit());
+                let unfinished = name.starts_with(".staging-");
+                if !(is_version || unfinished) || keep.contains(&staged) || !idle_since(&staged) {
+                    continue;
+                }
+                let bytes = size_of_tree(&staged);
+                make_writable(&staged);
+                match std::fs::remove_dir_all(&staged) {
+                    Ok(()) => {
+                        pruned.dirs += 1;
+                        pruned.bytes += bytes;
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %staged.display(), error = %e, "cannot remove a staged input");
+                    }
+                }
+            }
+        }
+    }
+    pruned
+}
+
+/// The bytes of the files under `dir`.
+fn size_of_tree(dir: &FsPath) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => size_of_tree(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Copies the files of version `v` into `dir` and makes them read-only.

@@ -39,8 +39,8 @@ use std::time::Duration;
 use tessera_core::auth::Principal;
 use tessera_core::lake::{
     ByteStream, CleanRequest, CreateDataset, Dataset, DatasetDetail, DatasetKind, GrantRequest,
-    JobOutputWrite, Lake, LakeError, QueryRequest, QueryResult, StagedInput, Upload, UploadFormat,
-    Version,
+    JobOutputWrite, Lake, LakeError, Pruned, QueryRequest, QueryResult, StagedInput, Upload,
+    UploadFormat, Version,
 };
 use tessera_core::FieldError;
 
@@ -82,6 +82,8 @@ pub struct DataLake {
     /// One writer per dataset at a time (this process is the only writer:
     /// one control plane per home).
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Staging (shared) against pruning the staged inputs (exclusive).
+    staging: tokio::sync::RwLock<()>,
 }
 
 impl std::fmt::Debug for DataLake {
@@ -105,6 +107,7 @@ impl DataLake {
             storage,
             config,
             locks: Mutex::new(HashMap::new()),
+            staging: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -515,12 +518,28 @@ impl Lake for DataLake {
                 format!("{team}.{name} has versions 1 to {latest}, not {version}"),
             )));
         }
-        let path = jobs::stage(&self.storage, &self.config.staging, &ds, version).await?;
+        let path = {
+            let _staging = self.staging.read().await;
+            jobs::stage(&self.storage, &self.config.staging, &ds, version).await?
+        };
         Ok(StagedInput {
             dataset: ds,
             version,
             path,
         })
+    }
+
+    async fn prune_staged(
+        &self,
+        keep: &std::collections::HashSet<std::path::PathBuf>,
+        idle: std::time::Duration,
+    ) -> Result<Pruned, LakeError> {
+        let _pruning = self.staging.write().await;
+        let root = self.config.staging.clone();
+        let keep = keep.clone();
+        tokio::task::spawn_blocking(move || jobs::prune(&root, &keep, idle))
+            .await
+            .map_err(|e| LakeError::Internal(format!("pruning staged inputs: {e}")))
     }
 
     async fn check_output(

@@ -582,3 +582,77 @@ async fn jobs_read_staged_versions_and_write_outputs_once() {
         .unwrap_err();
     assert!(matches!(e, LakeError::Forbidden(_)), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_inputs_no_job_needs_are_pruned_and_staged_again_on_demand() {
+    use std::collections::HashSet;
+    use std::time::Duration;
+    let (_dir, lake) = open();
+    let ads = member("ads");
+    for (source, text) in [
+        ("a.csv", CLICKS),
+        ("b.csv", "user_id,country,amount\n9,it,1.0\n"),
+    ] {
+        lake.upload(
+            &ads,
+            "ads",
+            "clicks",
+            csv(source, WriteMode::Overwrite),
+            body(text),
+        )
+        .await
+        .unwrap();
+    }
+    let v1 = lake
+        .stage_input(&ads, "ads", "clicks", Some(1))
+        .await
+        .unwrap();
+    let v2 = lake
+        .stage_input(&ads, "ads", "clicks", Some(2))
+        .await
+        .unwrap();
+    let files = |p: &std::path::Path| std::fs::read_dir(p).unwrap().count();
+    assert_eq!((files(&v1.path), files(&v2.path)), (1, 1));
+    // What a staging cut short by a crash left behind.
+    let leftover = v1.path.parent().unwrap().join(".staging-3-00ff");
+    std::fs::create_dir_all(leftover.join("sub")).unwrap();
+    std::fs::write(leftover.join("sub/part.parquet"), b"half").unwrap();
+
+    // Used within the idle time: nothing goes, needed or not.
+    let none = HashSet::new();
+    let pruned = lake
+        .prune_staged(&none, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(pruned.dirs, 0);
+    assert!(v1.path.is_dir() && v2.path.is_dir() && leftover.is_dir());
+
+    // Idle: what a job still needs stays, the rest goes, files and all.
+    let keep = HashSet::from([v2.path.clone()]);
+    let pruned = lake.prune_staged(&keep, Duration::ZERO).await.unwrap();
+    assert_eq!(pruned.dirs, 2, "{pruned:?}");
+    assert!(pruned.bytes > 4, "{pruned:?}");
+    assert!(!v1.path.exists() && !leftover.exists());
+    assert_eq!(files(&v2.path), 1);
+
+    // A job asking for the pruned version gets it staged again, the same.
+    let again = lake
+        .stage_input(&ads, "ads", "clicks", Some(1))
+        .await
+        .unwrap();
+    assert_eq!(again.path, v1.path);
+    assert_eq!(files(&again.path), 1);
+
+    // Reusing a staged version makes it recent again: of two left idle,
+    // the one a job reused stays.
+    std::thread::sleep(Duration::from_millis(50));
+    lake.stage_input(&ads, "ads", "clicks", Some(2))
+        .await
+        .unwrap();
+    let pruned = lake
+        .prune_staged(&none, Duration::from_millis(40))
+        .await
+        .unwrap();
+    assert_eq!(pruned.dirs, 1, "{pruned:?}");
+    assert!(v2.path.is_dir() && !v1.path.exists());
+}
