@@ -34,6 +34,10 @@ pub struct ServerArgs {
     /// Time between SIGTERM and SIGKILL when a replica is stopped
     #[arg(long, value_parser = duration_ms, default_value = "10s", value_name = "DURATION")]
     pub kill_grace: u64,
+    /// How long a dataset version staged for jobs is kept on disk after its
+    /// last use once no unfinished job reads it
+    #[arg(long, value_parser = duration_ms, default_value = "1h", value_name = "DURATION")]
+    pub staged_inputs_idle: u64,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
@@ -208,6 +212,7 @@ pub async fn server(g: &Globals, args: ServerArgs) -> Result<()> {
     config.tls = args.tls.source();
     config.prices = args.prices.prices()?;
     config.lake = Some(crate::data::lake_opener());
+    config.staged_inputs_idle = Duration::from_millis(args.staged_inputs_idle);
     tessera_server::run_up(config).await
 }
 

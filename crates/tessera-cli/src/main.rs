@@ -223,6 +223,10 @@ struct UpArgs {
     /// Scheduling policy: fifo, fifo-backfill, sjf-oracle, srtf-oracle, las, tiresias, drf, tessera
     #[arg(long, default_value = "tessera", value_parser = policy_name)]
     policy: String,
+    /// How long a dataset version staged for jobs is kept on disk after its
+    /// last use once no unfinished job reads it
+    #[arg(long, value_parser = duration_ms, default_value = "1h", value_name = "DURATION")]
+    staged_inputs_idle: u64,
     #[command(flatten)]
     prices: usage::PriceArgs,
     #[command(flatten)]
@@ -419,6 +423,7 @@ async fn up(globals: &Globals, args: UpArgs) -> Result<()> {
     config.tls = args.tls.source();
     config.prices = args.prices.prices()?;
     config.lake = Some(data::lake_opener());
+    config.staged_inputs_idle = Duration::from_millis(args.staged_inputs_idle);
     tessera_server::run_up(config).await
 }
 

@@ -359,3 +359,44 @@ fn outputs_cut_off_by_a_crash_are_written_once_after_the_restart() {
     assert_eq!(versions[0]["job"], id);
     assert_eq!(versions[0]["bytes"], 67108864);
 }
+
+#[test]
+fn staged_inputs_are_removed_once_no_job_needs_them_and_staged_again_on_demand() {
+    let up = Up::start_with(&["--staged-inputs-idle", "1s"]);
+    upload_inputs(&up);
+    // The job reads its input only after the idle time has passed twice:
+    // what a job that has not ended reads stays.
+    let id = submit_ok(
+        &up,
+        "command: ['sh', '-c', 'sleep 3; cat clicks/*.parquet > /dev/null && ls clicks']\ninputs: [{dataset: clicks, version: 1}]\n",
+    );
+    let job = wait_end(&up, id);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let staged = std::path::PathBuf::from(job["spec"]["inputs"][0]["path"].as_str().unwrap());
+    assert!(
+        staged.starts_with(up.home()),
+        "staged under the home: {}",
+        staged.display()
+    );
+    // Once it has ended, its input goes after the idle time.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while staged.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} is still staged",
+            staged.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A later job asking for the same version gets it staged again.
+    let id = submit_ok(
+        &up,
+        "command: ['sh', '-c', 'cat clicks/*.parquet > /dev/null && ls clicks']\ninputs: [{dataset: clicks, version: 1}]\n",
+    );
+    let job = wait_end(&up, id);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(
+        job["spec"]["inputs"][0]["path"],
+        staged.display().to_string()
+    );
+}

@@ -16,7 +16,10 @@
 //! writer is resumed after a restart ([`resume`]); the lake finds versions
 //! a job already wrote by its id, so nothing is written twice.
 
+use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tessera_core::auth::Principal;
 use tessera_core::job::ReplicaState;
@@ -24,7 +27,7 @@ use tessera_core::lake::{JobOutputWrite, Lake, LakeError};
 use tessera_core::protocol::InputMount;
 use tessera_core::{Event, Job, JobId, JobState, JobTemplate};
 use tessera_store::Write;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::error::ApiError;
 use crate::state::ClusterState;
@@ -375,6 +378,44 @@ pub async fn agent_input(
     let (t, name) = split(&input.dataset);
     let staged = lake.stage_input(&who, t, name, input.version).await?;
     Ok(crate::lake_api::tar_response(staged.path, staged.version))
+}
+
+/// Removes the staged inputs (`Lake::prune_staged`) that no job which has
+/// not ended reads and that nobody staged or reused for
+/// `staged_inputs_idle`; looks every half of that (1 s to 10 min). A job
+/// that asks for a removed version later gets it staged again.
+pub(crate) async fn staged_inputs_loop(shared: Arc<Shared>) {
+    let Some(lake) = shared.lake.clone() else {
+        return;
+    };
+    let idle = shared.staged_inputs_idle;
+    let every = (idle / 2).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let keep: HashSet<PathBuf> = {
+            let state = shared.state.lock().expect("state lock");
+            state
+                .jobs
+                .values()
+                .filter(|j| !j.state.is_terminal())
+                .flat_map(|j| j.spec.inputs.iter().filter_map(|i| i.path.as_ref()))
+                .map(PathBuf::from)
+                .collect()
+        };
+        match lake.prune_staged(&keep, idle).await {
+            Ok(p) if p.dirs > 0 => {
+                info!(
+                    dirs = p.dirs,
+                    bytes = p.bytes,
+                    "removed staged inputs no job needs"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot prune staged inputs"),
+        }
+    }
 }
 
 /// Where the outputs an agent uploaded for one attempt are kept until they

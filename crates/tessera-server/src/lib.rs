@@ -90,6 +90,9 @@ pub struct Shared {
     pub pools: pools::Pools,
     /// The data lake, when this server has one (`lake_api`).
     pub lake: Option<Arc<dyn tessera_core::lake::Lake>>,
+    /// How long a staged input no unfinished job reads is kept after its
+    /// last use ([`job_data::staged_inputs_loop`]).
+    pub staged_inputs_idle: Duration,
     reports_rx: Mutex<Option<mpsc::UnboundedReceiver<control::AgentReport>>>,
     /// Jobs whose outputs are to be written, to the output writer.
     pub outputs: mpsc::UnboundedSender<tessera_core::JobId>,
@@ -121,6 +124,7 @@ impl Shared {
             node_lease_ms: DEFAULT_NODE_LEASE.as_millis() as u64,
             reports,
             lake: None,
+            staged_inputs_idle: DEFAULT_STAGED_INPUTS_IDLE,
             reports_rx: Mutex::new(Some(reports_rx)),
             pools: pools::Pools::default(),
             services: services::Services::new(Arc::new(services::NoRoutes)),
@@ -169,6 +173,9 @@ impl Shared {
             tokio::spawn(job_data::outputs_loop(self.clone(), rx));
         }
         tokio::spawn(fleet::lease_loop(self.clone()));
+        if self.lake.is_some() {
+            tokio::spawn(job_data::staged_inputs_loop(self.clone()));
+        }
         services::recover(self);
         if let Some(gw) = &self.gateway {
             // A request waiting for a first replica: scale from zero.
@@ -230,6 +237,10 @@ impl Staged {
 /// (Longer when the heartbeat and kill grace need it; see [`min_node_lease`].)
 pub const DEFAULT_NODE_LEASE: Duration = Duration::from_secs(40);
 
+/// How long a staged input that no unfinished job reads is kept after its
+/// last use, by default.
+pub const DEFAULT_STAGED_INPUTS_IDLE: Duration = Duration::from_secs(3600);
+
 /// The shortest node lease that lets a cut-off agent stop its work (its own
 /// lease of at least three heartbeats, then the kill grace, with a margin
 /// for replica watchdogs) before the server reschedules it.
@@ -271,6 +282,9 @@ pub struct UpConfig {
     pub tls: Option<tls::TlsSource>,
     /// Opens the data lake in the (locked) home; none: no lake.
     pub lake: Option<LakeOpener>,
+    /// How long a staged input no unfinished job reads is kept after its
+    /// last use [default: [`DEFAULT_STAGED_INPUTS_IDLE`]].
+    pub staged_inputs_idle: Duration,
 }
 
 /// Opens a data lake given `$TESSERA_HOME` (after the home is locked).
@@ -306,6 +320,7 @@ impl UpConfig {
             tls: None,
             gateway_domain: None,
             lake: None,
+            staged_inputs_idle: DEFAULT_STAGED_INPUTS_IDLE,
         }
     }
 }
@@ -414,6 +429,7 @@ pub async fn run_up(config: UpConfig) -> anyhow::Result<()> {
     shared.prices = config.prices;
     shared.heartbeat_ms = heartbeat_ms;
     shared.node_lease_ms = node_lease_ms;
+    shared.staged_inputs_idle = config.staged_inputs_idle;
     shared.with_gateway(config.gateway_domain.clone());
     if let Some(open) = &config.lake {
         shared.lake = Some((open.0)(&home).context("opening the data lake")?);
