@@ -120,18 +120,15 @@ pub(crate) fn prune(root: &FsPath, keep: &HashSet<PathBuf>, idle: Duration) -> P
     pruned
 }
 
-/// The bytes of the files under `dir`.
+/// The bytes of the files under `dir` (0 where they cannot be read).
 fn size_of_tree(dir: &FsPath) -> u64 {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => size_of_tree(&e.path()),
-            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
-            _ => 0,
-        })
-        .sum()
+    walk(dir).map_or(0, |files| {
+        files
+            .iter()
+            .filter_map(|(_, p)| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    })
 }
 
 /// Copies the files of version `v` into `dir` and makes them read-only.
